@@ -1,0 +1,184 @@
+//! The binary codec for model artifacts and the messages that carry them.
+//!
+//! This is the only module that knows the wire and disk format, so it can be
+//! swapped. An encoded value is an envelope:
+//!
+//! | bytes | content |
+//! |---|---|
+//! | 8 | magic `MLMODEL\0` |
+//! | 2 | format version, little-endian (currently 1) |
+//! | 8 | payload length, little-endian |
+//! | 32 | SHA-256 of the payload |
+//! | n | payload: `bincode` 2 (standard config) of the value, through serde |
+//!
+//! Decoding checks every field, and refuses a payload that claims more than
+//! [`MAX_PAYLOAD`] bytes, so a truncated, bit-flipped or foreign file is an
+//! error, never a wrong model.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// The first bytes of every encoded value.
+pub const MAGIC: &[u8; 8] = b"MLMODEL\0";
+/// The format version written by this build.
+pub const FORMAT_VERSION: u16 = 1;
+/// Largest payload accepted by [`decode`] (64 MiB).
+pub const MAX_PAYLOAD: usize = 64 << 20;
+const HEADER: usize = 8 + 2 + 8 + 32;
+
+/// Why bytes could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    /// Fewer bytes than the header or the declared payload needs.
+    #[error("truncated: {got} bytes, expected {expected}")]
+    Truncated {
+        /// Bytes present.
+        got: usize,
+        /// Bytes needed.
+        expected: usize,
+    },
+    /// Not an envelope of ours.
+    #[error("not a model envelope (bad magic bytes)")]
+    BadMagic,
+    /// Written by a format this build does not read.
+    #[error("unsupported format version {0} (this build reads {FORMAT_VERSION})")]
+    UnsupportedVersion(u16),
+    /// The payload is larger than allowed.
+    #[error("payload of {0} bytes exceeds the limit")]
+    TooLarge(u64),
+    /// Extra bytes after the payload.
+    #[error("{0} trailing bytes after the payload")]
+    TrailingBytes(usize),
+    /// The payload does not match its checksum.
+    #[error("checksum mismatch: the payload is corrupt")]
+    ChecksumMismatch,
+    /// The payload is not a valid encoding of the expected type.
+    #[error("cannot decode payload: {0}")]
+    Payload(String),
+}
+
+fn config() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_PAYLOAD>,
+> {
+    bincode::config::standard().with_limit::<MAX_PAYLOAD>()
+}
+
+/// Encodes `value` in the envelope.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let payload = bincode::serde::encode_to_vec(value, config())
+        .expect("serialising plain data to memory cannot fail");
+    let mut out = Vec::with_capacity(HEADER + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&Sha256::digest(&payload));
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Decodes an envelope written by [`encode`], verifying its checksum.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    if bytes.len() < HEADER {
+        return Err(CodecError::Truncated {
+            got: bytes.len(),
+            expected: HEADER,
+        });
+    }
+    if &bytes[..8] != MAGIC {
+        return Err(CodecError::BadMagic);
+    }
+    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    if version != FORMAT_VERSION {
+        return Err(CodecError::UnsupportedVersion(version));
+    }
+    let len = u64::from_le_bytes(bytes[10..18].try_into().expect("8 bytes"));
+    if len > MAX_PAYLOAD as u64 {
+        return Err(CodecError::TooLarge(len));
+    }
+    let expected = HEADER + len as usize;
+    if bytes.len() < expected {
+        return Err(CodecError::Truncated {
+            got: bytes.len(),
+            expected,
+        });
+    }
+    if bytes.len() > expected {
+        return Err(CodecError::TrailingBytes(bytes.len() - expected));
+    }
+    let payload = &bytes[HEADER..];
+    if Sha256::digest(payload).as_slice() != &bytes[18..50] {
+        return Err(CodecError::ChecksumMismatch);
+    }
+    let (value, used) = bincode::serde::decode_from_slice(payload, config())
+        .map_err(|e| CodecError::Payload(e.to_string()))?;
+    if used != payload.len() {
+        return Err(CodecError::Payload(format!(
+            "{} unused payload bytes",
+            payload.len() - used
+        )));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ModelArtifact, ModelKind};
+
+    fn artifact() -> ModelArtifact {
+        ModelArtifact {
+            kind: ModelKind::Linear,
+            feature_names: vec!["feature_1".into(), "feature_3".into()],
+            coefficients: vec![1.5, -0.25],
+            intercept: 3.0,
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let bytes = encode(&artifact());
+        assert_eq!(decode::<ModelArtifact>(&bytes).unwrap(), artifact());
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = encode(&artifact());
+        for n in 0..bytes.len() {
+            assert!(
+                decode::<ModelArtifact>(&bytes[..n]).is_err(),
+                "prefix of {n} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_detected() {
+        let bytes = encode(&artifact());
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                assert!(decode::<ModelArtifact>(&b).is_err(), "byte {i} bit {bit}");
+            }
+        }
+    }
+
+    #[test]
+    fn foreign_versions_and_trailing_bytes_are_refused() {
+        let mut b = encode(&artifact());
+        b[8] = 9;
+        assert_eq!(
+            decode::<ModelArtifact>(&b),
+            Err(CodecError::UnsupportedVersion(9))
+        );
+        let mut b = encode(&artifact());
+        b.push(0);
+        assert_eq!(
+            decode::<ModelArtifact>(&b),
+            Err(CodecError::TrailingBytes(1))
+        );
+    }
+}

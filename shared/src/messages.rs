@@ -1,0 +1,400 @@
+//! Message shapes exchanged over NATS.
+//!
+//! Public subjects (`ml.predict`, `ml.train`, the registry listings, the
+//! monitor) speak JSON so any NATS client can use them; the model-carrying
+//! internal subjects use [`crate::codec`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::ModelArtifact;
+
+/// Header the NATS micro-service protocol uses for an error description.
+pub const SERVICE_ERROR_HEADER: &str = "Nats-Service-Error";
+/// Header the NATS micro-service protocol uses for a numeric error code.
+pub const SERVICE_ERROR_CODE_HEADER: &str = "Nats-Service-Error-Code";
+
+/// A prediction request: exactly one of `user_id` or `features`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PredictRequest {
+    /// An entity in the feature store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// Raw features of an entity that is not in the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features: Option<BTreeMap<String, f64>>,
+}
+
+/// A successful prediction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictReply {
+    /// The entity, when the request named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// The model's output.
+    pub prediction: f64,
+    /// The registry version of the model that answered.
+    pub model_version: u64,
+}
+
+/// Machine-readable error codes, stable across releases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed; the message says how.
+    BadRequest,
+    /// The `user_id` is not in the feature store.
+    UnknownUser,
+    /// No model has been published yet (or none could be loaded).
+    NoModel,
+    /// The service could not complete the operation; retrying may help.
+    Unavailable,
+    /// A bug or an unexpected failure.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The snake_case name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownUser => "unknown_user",
+            ErrorCode::NoModel => "no_model",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The HTTP-like number sent in the `Nats-Service-Error-Code` header.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::UnknownUser => 404,
+            ErrorCode::NoModel | ErrorCode::Unavailable => 503,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The body of an error reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What kind of error.
+    pub code: ErrorCode,
+    /// A sentence for a person.
+    pub message: String,
+}
+
+/// An error reply: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorReply {
+    /// The error.
+    pub error: ErrorBody,
+}
+
+impl ErrorReply {
+    /// An error reply with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            error: ErrorBody {
+                code,
+                message: message.into(),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.error.code, self.error.message)
+    }
+}
+
+impl std::error::Error for ErrorReply {}
+
+/// A JSON reply that is either an error or a `T`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ApiReply<T> {
+    /// `{"error": {...}}`.
+    Err(ErrorReply),
+    /// The successful reply.
+    Ok(T),
+}
+
+impl<T> ApiReply<T> {
+    /// As a `Result`.
+    pub fn into_result(self) -> Result<T, ErrorReply> {
+        match self {
+            ApiReply::Ok(v) => Ok(v),
+            ApiReply::Err(e) => Err(e),
+        }
+    }
+}
+
+/// Outcome of one prediction, as the monitor counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Answered with a prediction.
+    Ok,
+    /// Answered with an error of this code.
+    #[serde(untagged)]
+    Error(ErrorCode),
+}
+
+/// One prediction's latency, from request received to reply sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatencyEvent {
+    /// When the request was answered, ms since the Unix epoch.
+    pub ts_ms: u64,
+    /// Time spent in the predictor, in nanoseconds.
+    pub duration_ns: u64,
+    /// Model that answered, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<u64>,
+    /// Success or the error code.
+    pub outcome: Outcome,
+}
+
+/// A batch of latency events from one predictor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventBatch {
+    /// Which predictor instance sent it.
+    pub predictor: String,
+    /// Events this predictor dropped (monitor path full) since the last batch.
+    #[serde(default)]
+    pub dropped: u64,
+    /// The events.
+    pub events: Vec<LatencyEvent>,
+}
+
+/// Training parameters, recorded with each run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainParams {
+    /// Model family.
+    pub model: String,
+    /// Seed of the train/validation split.
+    pub seed: u64,
+    /// Share of rows held out for validation.
+    pub validation_fraction: f64,
+}
+
+/// Validation metrics of a regression model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Root mean squared error.
+    pub rmse: f64,
+    /// Mean absolute error.
+    pub mae: f64,
+    /// Coefficient of determination.
+    pub r2: f64,
+}
+
+/// What a trainer knows of one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Unique id of the run.
+    pub run_id: String,
+    /// When the run started, ms since the Unix epoch.
+    pub started_ms: u64,
+    /// How long loading, fitting and scoring took.
+    pub duration_ms: u64,
+    /// The parameters.
+    pub params: TrainParams,
+    /// Validation metrics.
+    pub metrics: Metrics,
+    /// Rows used to fit.
+    pub rows_train: usize,
+    /// Rows held out.
+    pub rows_validation: usize,
+    /// The data file.
+    pub data_path: String,
+    /// Fingerprint of the data file.
+    pub data_fingerprint: String,
+    /// Feature names, in model order.
+    pub feature_names: Vec<String>,
+}
+
+/// A trainer's submission to the registry (binary, through [`crate::codec`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Submission {
+    /// The run.
+    pub run: RunRecord,
+    /// The trained model.
+    pub artifact: ModelArtifact,
+}
+
+/// The registry's reply to a submission (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmitReply {
+    /// The version assigned.
+    pub version: u64,
+    /// Whether it became the production model.
+    pub production: bool,
+}
+
+/// A production model as published to predictors (binary).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRelease {
+    /// Registry version of the model.
+    pub version: u64,
+    /// Number of production changes so far; a predictor never goes back to
+    /// a smaller epoch, whatever order messages arrive in.
+    pub epoch: u64,
+    /// The model.
+    pub artifact: ModelArtifact,
+}
+
+/// Reply to a predictor asking for the production model (binary).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ProductionReply {
+    /// No model is in production yet.
+    NoModel,
+    /// The caller's epoch is current.
+    Current,
+    /// The production model.
+    Release(ModelRelease),
+}
+
+/// A predictor's question: "the production model, if newer than this epoch".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProductionQuery {
+    /// The epoch the predictor holds (0 when it holds none).
+    pub after_epoch: u64,
+}
+
+/// One stored model version, as listed by the registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSummary {
+    /// The version.
+    pub version: u64,
+    /// When it was registered (RFC 3339).
+    pub created_at: String,
+    /// Model family.
+    pub kind: String,
+    /// Whether it is the production model.
+    pub production: bool,
+    /// Validation metrics of its run.
+    pub metrics: Metrics,
+    /// Its features, in order.
+    pub feature_names: Vec<String>,
+    /// Fingerprint of its training data.
+    pub data_fingerprint: String,
+    /// The run that produced it.
+    pub run_id: String,
+    /// The artifact file, relative to the registry directory.
+    pub artifact: String,
+}
+
+/// The registry's list of models.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelsReply {
+    /// The production version, if any.
+    pub production: Option<u64>,
+    /// Every stored version, oldest first.
+    pub models: Vec<ModelSummary>,
+}
+
+/// One row of the experiments log (`experiments.csv`), also sent as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExperimentRow {
+    /// When the registry recorded it (RFC 3339).
+    pub timestamp: String,
+    /// The version assigned.
+    pub version: u64,
+    /// The run id.
+    pub run_id: String,
+    /// Model family.
+    pub model: String,
+    /// Split seed.
+    pub seed: u64,
+    /// Validation share.
+    pub validation_fraction: f64,
+    /// Validation RMSE.
+    pub rmse: f64,
+    /// Validation MAE.
+    pub mae: f64,
+    /// Validation R².
+    pub r2: f64,
+    /// Rows used to fit.
+    pub rows_train: usize,
+    /// Rows held out.
+    pub rows_validation: usize,
+    /// Fingerprint of the data.
+    pub data_fingerprint: String,
+    /// Features, `;`-separated, in model order.
+    pub features: String,
+    /// Training time.
+    pub duration_ms: u64,
+    /// Artifact file, relative to the registry directory.
+    pub artifact: String,
+}
+
+/// The registry's experiments log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunsReply {
+    /// Every recorded run, oldest first.
+    pub runs: Vec<ExperimentRow>,
+}
+
+/// A trainer's answer to a training request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainReply {
+    /// The version the registry assigned.
+    pub version: u64,
+    /// Whether it became the production model.
+    pub production: bool,
+    /// The run.
+    pub run: RunRecord,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_accept_either_form_and_refuse_unknown_fields() {
+        let r: PredictRequest = serde_json::from_str(r#"{"user_id":"u1"}"#).unwrap();
+        assert_eq!(r.user_id.as_deref(), Some("u1"));
+        let r: PredictRequest =
+            serde_json::from_str(r#"{"features":{"feature_1":0.3,"feature_2":1.5}}"#).unwrap();
+        assert_eq!(r.features.unwrap()["feature_2"], 1.5);
+        assert!(serde_json::from_str::<PredictRequest>(r#"{"user":"u1"}"#).is_err());
+    }
+
+    #[test]
+    fn error_replies_have_the_documented_shape() {
+        let json = serde_json::to_string(&ErrorReply::new(ErrorCode::UnknownUser, "no such user"))
+            .unwrap();
+        assert_eq!(
+            json,
+            r#"{"error":{"code":"unknown_user","message":"no such user"}}"#
+        );
+        let parsed: ApiReply<PredictReply> = serde_json::from_str(&json).unwrap();
+        assert!(parsed.into_result().is_err());
+        let ok: ApiReply<PredictReply> =
+            serde_json::from_str(r#"{"prediction":1.0,"model_version":2}"#).unwrap();
+        assert_eq!(ok.into_result().unwrap().model_version, 2);
+    }
+
+    #[test]
+    fn outcomes_serialise_as_plain_strings() {
+        assert_eq!(serde_json::to_string(&Outcome::Ok).unwrap(), r#""ok""#);
+        assert_eq!(
+            serde_json::to_string(&Outcome::Error(ErrorCode::NoModel)).unwrap(),
+            r#""no_model""#
+        );
+        let o: Outcome = serde_json::from_str(r#""bad_request""#).unwrap();
+        assert_eq!(o, Outcome::Error(ErrorCode::BadRequest));
+    }
+}

@@ -1,0 +1,68 @@
+//! NATS subject names, all under one configurable prefix (`ML_SUBJECT_PREFIX`).
+//!
+//! The README's subjects table documents each one; keep the two in step.
+
+/// The full set of subjects for one deployment, computed once from the prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    /// The prefix itself (default `ml`).
+    pub prefix: String,
+    /// Public request-reply endpoint of the predictors (queue group).
+    pub predict: String,
+    /// Request-reply: train now; answered by a trainer with the run's outcome.
+    pub train: String,
+    /// Request-reply (binary): a trainer submits an artifact and its run record.
+    pub registry_submit: String,
+    /// Request-reply (binary): the current production model, for predictors.
+    pub registry_production: String,
+    /// Request-reply (JSON): every stored model version.
+    pub registry_models: String,
+    /// Request-reply (JSON): the experiments log.
+    pub registry_runs: String,
+    /// Broadcast (binary): a new production model, to every predictor.
+    pub model_production: String,
+    /// Publish (JSON): batches of latency events, predictors to the monitor.
+    pub monitor_events: String,
+    /// Request-reply (JSON): the monitor's current statistics.
+    pub monitor_stats: String,
+}
+
+impl Subjects {
+    /// The default prefix, `ml`.
+    pub const DEFAULT_PREFIX: &'static str = "ml";
+
+    /// Builds every subject under `prefix`.
+    pub fn new(prefix: &str) -> Self {
+        let p = prefix.trim_end_matches('.');
+        Self {
+            prefix: p.to_owned(),
+            predict: format!("{p}.predict"),
+            train: format!("{p}.train"),
+            registry_submit: format!("{p}.registry.submit"),
+            registry_production: format!("{p}.registry.production"),
+            registry_models: format!("{p}.registry.models"),
+            registry_runs: format!("{p}.registry.runs"),
+            model_production: format!("{p}.model.production"),
+            monitor_events: format!("{p}.monitor.events"),
+            monitor_stats: format!("{p}.monitor.stats"),
+        }
+    }
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Self::new(Self::DEFAULT_PREFIX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_is_applied_once() {
+        let s = Subjects::new("acme.ml.");
+        assert_eq!(s.predict, "acme.ml.predict");
+        assert_eq!(s.model_production, "acme.ml.model.production");
+    }
+}

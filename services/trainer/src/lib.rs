@@ -20,7 +20,7 @@ use clap::Parser;
 use futures::StreamExt;
 use ml_shared::features::FeatureRegistry;
 use ml_shared::messages::{
-    ApiReply, ErrorCode, ErrorReply, SubmitReply, Submission, TrainParams, TrainReply,
+    ApiReply, ErrorCode, ErrorReply, Submission, SubmitReply, TrainParams, TrainReply,
 };
 use ml_shared::settings::{parse_duration, NatsSettings};
 use ml_shared::subjects::Subjects;
@@ -32,7 +32,11 @@ pub const QUEUE_GROUP: &str = "trainer";
 
 /// Trainer configuration (flags, or the environment variables named).
 #[derive(Debug, Clone, Parser)]
-#[command(name = "trainer", version, about = "Trains models and submits them to the registry")]
+#[command(
+    name = "trainer",
+    version,
+    about = "Trains models and submits them to the registry"
+)]
 pub struct Config {
     /// NATS connection.
     #[command(flatten)]

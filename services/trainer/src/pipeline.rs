@@ -73,7 +73,8 @@ pub fn design_matrix(
     for (mut line, &r) in x.rows_mut().into_iter().zip(rows) {
         plan.compute_into(
             data.raw_row(r),
-            line.as_slice_mut().expect("rows of a standard array are contiguous"),
+            line.as_slice_mut()
+                .expect("rows of a standard array are contiguous"),
         );
     }
     Ok(x)
@@ -200,7 +201,11 @@ mod tests {
         }
         assert!((model.intercept - gen::TRUE_INTERCEPT).abs() < 0.05);
         assert!(run.metrics.r2 > 0.99, "{:?}", run.metrics);
-        assert!((run.metrics.rmse - gen::NOISE_SD).abs() < 0.02, "{:?}", run.metrics);
+        assert!(
+            (run.metrics.rmse - gen::NOISE_SD).abs() < 0.02,
+            "{:?}",
+            run.metrics
+        );
         assert_eq!(run.rows_train + run.rows_validation, 2000);
     }
 
@@ -208,7 +213,11 @@ mod tests {
     fn bad_data_fails_the_run_with_the_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.csv");
-        std::fs::write(&path, "user_id,feature_1,feature_2,target\na,1,2,3\nb,1,oops,3\n").unwrap();
+        std::fs::write(
+            &path,
+            "user_id,feature_1,feature_2,target\na,1,2,3\nb,1,oops,3\n",
+        )
+        .unwrap();
         let err = train(&path, &FeatureRegistry::default(), &params(), "r".into()).unwrap_err();
         assert!(err.to_string().contains(":3:"), "{err}");
         std::fs::write(&path, "user_id,feature_1,feature_2\na,1,2\n").unwrap();

@@ -1,0 +1,10 @@
+//! The `registry` binary: parse the configuration, log, run until a signal.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    ml_shared::telemetry::init();
+    let config = registry::Config::parse();
+    registry::run(config, ml_shared::shutdown::shutdown_signal()).await
+}

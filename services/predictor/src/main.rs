@@ -1,0 +1,10 @@
+//! The `predictor` binary: parse the configuration, log, run until a signal.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    ml_shared::telemetry::init();
+    let config = predictor::Config::parse();
+    predictor::run(config, ml_shared::shutdown::shutdown_signal()).await
+}

@@ -1,0 +1,161 @@
+//! Keeping the predictor current: the production model (pushed by the
+//! registry, and asked for while there is none or to reconcile), and the
+//! feature store (reloaded when the data file changes).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_nats::Client;
+use futures::StreamExt;
+use ml_shared::codec;
+use ml_shared::data;
+use ml_shared::features::{FeatureRegistry, FeatureStore};
+use ml_shared::messages::{ModelRelease, ProductionQuery, ProductionReply};
+use ml_shared::subjects::Subjects;
+use tokio::time::Instant;
+
+use crate::serving::ServingState;
+
+/// Offers a release: installed when its epoch is newer than the one served
+/// and it is usable; otherwise the current model keeps serving.
+pub fn offer(state: &ServingState, release: ModelRelease, source: &'static str) {
+    let current = state.model().map(|m| (m.version, m.epoch));
+    if release.epoch <= current.map_or(0, |c| c.1) {
+        tracing::debug!(
+            source,
+            version = release.version,
+            epoch = release.epoch,
+            "model already current"
+        );
+        return;
+    }
+    let (version, epoch) = (release.version, release.epoch);
+    match state.prepare(release) {
+        Ok(model) => {
+            state.install(model);
+            tracing::info!(source, version, epoch, previous = ?current.map(|c| c.0), "now serving model");
+        }
+        Err(error) => tracing::error!(
+            source, version, %error, serving = ?current.map(|c| c.0),
+            "published model refused; keeping the current one"
+        ),
+    }
+}
+
+/// Follows `ml.model.production`, and asks `ml.registry.production` every
+/// `poll` while no model is served and every `reconcile` once one is (to
+/// catch a publication missed while disconnected). Runs until aborted.
+pub async fn follow_models(
+    client: Client,
+    subjects: Subjects,
+    state: Arc<ServingState>,
+    poll: Duration,
+    reconcile: Duration,
+    timeout: Duration,
+) {
+    let mut published = match client.subscribe(subjects.model_production.clone()).await {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::error!(%error, "cannot subscribe to model publications");
+            return;
+        }
+    };
+    let mut ticker = tokio::time::interval(poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_asked: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            message = published.next() => {
+                let Some(message) = message else { return };
+                match codec::decode::<ModelRelease>(&message.payload) {
+                    Ok(release) => offer(&state, release, "publication"),
+                    Err(error) => tracing::error!(%error, "unreadable model publication ignored"),
+                }
+            }
+            _ = ticker.tick() => {
+                let due = state.model().is_none()
+                    || last_asked.is_none_or(|t| t.elapsed() >= reconcile);
+                if due {
+                    last_asked = Some(Instant::now());
+                    ask_registry(&client, &subjects, &state, timeout).await;
+                }
+            }
+        }
+    }
+}
+
+async fn ask_registry(
+    client: &Client,
+    subjects: &Subjects,
+    state: &ServingState,
+    timeout: Duration,
+) {
+    let query = serde_json::to_vec(&ProductionQuery {
+        after_epoch: state.epoch(),
+    })
+    .expect("serialisable");
+    let request = client.request(subjects.registry_production.clone(), query.into());
+    let message = match tokio::time::timeout(timeout, request).await {
+        Ok(Ok(m)) => m,
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "registry not reachable; will ask again");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("registry did not answer in time; will ask again");
+            return;
+        }
+    };
+    match codec::decode::<ProductionReply>(&message.payload) {
+        Ok(ProductionReply::Release(release)) => offer(state, release, "registry"),
+        Ok(ProductionReply::Current) => {}
+        Ok(ProductionReply::NoModel) => tracing::debug!("registry has no production model yet"),
+        Err(error) => tracing::error!(%error, "unreadable reply from the registry"),
+    }
+}
+
+/// Loads the feature store from `path`.
+pub async fn load_store(
+    registry: &FeatureRegistry,
+    path: PathBuf,
+) -> Result<FeatureStore, data::DataError> {
+    let raw = registry.raw_names().to_vec();
+    tokio::task::spawn_blocking(move || {
+        data::load_csv(&path, &raw).map(|d| FeatureStore::from_dataset(&d))
+    })
+    .await
+    .expect("loading task panicked")
+}
+
+fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Reloads the feature store whenever the data file's time or size changes,
+/// checking every `every`. A file that fails to load leaves the current store
+/// serving. Runs until aborted.
+pub async fn refresh_store(state: Arc<ServingState>, path: PathBuf, every: Duration) {
+    let mut seen = stamp(&path);
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let now = stamp(&path);
+        if now.is_none() || now == seen {
+            continue;
+        }
+        seen = now;
+        match load_store(state.registry(), path.clone()).await {
+            Ok(store) => {
+                tracing::info!(path = %path.display(), users = store.len(), "feature store reloaded");
+                state.replace_store(store);
+            }
+            Err(error) => {
+                tracing::error!(%error, "feature store not reloaded; keeping the current one")
+            }
+        }
+    }
+}

@@ -19,6 +19,9 @@ pub async fn connect(settings: &NatsSettings, name: &str) -> anyhow::Result<Clie
                 match event {
                     Event::Connected => tracing::info!(%service, "connected to NATS"),
                     Event::Disconnected => tracing::warn!(%service, "disconnected from NATS"),
+                    Event::Draining | Event::Closed => {
+                        tracing::debug!(%service, event = %event, "NATS connection closing")
+                    }
                     Event::SlowConsumer(sid) => {
                         tracing::warn!(%service, sid, "slow consumer: NATS dropped messages")
                     }

@@ -2,11 +2,21 @@
 
 use tracing_subscriber::EnvFilter;
 
+/// The filter used when `RUST_LOG` is not set: our own `info` events, and only
+/// warnings from the NATS client library (its connection chatter is ours too).
+pub const DEFAULT_FILTER: &str = "info,async_nats=warn";
+
 /// Installs the global subscriber: human-readable lines on stderr, filtered by
-/// `RUST_LOG` (default `info`). Safe to call more than once (later calls are
-/// no-ops), which lets tests start several services in one process.
+/// `RUST_LOG` (default [`DEFAULT_FILTER`]). Safe to call more than once (later
+/// calls are no-ops), which lets tests start several services in one process.
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with_default(DEFAULT_FILTER);
+}
+
+/// As [`init`], with another default filter (`mlctl` prints warnings only).
+pub fn init_with_default(default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

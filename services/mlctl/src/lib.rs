@@ -1,0 +1,320 @@
+//! `mlctl`: the platform's command-line client.
+//!
+//! Every command is a thin layer over the documented NATS subjects, so what
+//! `mlctl` does, any NATS client can do. Errors from a service are printed as
+//! the service's JSON error and give exit status 1; "nobody is listening" is
+//! reported as the service being unavailable, at once rather than after a
+//! timeout.
+
+pub mod bench;
+pub mod up;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use async_nats::client::RequestErrorKind;
+use async_nats::Client;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use ml_shared::messages::{
+    ApiReply, ErrorReply, ModelsReply, PredictReply, PredictRequest, RunsReply, TrainReply,
+};
+use ml_shared::settings::{parse_duration, NatsSettings};
+use serde::de::DeserializeOwned;
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(name = "mlctl", version, about = "Client of the ML platform")]
+pub struct Cli {
+    /// NATS connection.
+    #[command(flatten)]
+    pub nats: NatsSettings,
+
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `mlctl` commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Ask for a prediction, for a known user or for raw features.
+    Predict {
+        /// A user id from the feature store.
+        #[arg(required_unless_present = "features", conflicts_with = "features")]
+        user_id: Option<String>,
+        /// Raw features instead: `feature_1=0.3,feature_2=1.5`.
+        #[arg(long, value_parser = parse_features)]
+        features: Option<BTreeMap<String, f64>>,
+    },
+    /// List the registry's model versions.
+    Models {
+        /// Print the registry's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the experiments log.
+    Runs {
+        /// Print the registry's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Train now and wait for the registered version.
+    Train {
+        /// How long to wait for the trainer.
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Print the monitor's current statistics (JSON).
+    Stats,
+    /// Write deterministic sample data as CSV.
+    GenData {
+        /// Number of users.
+        #[arg(long, default_value_t = 5000)]
+        rows: usize,
+        /// Random seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Output file (standard output when absent).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Start NATS (if none answers at NATS_URL) and the four services; Ctrl-C stops them.
+    Up(up::UpArgs),
+    /// Load-test `ml.predict` and report throughput and latency percentiles.
+    Bench(bench::BenchArgs),
+}
+
+fn parse_features(text: &str) -> Result<BTreeMap<String, f64>, String> {
+    text.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not name=value"))?;
+            let v: f64 = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("{v:?} is not a number"))?;
+            Ok((k.trim().to_owned(), v))
+        })
+        .collect()
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let nats = cli.nats;
+    match cli.command {
+        Command::GenData { rows, seed, out } => {
+            gen_data(rows, seed, out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Up(args) => up::run(&nats, args).await,
+        Command::Bench(args) => bench::run(&nats, args).await,
+        command => {
+            let client = connect(&nats).await?;
+            let subjects = nats.subjects();
+            let code = match command {
+                Command::Predict { user_id, features } => {
+                    let request = PredictRequest { user_id, features };
+                    let body = serde_json::to_vec(&request)?;
+                    print_reply::<PredictReply>(
+                        request_json(&client, &subjects.predict, body, "predictor").await?,
+                    )
+                }
+                Command::Models { json } => {
+                    let reply =
+                        request_json(&client, &subjects.registry_models, Vec::new(), "registry")
+                            .await?;
+                    if json {
+                        print_reply::<ModelsReply>(reply)
+                    } else {
+                        with_reply(reply, |m: ModelsReply| print!("{}", models_table(&m)))
+                    }
+                }
+                Command::Runs { json } => {
+                    let reply =
+                        request_json(&client, &subjects.registry_runs, Vec::new(), "registry")
+                            .await?;
+                    if json {
+                        print_reply::<RunsReply>(reply)
+                    } else {
+                        with_reply(reply, |r: RunsReply| print!("{}", runs_table(&r)))
+                    }
+                }
+                Command::Train { timeout } => {
+                    let request = client.request(subjects.train.clone(), Bytes::new());
+                    let reply = tokio::time::timeout(timeout, request)
+                        .await
+                        .map_err(|_| {
+                            anyhow::anyhow!("the trainer did not answer within {timeout:?}")
+                        })?
+                        .map_err(|e| unavailable(e, "trainer", &subjects.train))?;
+                    print_reply::<TrainReply>(reply.payload)
+                }
+                Command::Stats => {
+                    let reply =
+                        request_json(&client, &subjects.monitor_stats, Vec::new(), "monitor")
+                            .await?;
+                    println!("{}", String::from_utf8_lossy(&reply));
+                    ExitCode::SUCCESS
+                }
+                Command::GenData { .. } | Command::Up(_) | Command::Bench(_) => unreachable!(),
+            };
+            client.drain().await.ok();
+            Ok(code)
+        }
+    }
+}
+
+fn gen_data(rows: usize, seed: u64, out: Option<PathBuf>) -> anyhow::Result<()> {
+    match out {
+        Some(path) => {
+            let tmp = tempfile::NamedTempFile::new_in(
+                path.parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(".".as_ref()),
+            )?;
+            ml_shared::gen::write_csv(std::io::BufWriter::new(tmp.as_file()), rows, seed)?;
+            tmp.persist(&path)
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {rows} rows to {}", path.display());
+        }
+        None => ml_shared::gen::write_csv(std::io::stdout().lock(), rows, seed)?,
+    }
+    Ok(())
+}
+
+/// Connects to NATS, failing fast when no server answers.
+pub async fn connect(nats: &NatsSettings) -> anyhow::Result<Client> {
+    async_nats::ConnectOptions::new()
+        .name("mlctl")
+        .request_timeout(Some(nats.request_timeout))
+        .connection_timeout(Duration::from_secs(3))
+        .connect(nats.nats_url.as_str())
+        .await
+        .with_context(|| format!("cannot connect to NATS at {}", nats.nats_url))
+}
+
+fn unavailable(error: async_nats::RequestError, service: &str, subject: &str) -> anyhow::Error {
+    match error.kind() {
+        RequestErrorKind::NoResponders => {
+            anyhow::anyhow!("the {service} is unavailable: no responders on {subject}")
+        }
+        RequestErrorKind::TimedOut => {
+            anyhow::anyhow!("the {service} did not answer on {subject} in time")
+        }
+        _ => anyhow::anyhow!("request to the {service} on {subject} failed: {error}"),
+    }
+}
+
+async fn request_json(
+    client: &Client,
+    subject: &str,
+    body: Vec<u8>,
+    service: &str,
+) -> anyhow::Result<Bytes> {
+    let reply = client
+        .request(subject.to_owned(), body.into())
+        .await
+        .map_err(|e| unavailable(e, service, subject))?;
+    Ok(reply.payload)
+}
+
+fn with_reply<T: DeserializeOwned>(payload: Bytes, show: impl FnOnce(T)) -> ExitCode {
+    match serde_json::from_slice::<ApiReply<T>>(&payload) {
+        Ok(ApiReply::Ok(value)) => {
+            show(value);
+            ExitCode::SUCCESS
+        }
+        Ok(ApiReply::Err(error)) => print_error(&error),
+        Err(e) => {
+            eprintln!(
+                "mlctl: unreadable reply ({e}): {}",
+                String::from_utf8_lossy(&payload)
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints a successful JSON reply as received, or the error to stderr.
+fn print_reply<T: DeserializeOwned>(payload: Bytes) -> ExitCode {
+    let text = String::from_utf8_lossy(&payload).into_owned();
+    with_reply(payload, |_: T| println!("{text}"))
+}
+
+fn print_error(error: &ErrorReply) -> ExitCode {
+    eprintln!(
+        "{}",
+        serde_json::to_string(error).unwrap_or_else(|_| error.to_string())
+    );
+    ExitCode::FAILURE
+}
+
+fn models_table(m: &ModelsReply) -> String {
+    let mut out = format!(
+        "{:>7}  {:<24}  {:<6}  {:>9}  {:>9}  {:>8}  {}\n",
+        "VERSION", "CREATED", "ALIAS", "RMSE", "MAE", "R2", "FEATURES"
+    );
+    for s in &m.models {
+        out.push_str(&format!(
+            "{:>7}  {:<24}  {:<6}  {:>9.5}  {:>9.5}  {:>8.5}  {}\n",
+            s.version,
+            s.created_at,
+            if s.production { "prod" } else { "" },
+            s.metrics.rmse,
+            s.metrics.mae,
+            s.metrics.r2,
+            s.feature_names.join(",")
+        ));
+    }
+    out
+}
+
+fn runs_table(r: &RunsReply) -> String {
+    let mut out = format!(
+        "{:<24}  {:>7}  {:<20}  {:>9}  {:>8}  {:>7}  {:>6}  {}\n",
+        "TIMESTAMP", "VERSION", "RUN", "RMSE", "R2", "ROWS", "MS", "DATA"
+    );
+    for row in &r.runs {
+        out.push_str(&format!(
+            "{:<24}  {:>7}  {:<20}  {:>9.5}  {:>8.5}  {:>7}  {:>6}  {}\n",
+            row.timestamp,
+            row.version,
+            row.run_id,
+            row.rmse,
+            row.r2,
+            row.rows_train + row.rows_validation,
+            row.duration_ms,
+            &row.data_fingerprint[..row.data_fingerprint.len().min(19)]
+        ));
+    }
+    out
+}
+
+/// Fails when the reply is an error; used by commands that need the value.
+pub fn parse_reply<T: DeserializeOwned>(payload: &[u8]) -> anyhow::Result<T> {
+    match serde_json::from_slice::<ApiReply<T>>(payload) {
+        Ok(ApiReply::Ok(v)) => Ok(v),
+        Ok(ApiReply::Err(e)) => bail!("{e}"),
+        Err(e) => bail!("unreadable reply: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn features_parse_from_the_command_line() {
+        let f = parse_features("feature_1=0.3, feature_2=1.5").unwrap();
+        assert_eq!(f["feature_1"], 0.3);
+        assert_eq!(f["feature_2"], 1.5);
+        assert!(parse_features("feature_1").is_err());
+        assert!(parse_features("feature_1=x").is_err());
+    }
+}

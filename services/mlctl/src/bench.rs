@@ -208,7 +208,7 @@ fn report(args: &BenchArgs, t: &Tally) -> Report {
     let h = t.latency.as_ref().expect("set");
     let ms = |ns: u64| ns as f64 / 1e6;
     let mut latency_ms = BTreeMap::new();
-    if h.len() > 0 {
+    if !h.is_empty() {
         for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)] {
             latency_ms.insert(name.to_owned(), ms(h.value_at_quantile(q)));
         }

@@ -179,6 +179,12 @@ fn gen_data(rows: usize, seed: u64, out: Option<PathBuf>) -> anyhow::Result<()> 
                     .unwrap_or(".".as_ref()),
             )?;
             ml_shared::gen::write_csv(std::io::BufWriter::new(tmp.as_file()), rows, seed)?;
+            // A temporary file is private (0600); data files are for everyone to read.
+            #[cfg(unix)]
+            std::fs::set_permissions(
+                tmp.path(),
+                std::os::unix::fs::PermissionsExt::from_mode(0o644),
+            )?;
             tmp.persist(&path)
                 .with_context(|| format!("writing {}", path.display()))?;
             eprintln!("wrote {rows} rows to {}", path.display());

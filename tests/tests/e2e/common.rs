@@ -1,0 +1,112 @@
+//! Helpers shared by the end-to-end tests: requests, data files, and an
+//! independent least-squares solution to check the trainer against.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::Client;
+use serde_json::Value;
+
+/// Connects a plain client, as a user would.
+pub async fn client(url: &str) -> Client {
+    tokio::time::timeout(Duration::from_secs(10), async_nats::connect(url))
+        .await
+        .expect("connect in time")
+        .expect("connect")
+}
+
+/// Sends `body` to `subject` and returns the reply message (bounded).
+pub async fn request(
+    client: &Client,
+    subject: &str,
+    body: impl Into<bytes::Bytes>,
+) -> async_nats::Message {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(subject.to_owned(), body.into()),
+    )
+    .await
+    .expect("reply in time")
+    .expect("request succeeds")
+}
+
+/// Sends a JSON request and parses the JSON reply.
+pub async fn request_json(client: &Client, subject: &str, body: &str) -> Value {
+    let reply = request(client, subject, body.to_owned()).await;
+    serde_json::from_slice(&reply.payload).expect("JSON reply")
+}
+
+/// Writes generated sample data.
+pub fn write_data(path: &Path, rows: usize, seed: u64) {
+    let file = std::fs::File::create(path).expect("data file");
+    ml_shared::gen::write_csv(file, rows, seed).expect("write data");
+}
+
+/// Rows of a data file: (user_id, feature_1, feature_2, target), read by
+/// column name with the `csv` crate (not through the platform's loader).
+pub fn read_rows(path: &Path) -> Vec<(String, f64, f64, f64)> {
+    let mut reader = csv::Reader::from_path(path).expect("open data");
+    let headers = reader.headers().expect("headers").clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).expect(name);
+    let (id, f1, f2, t) = (
+        col("user_id"),
+        col("feature_1"),
+        col("feature_2"),
+        col("target"),
+    );
+    reader
+        .records()
+        .map(|r| {
+            let r = r.expect("record");
+            let num = |i: usize| r[i].parse::<f64>().expect("number");
+            (r[id].to_owned(), num(f1), num(f2), num(t))
+        })
+        .collect()
+}
+
+/// Ordinary least squares on `rows` (features feature_1, feature_2,
+/// feature_1², plus an intercept), by the normal equations and Gaussian
+/// elimination with partial pivoting. Returns `[b1, b2, b3, intercept]`.
+#[allow(clippy::needless_range_loop)] // matrix arithmetic reads best with indices
+pub fn least_squares(rows: &[(String, f64, f64, f64)], take: &[usize]) -> [f64; 4] {
+    let mut a = [[0.0f64; 5]; 4];
+    for &i in take {
+        let (_, f1, f2, y) = &rows[i];
+        let x = [*f1, *f2, f1 * f1, 1.0];
+        for r in 0..4 {
+            for c in 0..4 {
+                a[r][c] += x[r] * x[c];
+            }
+            a[r][4] += x[r] * y;
+        }
+    }
+    for col in 0..4 {
+        let pivot = (col..4)
+            .max_by(|&p, &q| a[p][col].abs().total_cmp(&a[q][col].abs()))
+            .expect("rows");
+        a.swap(col, pivot);
+        for r in 0..4 {
+            if r != col {
+                let f = a[r][col] / a[col][col];
+                for c in col..5 {
+                    a[r][c] -= f * a[col][c];
+                }
+            }
+        }
+    }
+    [0, 1, 2, 3].map(|i| a[i][4] / a[i][i])
+}
+
+/// The prediction of `beta` for raw features.
+pub fn predict(beta: &[f64; 4], f1: f64, f2: f64) -> f64 {
+    beta[0] * f1 + beta[1] * f2 + beta[2] * f1 * f1 + beta[3]
+}
+
+/// Asserts `got` is within `rel` relative error of `want`.
+pub fn assert_close(got: f64, want: f64, rel: f64) {
+    let err = (got - want).abs() / want.abs().max(1e-12);
+    assert!(
+        err <= rel,
+        "got {got}, want {want} (relative error {err:e} > {rel:e})"
+    );
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests: the platform's services on a private `nats-server`,
+//! talked to over NATS exactly as users do. One test binary, one module per
+//! area, so the workspace builds it once.
+
+mod common;
+mod pipeline;
+mod processes;

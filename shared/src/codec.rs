@@ -6,10 +6,16 @@
 //! | bytes | content |
 //! |---|---|
 //! | 8 | magic `MLMODEL\0` |
-//! | 2 | format version, little-endian (currently 1) |
+//! | 2 | format version, little-endian (currently 2) |
 //! | 8 | payload length, little-endian |
 //! | 32 | SHA-256 of the payload |
 //! | n | payload: `bincode` 2 (standard config) of the value, through serde |
+//!
+//! `bincode` is not self-describing: adding a field to an encoded type
+//! changes the layout, so the format version goes up with it, and a value
+//! of another version is refused (`UnsupportedVersion`) rather than misread.
+//! Version 2 added the reference profile to the model artifact; artifacts of
+//! version 1 must be retrained.
 //!
 //! Decoding checks every field, and refuses a payload that claims more than
 //! [`MAX_PAYLOAD`] bytes, so a truncated, bit-flipped or foreign file is an
@@ -22,7 +28,7 @@ use sha2::{Digest, Sha256};
 /// The first bytes of every encoded value.
 pub const MAGIC: &[u8; 8] = b"MLMODEL\0";
 /// The format version written by this build.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 /// Largest payload accepted by [`decode`] (64 MiB).
 pub const MAX_PAYLOAD: usize = 64 << 20;
 const HEADER: usize = 8 + 2 + 8 + 32;
@@ -127,6 +133,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 mod tests {
     use super::*;
     use crate::model::{ModelArtifact, ModelKind};
+    use crate::profile::ReferenceProfile;
 
     fn artifact() -> ModelArtifact {
         ModelArtifact {
@@ -134,6 +141,7 @@ mod tests {
             feature_names: vec!["feature_1".into(), "feature_3".into()],
             coefficients: vec![1.5, -0.25],
             intercept: 3.0,
+            profile: None,
         }
     }
 
@@ -141,6 +149,18 @@ mod tests {
     fn round_trips() {
         let bytes = encode(&artifact());
         assert_eq!(decode::<ModelArtifact>(&bytes).unwrap(), artifact());
+    }
+
+    #[test]
+    fn round_trips_an_artifact_with_its_profile() {
+        let names = vec!["feature_1".to_owned(), "feature_3".to_owned()];
+        let column: Vec<f64> = (0..50).map(f64::from).collect();
+        let mut with = artifact();
+        with.profile =
+            ReferenceProfile::from_columns(&names, &[column.clone(), column.clone()], &column, 10);
+        assert!(with.profile.is_some());
+        let bytes = encode(&with);
+        assert_eq!(decode::<ModelArtifact>(&bytes).unwrap(), with);
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub mod gen;
 pub mod messages;
 pub mod model;
 pub mod nats;
+pub mod production;
+pub mod profile;
 pub mod settings;
 pub mod shutdown;
 pub mod subjects;

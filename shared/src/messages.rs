@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::model::ModelArtifact;
+use crate::profile::FeatureSample;
 
 /// Header the NATS micro-service protocol uses for an error description.
 pub const SERVICE_ERROR_HEADER: &str = "Nats-Service-Error";
@@ -164,6 +165,10 @@ pub struct LatencyEvent {
     pub model_version: Option<u64>,
     /// Success or the error code.
     pub outcome: Outcome,
+    /// For a sampled successful request: its raw features (named by
+    /// [`EventBatch::raw_features`]) and the prediction, for drift.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample: Option<FeatureSample>,
 }
 
 /// A batch of latency events from one predictor.
@@ -171,9 +176,18 @@ pub struct LatencyEvent {
 pub struct EventBatch {
     /// Which predictor instance sent it.
     pub predictor: String,
+    /// Number of this batch's first event among all the events this
+    /// predictor has sent (0 for its first): a gap tells the monitor that
+    /// events were lost in transit.
+    #[serde(default)]
+    pub seq: u64,
     /// Events this predictor dropped (monitor path full) since the last batch.
     #[serde(default)]
     pub dropped: u64,
+    /// Names of the raw features in the events' samples, in order (empty
+    /// when no event is sampled).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub raw_features: Vec<String>,
     /// The events.
     pub events: Vec<LatencyEvent>,
 }

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::profile::ReferenceProfile;
+
 /// The family of a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -52,6 +54,10 @@ pub struct ModelArtifact {
     pub coefficients: Vec<f64>,
     /// The constant term.
     pub intercept: f64,
+    /// The training data's reference profile, for drift monitoring (absent
+    /// from models trained without one).
+    #[serde(default)]
+    pub profile: Option<ReferenceProfile>,
 }
 
 impl ModelArtifact {
@@ -107,6 +113,7 @@ mod tests {
             feature_names: vec!["a".into(), "b".into()],
             coefficients: vec![2.0, -1.0],
             intercept: 0.5,
+            profile: None,
         }
     }
 

@@ -25,6 +25,8 @@ pub struct Subjects {
     pub monitor_events: String,
     /// Request-reply (JSON): the monitor's current statistics.
     pub monitor_stats: String,
+    /// Publish (JSON): the monitor's alerts as they fire and resolve.
+    pub alerts: String,
 }
 
 impl Subjects {
@@ -45,6 +47,7 @@ impl Subjects {
             model_production: format!("{p}.model.production"),
             monitor_events: format!("{p}.monitor.events"),
             monitor_stats: format!("{p}.monitor.stats"),
+            alerts: format!("{p}.alerts"),
         }
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! It holds the production model in memory ([`serving`]), swaps it when the
 //! registry publishes a new one ([`updates`]), and reports every request's
-//! latency to the monitor without making the reply wait ([`events`]). Until a
+//! latency to the monitor without making the reply wait ([`events`]), with a
+//! sample of the features it saw and the predictions it made, for drift. Until a
 //! model arrives it answers `no_model`. Every error reply carries the JSON
 //! body `{"error": {"code", "message"}}` and the micro-service headers
 //! `Nats-Service-Error` and `Nats-Service-Error-Code`.
@@ -27,6 +28,7 @@ use clap::Parser;
 use futures::StreamExt;
 use ml_shared::features::{FeatureRegistry, FeatureStore};
 use ml_shared::messages::{LatencyEvent, Outcome, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER};
+use ml_shared::profile::{FeatureSample, SAMPLE_WIDTH};
 use ml_shared::settings::{parse_duration, NatsSettings};
 
 use crate::events::{EventSettings, EventSink};
@@ -76,6 +78,37 @@ pub struct Config {
     /// Longest a latency event waits before it is sent.
     #[arg(long, env = "EVENT_FLUSH", default_value = "200ms", value_parser = parse_duration)]
     pub event_flush: Duration,
+
+    /// Whether to send latency events to the monitor at all.
+    #[arg(
+        long,
+        env = "EVENTS",
+        value_enum,
+        default_value = "on",
+        ignore_case = true
+    )]
+    pub events: Switch,
+
+    /// Share of requests whose raw features and prediction go with their
+    /// event, for the monitor's drift check (0 to 1).
+    #[arg(long, env = "EVENT_SAMPLE", default_value = "1", value_parser = parse_share)]
+    pub event_sample: f64,
+}
+
+/// On or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
+fn parse_share(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{text:?} is not a number between 0 and 1")),
+    }
 }
 
 /// Runs the predictor until `shutdown` completes.
@@ -108,16 +141,37 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .await
         .map_err(|e| anyhow::anyhow!("adding the predict endpoint: {e}"))?;
 
-    let (events, events_task) = events::spawn(
-        client.clone(),
-        EventSettings {
-            subject: subjects.monitor_events.clone(),
-            predictor: predictor_id.clone(),
-            capacity: config.event_buffer,
-            batch: config.event_batch,
-            flush: config.event_flush,
-        },
-    );
+    let raw_features = state.registry().raw_names().to_vec();
+    let event_sample = if raw_features.len() > SAMPLE_WIDTH {
+        tracing::warn!(
+            raw = raw_features.len(),
+            "more raw features than a sample holds: no samples for drift"
+        );
+        0.0
+    } else {
+        config.event_sample
+    };
+    let (events, events_task) = match config.events {
+        Switch::On => {
+            let (sink, task) = events::spawn(
+                client.clone(),
+                EventSettings {
+                    subject: subjects.monitor_events.clone(),
+                    predictor: predictor_id.clone(),
+                    capacity: config.event_buffer,
+                    batch: config.event_batch,
+                    flush: config.event_flush,
+                    sample_rate: event_sample,
+                    raw_features,
+                },
+            );
+            (sink, Some(task))
+        }
+        Switch::Off => {
+            tracing::info!("latency events off");
+            (EventSink::disabled(), None)
+        }
+    };
     let follower = tokio::spawn(updates::follow_models(
         client.clone(),
         subjects.clone(),
@@ -162,7 +216,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     follower.abort();
     refresher.abort();
     drop(events);
-    let _ = events_task.await;
+    if let Some(task) = events_task {
+        let _ = task.await;
+    }
     if let Err(error) = service.stop().await {
         tracing::warn!(%error, "cannot stop the micro-service cleanly");
     }
@@ -173,18 +229,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 /// Answers one request and records its latency.
 async fn handle(state: &ServingState, events: &EventSink, request: Request) {
     let started = Instant::now();
-    let (body, version, outcome) = match state.predict(&request.message.payload) {
-        Ok(reply) => (
-            serde_json::to_vec(&reply),
-            Some(reply.model_version),
-            Outcome::Ok,
-        ),
-        Err((error, version)) => (
-            serde_json::to_vec(&error),
-            version,
-            Outcome::Error(error.error.code),
-        ),
-    };
+    let mut sample = events.sample_next().then(FeatureSample::default);
+    let (body, version, outcome) =
+        match state.predict_sampled(&request.message.payload, sample.as_mut()) {
+            Ok(reply) => (
+                serde_json::to_vec(&reply),
+                Some(reply.model_version),
+                Outcome::Ok,
+            ),
+            Err((error, version)) => (
+                serde_json::to_vec(&error),
+                version,
+                Outcome::Error(error.error.code),
+            ),
+        };
     let body = body.expect("replies serialise");
     let sent = match outcome {
         Outcome::Ok => request.respond(Ok(body.into())).await,
@@ -201,12 +259,15 @@ async fn handle(state: &ServingState, events: &EventSink, request: Request) {
     if let Err(error) = sent {
         tracing::debug!(%error, "reply not sent");
     }
-    events.record(LatencyEvent {
-        ts_ms: ml_shared::time::now_ms(),
-        duration_ns: started.elapsed().as_nanos() as u64,
-        model_version: version,
-        outcome,
-    });
+    if events.is_enabled() {
+        events.record(LatencyEvent {
+            ts_ms: ml_shared::time::now_ms(),
+            duration_ns: started.elapsed().as_nanos() as u64,
+            model_version: version,
+            outcome,
+            sample: sample.filter(|s| outcome == Outcome::Ok && !s.is_empty()),
+        });
+    }
 }
 
 fn default_id() -> String {

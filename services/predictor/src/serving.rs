@@ -11,6 +11,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use ml_shared::features::{FeaturePlan, FeatureRegistry, FeatureStore};
 use ml_shared::messages::{ErrorCode, ErrorReply, ModelRelease, PredictReply, PredictRequest};
 use ml_shared::model::ModelArtifact;
+use ml_shared::profile::FeatureSample;
 
 /// Most features a model may take (the per-request buffer lives on the stack).
 pub const MAX_FEATURES: usize = 64;
@@ -109,6 +110,17 @@ impl ServingState {
     /// Answers one request payload. The error carries the version of the
     /// model that was in place, for the monitor.
     pub fn predict(&self, payload: &[u8]) -> Result<PredictReply, (ErrorReply, Option<u64>)> {
+        self.predict_sampled(payload, None)
+    }
+
+    /// [`predict`](Self::predict), also writing the raw features used and
+    /// the prediction into `sample` when one is given and the request
+    /// succeeds (for drift monitoring; nothing is allocated).
+    pub fn predict_sampled(
+        &self,
+        payload: &[u8],
+        sample: Option<&mut FeatureSample>,
+    ) -> Result<PredictReply, (ErrorReply, Option<u64>)> {
         let model = self.model.load();
         let version = model.as_ref().map(|m| m.version);
         let fail = |code, message: String| Err((ErrorReply::new(code, message), version));
@@ -167,6 +179,9 @@ impl ServingState {
                 ErrorCode::BadRequest,
                 "the features give a non-finite prediction".into(),
             );
+        }
+        if let Some(sample) = sample {
+            sample.set(raw, prediction);
         }
         Ok(PredictReply {
             user_id: request.user_id,
@@ -229,6 +244,7 @@ mod tests {
                 feature_names: vec!["feature_1".into(), "feature_2".into(), "feature_3".into()],
                 coefficients: vec![1.0, 10.0, 100.0],
                 intercept: 0.5,
+                profile: None,
             },
         }
     }
@@ -250,6 +266,23 @@ mod tests {
             .unwrap();
         assert_eq!(r.prediction, 432.5);
         assert_eq!(r.user_id, None);
+    }
+
+    #[test]
+    fn a_sample_holds_the_raw_features_and_the_prediction() {
+        let s = state();
+        s.install(s.prepare(release(7)).unwrap());
+        let mut sample = FeatureSample::default();
+        let r = s
+            .predict_sampled(br#"{"user_id":"u1"}"#, Some(&mut sample))
+            .unwrap();
+        assert_eq!(sample.values(), [2.0, 3.0]);
+        assert_eq!(sample.prediction, r.prediction);
+        let mut sample = FeatureSample::default();
+        assert!(s
+            .predict_sampled(br#"{"user_id":"nobody"}"#, Some(&mut sample))
+            .is_err());
+        assert!(sample.is_empty());
     }
 
     #[test]

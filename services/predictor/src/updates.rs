@@ -7,13 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_nats::Client;
-use futures::StreamExt;
-use ml_shared::codec;
 use ml_shared::data;
 use ml_shared::features::{FeatureRegistry, FeatureStore};
-use ml_shared::messages::{ModelRelease, ProductionQuery, ProductionReply};
+use ml_shared::messages::ModelRelease;
+use ml_shared::production::{self, FollowSettings};
 use ml_shared::subjects::Subjects;
-use tokio::time::Instant;
 
 use crate::serving::ServingState;
 
@@ -54,65 +52,16 @@ pub async fn follow_models(
     reconcile: Duration,
     timeout: Duration,
 ) {
-    let mut published = match client.subscribe(subjects.model_production.clone()).await {
-        Ok(s) => s,
-        Err(error) => {
-            tracing::error!(%error, "cannot subscribe to model publications");
-            return;
-        }
+    let settings = FollowSettings {
+        poll,
+        reconcile,
+        timeout,
     };
-    let mut ticker = tokio::time::interval(poll);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_asked: Option<Instant> = None;
-    loop {
-        tokio::select! {
-            message = published.next() => {
-                let Some(message) = message else { return };
-                match codec::decode::<ModelRelease>(&message.payload) {
-                    Ok(release) => offer(&state, release, "publication"),
-                    Err(error) => tracing::error!(%error, "unreadable model publication ignored"),
-                }
-            }
-            _ = ticker.tick() => {
-                let due = state.model().is_none()
-                    || last_asked.is_none_or(|t| t.elapsed() >= reconcile);
-                if due {
-                    last_asked = Some(Instant::now());
-                    ask_registry(&client, &subjects, &state, timeout).await;
-                }
-            }
-        }
-    }
-}
-
-async fn ask_registry(
-    client: &Client,
-    subjects: &Subjects,
-    state: &ServingState,
-    timeout: Duration,
-) {
-    let query = serde_json::to_vec(&ProductionQuery {
-        after_epoch: state.epoch(),
+    let held = || state.model().map(|m| m.epoch);
+    production::follow(client, subjects, settings, held, |release, source| {
+        offer(&state, release, source.as_str())
     })
-    .expect("serialisable");
-    let request = client.request(subjects.registry_production.clone(), query.into());
-    let message = match tokio::time::timeout(timeout, request).await {
-        Ok(Ok(m)) => m,
-        Ok(Err(error)) => {
-            tracing::debug!(%error, "registry not reachable; will ask again");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!("registry did not answer in time; will ask again");
-            return;
-        }
-    };
-    match codec::decode::<ProductionReply>(&message.payload) {
-        Ok(ProductionReply::Release(release)) => offer(state, release, "registry"),
-        Ok(ProductionReply::Current) => {}
-        Ok(ProductionReply::NoModel) => tracing::debug!("registry has no production model yet"),
-        Err(error) => tracing::error!(%error, "unreadable reply from the registry"),
-    }
+    .await;
 }
 
 /// Loads the feature store from `path`.

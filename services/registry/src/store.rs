@@ -445,6 +445,7 @@ mod tests {
                 feature_names: names,
                 coefficients: vec![1.0, 2.0],
                 intercept,
+                profile: None,
             },
         }
     }

@@ -11,6 +11,7 @@ use ml_shared::data::{self, DataError, Dataset};
 use ml_shared::features::{FeatureError, FeatureRegistry};
 use ml_shared::messages::{Metrics, RunRecord, TrainParams};
 use ml_shared::model::{ModelArtifact, ModelError, ModelKind};
+use ml_shared::profile::{ReferenceProfile, DEFAULT_BINS};
 use ndarray::{Array1, Array2};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -97,6 +98,25 @@ pub fn regression_metrics(truth: &[f64], predicted: &[f64]) -> Metrics {
     }
 }
 
+/// The reference profile of a model's training split: quantile bins of each
+/// column of `x` (the training design matrix) and of the model's predictions
+/// on it. The validated model and finite data make every histogram defined.
+pub fn reference_profile(artifact: &ModelArtifact, x: &Array2<f64>) -> ReferenceProfile {
+    let columns: Vec<Vec<f64>> = x.columns().into_iter().map(|c| c.to_vec()).collect();
+    let predictions: Vec<f64> = x
+        .rows()
+        .into_iter()
+        .map(|row| artifact.predict(row.as_slice().expect("contiguous")))
+        .collect();
+    ReferenceProfile::from_columns(
+        &artifact.feature_names,
+        &columns,
+        &predictions,
+        DEFAULT_BINS,
+    )
+    .expect("finite training data and a validated model give finite histograms")
+}
+
 /// Loads `data_path`, fits a linear model on the training split, scores it on
 /// the validation split.
 pub fn train(
@@ -126,16 +146,19 @@ pub fn train(
 
     let x = design_matrix(&data, registry, &names, &train_rows)?;
     let y: Array1<f64> = train_rows.iter().map(|&r| targets[r]).collect();
+    let dataset = LinfaDataset::new(x, y);
     let fitted = LinearRegression::new()
-        .fit(&LinfaDataset::new(x, y))
+        .fit(&dataset)
         .map_err(|e| TrainError::Fit(e.to_string()))?;
-    let artifact = ModelArtifact {
+    let mut artifact = ModelArtifact {
         kind: ModelKind::Linear,
         feature_names: names.clone(),
         coefficients: fitted.params().to_vec(),
         intercept: fitted.intercept(),
+        profile: None,
     };
     artifact.validate()?;
+    artifact.profile = Some(reference_profile(&artifact, dataset.records()));
 
     let x_val = design_matrix(&data, registry, &names, &val_rows)?;
     let predicted: Vec<f64> = x_val
@@ -207,6 +230,21 @@ mod tests {
             run.metrics
         );
         assert_eq!(run.rows_train + run.rows_validation, 2000);
+
+        // The profile describes the training split: feature_1 ~ U[-2, 2)
+        // cut at its deciles, feature_3 = feature_1² in [0, 4].
+        let profile = model.profile.as_ref().expect("a reference profile");
+        profile.validate(&model.feature_names).unwrap();
+        assert_eq!(profile.rows, run.rows_train as u64);
+        let f1 = &profile.features[0].bins;
+        assert_eq!(f1.len(), DEFAULT_BINS);
+        assert!((f1.edges[4] - 0.0).abs() < 0.15, "{f1:?}");
+        for p in &f1.proportions {
+            assert!((p - 0.1).abs() < 0.01, "{f1:?}");
+        }
+        let f3 = &profile.features[2].bins;
+        assert!(f3.edges.iter().all(|e| (0.0..=4.0).contains(e)), "{f3:?}");
+        assert_eq!(profile.prediction.len(), DEFAULT_BINS);
     }
 
     #[test]

@@ -1,34 +1,46 @@
-//! Aggregation of latency events: an HDR histogram per reporting window and
-//! one since start, error counts by code, predictions by model version.
+//! Aggregation of latency events: HDR histograms overall and per model
+//! version, error counts by code, predictions by model version, events
+//! dropped at the predictors and lost in transit; and the per-predictor
+//! sequence check that finds the lost ones.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use ml_shared::messages::{EventBatch, Outcome};
 use serde::{Deserialize, Serialize};
 
+use crate::drift::DriftReport;
+
 /// Highest latency the histograms resolve (longer ones are clamped): 60 s.
 const MAX_NS: u64 = 60_000_000_000;
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_NS, 3).expect("valid histogram bounds")
+}
 
 /// Statistics over one span of time.
 #[derive(Debug, Clone)]
 pub struct Aggregate {
     latency: Histogram<u64>,
+    by_version: BTreeMap<u64, Histogram<u64>>,
     errors: BTreeMap<String, u64>,
     versions: BTreeMap<u64, u64>,
     predictors: BTreeSet<String>,
     dropped: u64,
+    lost: u64,
 }
 
 impl Default for Aggregate {
     fn default() -> Self {
         Self {
-            latency: Histogram::new_with_bounds(1, MAX_NS, 3).expect("valid histogram bounds"),
+            latency: histogram(),
+            by_version: BTreeMap::new(),
             errors: BTreeMap::new(),
             versions: BTreeMap::new(),
             predictors: BTreeSet::new(),
             dropped: 0,
+            lost: 0,
         }
     }
 }
@@ -40,12 +52,31 @@ pub struct LatencyMs {
     pub mean: f64,
     /// Median.
     pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
     /// 95th percentile.
     pub p95: f64,
     /// 99th percentile.
     pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
     /// Largest.
     pub max: f64,
+}
+
+impl LatencyMs {
+    fn of(h: &Histogram<u64>) -> Option<Self> {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        (!h.is_empty()).then(|| LatencyMs {
+            mean: h.mean() / 1e6,
+            p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
+            p95: ms(h.value_at_quantile(0.95)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        })
+    }
 }
 
 /// A summary of an [`Aggregate`], printed and served as JSON.
@@ -61,27 +92,46 @@ pub struct Snapshot {
     pub rps: f64,
     /// Latency summary; absent when `count` is 0.
     pub latency_ms: Option<LatencyMs>,
+    /// Latency summary of the requests each model version answered
+    /// (successes and errors).
+    pub latency_ms_by_version: BTreeMap<u64, LatencyMs>,
     /// Error replies by code.
     pub errors: BTreeMap<String, u64>,
-    /// Predictions by model version.
+    /// Errors over `count`; absent when `count` is 0.
+    pub error_rate: Option<f64>,
+    /// Successful predictions by model version.
     pub versions: BTreeMap<u64, u64>,
     /// Distinct predictors heard from.
     pub predictors: usize,
     /// Events the predictors dropped before sending (monitor path full).
     pub dropped: u64,
+    /// Events sent but never received (gaps in the predictors' numbering).
+    pub lost: u64,
+    /// Drift of the sampled traffic against the production model's
+    /// reference profile; absent when not computed (no profile, or too few
+    /// samples).
+    pub drift: Option<DriftReport>,
+    /// Names of the alerts firing at the end of the span.
+    #[serde(default)]
+    pub alerts: Vec<String>,
 }
 
 impl Aggregate {
-    /// Adds a batch of events.
-    pub fn add(&mut self, batch: &EventBatch) {
+    /// Adds a batch of events, of which `lost` were found missing before it.
+    pub fn add(&mut self, batch: &EventBatch, lost: u64) {
         self.dropped += batch.dropped;
+        self.lost += lost;
         if !self.predictors.contains(&batch.predictor) {
             self.predictors.insert(batch.predictor.clone());
         }
         for event in &batch.events {
-            self.latency
-                .saturating_record(event.duration_ns.clamp(1, MAX_NS));
+            let ns = event.duration_ns.clamp(1, MAX_NS);
+            self.latency.saturating_record(ns);
             if let Some(v) = event.model_version {
+                self.by_version
+                    .entry(v)
+                    .or_insert_with(histogram)
+                    .saturating_record(ns);
                 if event.outcome == Outcome::Ok {
                     *self.versions.entry(v).or_default() += 1;
                 }
@@ -92,42 +142,46 @@ impl Aggregate {
         }
     }
 
-    /// Summarises the aggregate over `span`.
+    /// Summarises the aggregate over `span` (without drift or alerts, which
+    /// the caller adds).
     pub fn snapshot(&self, span: Duration) -> Snapshot {
         let count = self.latency.len();
-        let ms = |ns: u64| ns as f64 / 1e6;
-        let latency_ms = (count > 0).then(|| LatencyMs {
-            mean: self.latency.mean() / 1e6,
-            p50: ms(self.latency.value_at_quantile(0.50)),
-            p95: ms(self.latency.value_at_quantile(0.95)),
-            p99: ms(self.latency.value_at_quantile(0.99)),
-            max: ms(self.latency.max()),
-        });
+        let errors: u64 = self.errors.values().sum();
         let secs = span.as_secs_f64().max(1e-9);
         Snapshot {
             ts: ml_shared::time::rfc3339_ms(ml_shared::time::now_ms()),
             window_s: secs,
             count,
             rps: count as f64 / secs,
-            latency_ms,
+            latency_ms: LatencyMs::of(&self.latency),
+            latency_ms_by_version: self
+                .by_version
+                .iter()
+                .filter_map(|(v, h)| Some((*v, LatencyMs::of(h)?)))
+                .collect(),
             errors: self.errors.clone(),
+            error_rate: (count > 0).then(|| errors as f64 / count as f64),
             versions: self.versions.clone(),
             predictors: self.predictors.len(),
             dropped: self.dropped,
+            lost: self.lost,
+            drift: None,
+            alerts: Vec::new(),
         }
     }
 }
 
 impl Snapshot {
     /// One line for people:
-    /// `... count=1200 rps=120.0 p50=0.210ms p95=... errors=unknown_user:3 versions=v2:1197 ...`
+    /// `... count=1200 rps=120.0 mean=… p50=0.210ms … p99.9=… max=… errors=unknown_user:3
+    /// versions=v2:1197 predictors=1 dropped=0 lost=0 drift=0.013(feature_1) alerts=none`
     pub fn to_text(&self) -> String {
         let latency = match self.latency_ms {
             Some(l) => format!(
-                "mean={:.3}ms p50={:.3}ms p95={:.3}ms p99={:.3}ms max={:.3}ms",
-                l.mean, l.p50, l.p95, l.p99, l.max
+                "mean={:.3}ms p50={:.3}ms p90={:.3}ms p95={:.3}ms p99={:.3}ms p99.9={:.3}ms max={:.3}ms",
+                l.mean, l.p50, l.p90, l.p95, l.p99, l.p999, l.max
             ),
-            None => "mean=- p50=- p95=- p99=- max=-".into(),
+            None => "mean=- p50=- p90=- p95=- p99=- p99.9=- max=-".into(),
         };
         let join = |items: Vec<String>| {
             if items.is_empty() {
@@ -148,10 +202,46 @@ impl Snapshot {
                 .map(|(v, n)| format!("v{v}:{n}"))
                 .collect(),
         );
+        let drift = match &self.drift {
+            Some(d) => format!("{:.3}({})", d.max, d.max_of),
+            None => "-".into(),
+        };
+        let alerts = join(self.alerts.clone());
         format!(
-            "{} window={:.1}s count={} rps={:.1} {latency} errors={errors} versions={versions} predictors={} dropped={}",
-            self.ts, self.window_s, self.count, self.rps, self.predictors, self.dropped
+            "{} window={:.1}s count={} rps={:.1} {latency} errors={errors} versions={versions} predictors={} dropped={} lost={} drift={drift} alerts={alerts}",
+            self.ts, self.window_s, self.count, self.rps, self.predictors, self.dropped, self.lost
         )
+    }
+}
+
+/// Where each predictor's numbering of its events is expected to resume.
+#[derive(Debug, Default)]
+pub struct Sequences {
+    next: HashMap<String, u64>,
+}
+
+impl Sequences {
+    /// Records `batch` and returns how many events are missing before it.
+    ///
+    /// The first batch heard from a predictor counts nothing as lost (the
+    /// monitor may have started after it); a batch numbered below the
+    /// expected one means the predictor restarted under the same id, and
+    /// the numbering starts over.
+    pub fn observe(&mut self, batch: &EventBatch) -> u64 {
+        let end = batch.seq + batch.events.len() as u64;
+        let expected = match self.next.get_mut(&batch.predictor) {
+            Some(next) => std::mem::replace(next, end),
+            None => {
+                self.next.insert(batch.predictor.clone(), end);
+                return 0;
+            }
+        };
+        if batch.seq >= expected {
+            batch.seq - expected
+        } else {
+            tracing::info!(predictor = %batch.predictor, seq = batch.seq, expected, "event numbering restarted");
+            0
+        }
     }
 }
 
@@ -166,45 +256,83 @@ mod tests {
             duration_ns: ns,
             model_version: version,
             outcome,
+            sample: None,
+        }
+    }
+
+    fn batch(predictor: &str, seq: u64, events: Vec<LatencyEvent>) -> EventBatch {
+        EventBatch {
+            predictor: predictor.into(),
+            seq,
+            dropped: 0,
+            raw_features: Vec::new(),
+            events,
         }
     }
 
     #[test]
     fn percentiles_errors_and_versions() {
         let mut agg = Aggregate::default();
-        let mut events: Vec<_> = (1..=100)
-            .map(|i| event(i * 1_000_000, Outcome::Ok, Some(1 + i % 2)))
+        let mut events: Vec<_> = (1..=1000)
+            .map(|i| event(i * 100_000, Outcome::Ok, Some(1 + i % 2)))
             .collect();
         events.push(event(
             500_000,
             Outcome::Error(ErrorCode::UnknownUser),
             Some(1),
         ));
-        agg.add(&EventBatch {
-            predictor: "p1".into(),
-            dropped: 3,
-            events,
-        });
+        let mut b = batch("p1", 0, events);
+        b.dropped = 3;
+        agg.add(&b, 2);
         let s = agg.snapshot(Duration::from_secs(10));
-        assert_eq!(s.count, 101);
-        assert!((s.rps - 10.1).abs() < 1e-9);
+        assert_eq!(s.count, 1001);
+        assert!((s.rps - 100.1).abs() < 1e-9);
         let l = s.latency_ms.unwrap();
         assert!((l.p50 - 50.0).abs() < 0.1, "{l:?}");
+        assert!((l.p90 - 90.0).abs() < 0.1, "{l:?}");
         assert!((l.p99 - 99.0).abs() < 0.1, "{l:?}");
+        assert!((l.p999 - 99.9).abs() < 0.1, "{l:?}");
         assert!((l.max - 100.0).abs() < 0.1, "{l:?}");
+        // Version 1 answered the even-numbered events (0.2 ms … 100 ms) and
+        // the error, version 2 the odd-numbered ones (0.1 ms … 99.9 ms).
+        let v1 = s.latency_ms_by_version[&1];
+        assert!((v1.max - 100.0).abs() < 0.1, "{v1:?}");
+        assert!((s.latency_ms_by_version[&2].max - 99.9).abs() < 0.1);
         assert_eq!(s.errors["unknown_user"], 1);
-        assert_eq!((s.versions[&1], s.versions[&2]), (50, 50));
-        assert_eq!((s.predictors, s.dropped), (1, 3));
+        assert!((s.error_rate.unwrap() - 1.0 / 1001.0).abs() < 1e-12);
+        assert_eq!((s.versions[&1], s.versions[&2]), (500, 500));
+        assert_eq!((s.predictors, s.dropped, s.lost), (1, 3, 2));
         let text = s.to_text();
-        assert!(text.contains("count=101"), "{text}");
-        assert!(text.contains("errors=unknown_user:1"), "{text}");
-        assert!(text.contains("versions=v1:50,v2:50"), "{text}");
+        for part in [
+            "count=1001",
+            "p99.9=99.",
+            "errors=unknown_user:1",
+            "versions=v1:500,v2:500",
+            "dropped=3 lost=2",
+            "drift=- alerts=none",
+        ] {
+            assert!(text.contains(part), "{part} in {text}");
+        }
     }
 
     #[test]
     fn an_empty_window_prints_dashes() {
         let s = Aggregate::default().snapshot(Duration::from_secs(10));
         assert_eq!(s.count, 0);
+        assert_eq!(s.error_rate, None);
         assert!(s.to_text().contains("p99=-"), "{}", s.to_text());
+    }
+
+    #[test]
+    fn gaps_in_a_predictors_numbering_are_lost_events() {
+        let mut seqs = Sequences::default();
+        let three = || vec![event(1, Outcome::Ok, None); 3];
+        assert_eq!(seqs.observe(&batch("a", 10, three())), 0, "first heard");
+        assert_eq!(seqs.observe(&batch("a", 13, three())), 0);
+        assert_eq!(seqs.observe(&batch("b", 0, three())), 0);
+        assert_eq!(seqs.observe(&batch("a", 20, three())), 4, "16..20 lost");
+        assert_eq!(seqs.observe(&batch("b", 3, three())), 0);
+        assert_eq!(seqs.observe(&batch("a", 0, three())), 0, "restart");
+        assert_eq!(seqs.observe(&batch("a", 5, three())), 2);
     }
 }

@@ -1,0 +1,346 @@
+//! Prometheus metrics on `MONITOR_METRICS_ADDR`, path `/metrics`, in the
+//! OpenMetrics text format (what Prometheus scrapes by default):
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `ml_predict_latency_seconds` | histogram, 1 µs to 10 s | `model_version` |
+//! | `ml_predict_requests_total` | counter | `model_version` |
+//! | `ml_predict_errors_total` | counter | `code`, `model_version` |
+//! | `ml_monitor_events_dropped_total` | counter | |
+//! | `ml_monitor_events_lost_total` | counter | |
+//! | `ml_monitor_predictors` | gauge: predictors heard from in the last window | |
+//! | `ml_drift_psi` | gauge: PSI of the last window with enough samples | `feature` (`prediction` for predictions) |
+//! | `ml_drift_samples` | gauge: samples behind `ml_drift_psi` | |
+//! | `ml_drift_model_version` | gauge: the model `ml_drift_psi` compares with | |
+//! | `ml_alert_firing` | gauge: 1 while the rule fires | `alertname`, `severity` |
+//!
+//! `model_version` is `none` for requests answered before any model.
+//! The counters and histograms count since the monitor started, as
+//! Prometheus expects; `rate()` and `histogram_quantile()` do the rest.
+
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use axum::http::header::CONTENT_TYPE;
+use axum::routing::get;
+use axum::Router;
+use ml_shared::messages::{EventBatch, Outcome};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+
+use crate::alerts::Rule;
+use crate::drift::DriftReport;
+
+/// Upper bounds of the latency buckets, seconds: 1, 1.5, 2, 3, 4, 5 and 7
+/// per decade from 1 µs to 10 s, so that a quantile is known within a
+/// factor of 1.5.
+pub fn latency_buckets() -> Vec<f64> {
+    let mut bounds = Vec::new();
+    for exp in -6..=0 {
+        for m in ["1", "1.5", "2", "3", "4", "5", "7"] {
+            // Parsed from text, so that 5e-6 is the double nearest 5e-6.
+            bounds.push(format!("{m}e{exp}").parse().expect("a number"));
+        }
+    }
+    bounds.push(10.0);
+    bounds
+}
+
+/// Content type of the OpenMetrics text format.
+pub const CONTENT_TYPE_OPENMETRICS: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    model_version: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    code: String,
+    model_version: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FeatureLabels {
+    feature: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AlertLabels {
+    alertname: String,
+    severity: String,
+}
+
+type HistogramMaker = fn() -> Histogram;
+
+/// The monitor's Prometheus metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    latency: Family<VersionLabels, Histogram, HistogramMaker>,
+    requests: Family<VersionLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    dropped: Counter,
+    lost: Counter,
+    predictors: Gauge,
+    drift: Family<FeatureLabels, Gauge<f64, AtomicU64>>,
+    drift_samples: Gauge,
+    drift_version: Gauge,
+    alerts: Family<AlertLabels, Gauge>,
+}
+
+impl Metrics {
+    /// Registers every metric; each rule's `ml_alert_firing` starts at 0.
+    pub fn new<'a>(rules: impl IntoIterator<Item = &'a Rule>) -> Self {
+        let mut registry = Registry::default();
+        let latency: Family<VersionLabels, Histogram, HistogramMaker> =
+            Family::new_with_constructor(|| Histogram::new(latency_buckets()));
+        registry.register_with_unit(
+            "ml_predict_latency",
+            "Time a predictor spent on a request, from received to replied",
+            Unit::Seconds,
+            latency.clone(),
+        );
+        let requests = Family::<VersionLabels, Counter>::default();
+        registry.register(
+            "ml_predict_requests",
+            "Requests the predictors answered (successes and errors)",
+            requests.clone(),
+        );
+        let errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "ml_predict_errors",
+            "Requests answered with an error, by code",
+            errors.clone(),
+        );
+        let dropped = Counter::default();
+        registry.register(
+            "ml_monitor_events_dropped",
+            "Latency events the predictors dropped before sending (their buffer was full)",
+            dropped.clone(),
+        );
+        let lost = Counter::default();
+        registry.register(
+            "ml_monitor_events_lost",
+            "Latency events sent by the predictors that never reached the monitor",
+            lost.clone(),
+        );
+        let predictors = Gauge::default();
+        registry.register(
+            "ml_monitor_predictors",
+            "Predictors heard from in the last reporting window",
+            predictors.clone(),
+        );
+        let drift = Family::<FeatureLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "ml_drift_psi",
+            "Population stability index of the last window against the production model's training data",
+            drift.clone(),
+        );
+        let drift_samples = Gauge::default();
+        registry.register(
+            "ml_drift_samples",
+            "Samples behind ml_drift_psi",
+            drift_samples.clone(),
+        );
+        let drift_version = Gauge::default();
+        registry.register(
+            "ml_drift_model_version",
+            "Model version whose reference profile ml_drift_psi uses",
+            drift_version.clone(),
+        );
+        let alerts = Family::<AlertLabels, Gauge>::default();
+        registry.register(
+            "ml_alert_firing",
+            "1 while the monitor's alert rule fires, else 0",
+            alerts.clone(),
+        );
+        for rule in rules {
+            alerts
+                .get_or_create(&AlertLabels {
+                    alertname: rule.name.clone(),
+                    severity: rule.severity.clone(),
+                })
+                .set(0);
+        }
+        Self {
+            registry,
+            latency,
+            requests,
+            errors,
+            dropped,
+            lost,
+            predictors,
+            drift,
+            drift_samples,
+            drift_version,
+            alerts,
+        }
+    }
+
+    /// Counts a batch of events, of which `lost` were found missing before it.
+    pub fn record(&self, batch: &EventBatch, lost: u64) {
+        self.dropped.inc_by(batch.dropped);
+        self.lost.inc_by(lost);
+        // Consecutive events mostly share a version: fetch its series once.
+        let mut current: Option<(Option<u64>, Histogram, Counter)> = None;
+        for event in &batch.events {
+            let (histogram, counter) = match &current {
+                Some((v, h, c)) if *v == event.model_version => (h, c),
+                _ => {
+                    let labels = VersionLabels {
+                        model_version: version_label(event.model_version),
+                    };
+                    let h = self.latency.get_or_create_owned(&labels);
+                    let c = self.requests.get_or_create_owned(&labels);
+                    current = Some((event.model_version, h, c));
+                    let (_, h, c) = current.as_ref().expect("just set");
+                    (h, c)
+                }
+            };
+            histogram.observe(event.duration_ns as f64 / 1e9);
+            counter.inc();
+            if let Outcome::Error(code) = event.outcome {
+                self.errors
+                    .get_or_create(&ErrorLabels {
+                        code: code.as_str().to_owned(),
+                        model_version: version_label(event.model_version),
+                    })
+                    .inc();
+            }
+        }
+    }
+
+    /// Sets the gauges of the window that just ended.
+    pub fn end_window(&self, predictors: usize, drift: Option<&DriftReport>) {
+        self.predictors.set(predictors as i64);
+        if let Some(d) = drift {
+            self.drift.clear();
+            for (feature, psi) in &d.features {
+                self.drift
+                    .get_or_create(&FeatureLabels {
+                        feature: feature.clone(),
+                    })
+                    .set(*psi);
+            }
+            self.drift
+                .get_or_create(&FeatureLabels {
+                    feature: "prediction".into(),
+                })
+                .set(d.prediction);
+            self.drift_samples.set(d.samples as i64);
+            self.drift_version.set(d.model_version as i64);
+        }
+    }
+
+    /// Sets a rule's `ml_alert_firing`.
+    pub fn set_alert(&self, rule: &Rule, firing: bool) {
+        self.alerts
+            .get_or_create(&AlertLabels {
+                alertname: rule.name.clone(),
+                severity: rule.severity.clone(),
+            })
+            .set(i64::from(firing));
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+fn version_label(version: Option<u64>) -> String {
+    version.map_or_else(|| "none".to_owned(), |v| v.to_string())
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move { ([(CONTENT_TYPE, CONTENT_TYPE_OPENMETRICS)], metrics.encode()) }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ml_shared::messages::{ErrorCode, LatencyEvent};
+
+    fn event(ns: u64, version: Option<u64>, outcome: Outcome) -> LatencyEvent {
+        LatencyEvent {
+            ts_ms: 0,
+            duration_ns: ns,
+            model_version: version,
+            outcome,
+            sample: None,
+        }
+    }
+
+    #[test]
+    fn buckets_increase_by_at_most_half() {
+        let b = latency_buckets();
+        assert_eq!((b[0], *b.last().unwrap()), (1e-6, 10.0));
+        for w in b.windows(2) {
+            assert!(w[1] > w[0] && w[1] / w[0] <= 1.5 + 1e-9, "{w:?}");
+        }
+    }
+
+    #[test]
+    fn the_exposition_has_buckets_counters_and_gauges() {
+        let rules = crate::alerts::load_rules(None).unwrap();
+        let metrics = Metrics::new(&rules);
+        metrics.record(
+            &EventBatch {
+                predictor: "p".into(),
+                seq: 0,
+                dropped: 2,
+                raw_features: Vec::new(),
+                events: vec![
+                    event(4_000, Some(3), Outcome::Ok),
+                    event(6_000, Some(3), Outcome::Ok),
+                    event(9_000, None, Outcome::Error(ErrorCode::NoModel)),
+                    event(2_000, Some(3), Outcome::Error(ErrorCode::UnknownUser)),
+                ],
+            },
+            5,
+        );
+        metrics.set_alert(&rules[3], true);
+        let text = metrics.encode();
+        for line in [
+            "# TYPE ml_predict_latency_seconds histogram",
+            r#"ml_predict_latency_seconds_bucket{le="0.000005",model_version="3"} 2"#,
+            r#"ml_predict_latency_seconds_bucket{le="0.000007",model_version="3"} 3"#,
+            r#"ml_predict_latency_seconds_count{model_version="3"} 3"#,
+            r#"ml_predict_latency_seconds_count{model_version="none"} 1"#,
+            r#"ml_predict_requests_total{model_version="3"} 3"#,
+            r#"ml_predict_errors_total{code="unknown_user",model_version="3"} 1"#,
+            r#"ml_predict_errors_total{code="no_model",model_version="none"} 1"#,
+            "ml_monitor_events_dropped_total 2",
+            "ml_monitor_events_lost_total 5",
+            r#"ml_alert_firing{alertname="DataDrift",severity="warning"} 1"#,
+            r#"ml_alert_firing{alertname="LatencyP99High",severity="page"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line}\nnot in\n{text}");
+        }
+    }
+}

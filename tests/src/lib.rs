@@ -9,6 +9,7 @@
 //! * [`temp_dir`] and [`init_logging`] are small conveniences.
 //! * [`services`] starts the platform's services in-process (through their
 //!   `run`) or as the built binaries.
+//! * [`prometheus`] runs a real Prometheus server and queries it.
 //!
 //! The `nats-server` binary is taken from the env variable `NATS_SERVER_BIN`,
 //! else from `PATH`, else from `/usr/sbin/nats-server`.
@@ -16,6 +17,7 @@
 //! The server methods are blocking (they poll the log file with short sleeps,
 //! always bounded); they may be called from async tests.
 
+pub mod prometheus;
 pub mod services;
 
 use std::fs::{File, OpenOptions};

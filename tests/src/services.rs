@@ -5,7 +5,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use clap::Parser;
@@ -119,13 +119,44 @@ pub fn trainer(url: &str, data: &Path, interval: &str) -> Service {
 
 /// Starts a monitor reporting every `interval`, its lines going nowhere.
 pub fn monitor(url: &str, interval: &str) -> Service {
-    let config: monitor::Config = parse(
-        "monitor",
-        &["--nats-url", url, "--monitor-interval", interval],
-    );
-    Service::spawn("monitor", |s| {
-        monitor::run_with_output(config, s, std::io::sink())
-    })
+    monitor_with(url, &["--monitor-interval", interval], Output::default())
+}
+
+/// Starts a monitor with extra flags, its lines going to `out`.
+pub fn monitor_with(url: &str, extra: &[&str], out: Output) -> Service {
+    let mut args = vec!["--nats-url", url, "--model-poll", "200ms"];
+    args.extend_from_slice(extra);
+    let config: monitor::Config = parse("monitor", &args);
+    Service::spawn("monitor", |s| monitor::run_with_output(config, s, out))
+}
+
+/// What a service writes, kept in memory for the test to read.
+#[derive(Debug, Clone, Default)]
+pub struct Output(Arc<Mutex<Vec<u8>>>);
+
+impl Output {
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("output lock")).into_owned()
+    }
+
+    /// The complete lines written so far.
+    pub fn lines(&self) -> Vec<String> {
+        let text = self.text();
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        complete.lines().map(str::to_owned).collect()
+    }
+}
+
+impl std::io::Write for Output {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("output lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn path(p: &Path) -> &str {

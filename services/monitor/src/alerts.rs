@@ -303,7 +303,7 @@ impl AlertNotice {
                 self.severity,
                 self.metric.as_str(),
                 number(self.value),
-                number(self.threshold),
+                self.threshold,
                 humantime::format_duration(Duration::from_secs_f64(self.for_s)),
                 self.active_since,
             ),

@@ -3,5 +3,6 @@
 //! area, so the workspace builds it once.
 
 mod common;
+mod monitoring;
 mod pipeline;
 mod processes;

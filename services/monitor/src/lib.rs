@@ -287,8 +287,10 @@ pub async fn run_with_output<W: Write>(
             }
             Some(release) = releases.recv() => state.new_release(&release),
             Some(message) = stats_requests.next() => {
+                let mut window = state.window_snapshot();
+                window.alerts = alerts.firing();
                 let reply = StatsReply {
-                    window: state.window_snapshot(),
+                    window,
                     total: state.total.snapshot(state.started.elapsed()),
                     alerts: alerts.active(),
                 };

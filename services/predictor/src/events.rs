@@ -3,16 +3,20 @@
 //! The request loop hands each event to a bounded channel with `try_send`,
 //! which never waits: when the channel is full (the monitor path is slow or
 //! NATS is down) the event is dropped and counted, and the count travels in
-//! the next batch. A background task publishes batches of up to
-//! `EVENT_BATCH` events, at least every `EVENT_FLUSH`. Each batch carries the
+//! the next batch. A background task wakes every `EVENT_FLUSH`, takes what
+//! has queued and publishes it in batches of up to `EVENT_BATCH` events; the
+//! request loop never wakes it (a receiver waiting on the channel would be
+//! woken by every request's event, a cost per request). Each batch carries the
 //! number of its first event among all this predictor has sent, so the
 //! monitor can count the events lost between the two.
 //!
 //! A share `EVENT_SAMPLE` of the requests also carries its raw features and
 //! prediction (a fixed-size copy, no allocation), for the monitor's drift
 //! check. The choice is a Weyl sequence over a request counter: spread evenly,
-//! with no random-number generator on the hot path. With `EVENTS=off` nothing
-//! is recorded or sent.
+//! with no random-number generator on the hot path. At most
+//! `EVENT_SAMPLE_MAX` samples a second are sent: the background task strips
+//! the surplus, so the monitor's drift work stays bounded under heavy
+//! traffic. With `EVENTS=off` nothing is recorded or sent.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,8 +25,8 @@ use std::time::Duration;
 use async_nats::Client;
 use ml_shared::messages::{EventBatch, LatencyEvent};
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 /// 2⁶⁴/φ: multiplying a counter by it spreads consecutive values evenly
 /// over the `u64` range.
@@ -122,6 +126,44 @@ pub struct EventSettings {
     pub sample_rate: f64,
     /// Names of the raw features in samples, in order.
     pub raw_features: Vec<String>,
+    /// Most samples sent per second (0: no limit); the surplus is removed
+    /// in the background, so heavy traffic costs the monitor no more than
+    /// this.
+    pub sample_max_per_s: u64,
+}
+
+/// Sends batches for the publishing task, numbering their events.
+struct Publisher {
+    client: Client,
+    subject: String,
+    predictor: String,
+    raw_features: Vec<String>,
+    dropped: Arc<AtomicU64>,
+    /// Number of the next event to send.
+    seq: u64,
+}
+
+impl Publisher {
+    async fn send(&mut self, events: Vec<LatencyEvent>) {
+        let batch = EventBatch {
+            predictor: self.predictor.clone(),
+            seq: self.seq,
+            dropped: self.dropped.swap(0, Ordering::Relaxed),
+            raw_features: self.raw_features.clone(),
+            events,
+        };
+        let n = batch.events.len() as u64;
+        let body = serde_json::to_vec(&batch).expect("events serialise");
+        match self.client.publish(self.subject.clone(), body.into()).await {
+            // Numbered only once handed to the client: what is lost after
+            // that shows as a gap at the monitor.
+            Ok(()) => self.seq += n,
+            Err(error) => {
+                self.dropped.fetch_add(n, Ordering::Relaxed);
+                tracing::debug!(%error, events = n, "latency events not sent");
+            }
+        }
+    }
 }
 
 /// Starts the publishing task. It ends, after sending what it holds, when
@@ -139,42 +181,54 @@ pub fn spawn(client: Client, settings: EventSettings) -> (EventSink, JoinHandle<
     } else {
         Vec::new()
     };
+    let mut publisher = Publisher {
+        client,
+        subject: settings.subject.clone(),
+        predictor: settings.predictor.clone(),
+        raw_features,
+        dropped,
+        seq: 0,
+    };
     let task = tokio::spawn(async move {
         let batch_max = settings.batch.max(1);
-        let mut events = Vec::with_capacity(batch_max);
-        let mut deadline: Option<Instant> = None;
-        let mut seq = 0u64;
+        let mut events: Vec<LatencyEvent> = Vec::with_capacity(batch_max);
+        let flush = settings.flush.max(Duration::from_millis(1));
+        // Every tick gets the same share of the per-second sample budget.
+        let per_tick = match settings.sample_max_per_s {
+            0 => u64::MAX,
+            n => ((n as f64) * flush.as_secs_f64()).ceil().max(1.0) as u64,
+        };
+        // The channel is drained on a timer, never awaited: a receiver
+        // waiting on it would be woken by every request's event.
+        let mut ticker = tokio::time::interval(flush);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let mut closed = false;
-            let room = batch_max - events.len();
-            tokio::select! {
-                n = rx.recv_many(&mut events, room) => {
-                    closed = n == 0;
-                    deadline.get_or_insert_with(|| Instant::now() + settings.flush);
-                }
-                () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
-            }
-            let due = deadline.is_some_and(|d| Instant::now() >= d);
-            if !events.is_empty() && (events.len() >= batch_max || due || closed) {
-                deadline = None;
-                let batch = EventBatch {
-                    predictor: settings.predictor.clone(),
-                    seq,
-                    dropped: dropped.swap(0, Ordering::Relaxed),
-                    raw_features: raw_features.clone(),
-                    events: std::mem::replace(&mut events, Vec::with_capacity(batch_max)),
-                };
-                let n = batch.events.len() as u64;
-                let body = serde_json::to_vec(&batch).expect("events serialise");
-                match client.publish(settings.subject.clone(), body.into()).await {
-                    // Numbered only once handed to the client: what is lost
-                    // after that shows as a gap at the monitor.
-                    Ok(()) => seq += n,
-                    Err(error) => {
-                        dropped.fetch_add(n, Ordering::Relaxed);
-                        tracing::debug!(%error, events = n, "latency events not sent");
+            ticker.tick().await;
+            let mut budget = per_tick;
+            let closed = loop {
+                match rx.try_recv() {
+                    Ok(mut event) => {
+                        if event.sample.is_some() {
+                            if budget == 0 {
+                                event.sample = None;
+                            } else {
+                                budget -= 1;
+                            }
+                        }
+                        events.push(event);
+                        if events.len() >= batch_max {
+                            let full =
+                                std::mem::replace(&mut events, Vec::with_capacity(batch_max));
+                            publisher.send(full).await;
+                        }
                     }
+                    Err(TryRecvError::Empty) => break false,
+                    Err(TryRecvError::Disconnected) => break true,
                 }
+            };
+            if !events.is_empty() {
+                let rest = std::mem::replace(&mut events, Vec::with_capacity(batch_max));
+                publisher.send(rest).await;
             }
             if closed {
                 break;

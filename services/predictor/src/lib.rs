@@ -93,6 +93,10 @@ pub struct Config {
     /// event, for the monitor's drift check (0 to 1).
     #[arg(long, env = "EVENT_SAMPLE", default_value = "1", value_parser = parse_share)]
     pub event_sample: f64,
+
+    /// Most feature samples sent per second (0: no limit).
+    #[arg(long, env = "EVENT_SAMPLE_MAX", default_value_t = 1000)]
+    pub event_sample_max: u64,
 }
 
 /// On or off.
@@ -163,6 +167,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                     flush: config.event_flush,
                     sample_rate: event_sample,
                     raw_features,
+                    sample_max_per_s: config.event_sample_max,
                 },
             );
             (sink, Some(task))

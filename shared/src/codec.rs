@@ -6,7 +6,7 @@
 //! | bytes | content |
 //! |---|---|
 //! | 8 | magic `MLMODEL\0` |
-//! | 2 | format version, little-endian (currently 1) |
+//! | 2 | format version, little-endian (currently 2) |
 //! | 8 | payload length, little-endian |
 //! | 32 | SHA-256 of the payload |
 //! | n | payload: `bincode` 2 (standard config) of the value, through serde |
@@ -14,6 +14,14 @@
 //! Decoding checks every field, and refuses a payload that claims more than
 //! [`MAX_PAYLOAD`] bytes, so a truncated, bit-flipped or foreign file is an
 //! error, never a wrong model.
+//!
+//! Format history: version 1 had regression-only metrics and no scaler in
+//! the artifact; version 2 (this build) adds the logistic family, the
+//! scaler, and metrics for classifiers. `bincode` is not self-describing, so
+//! new fields cannot decode from old bytes: a reader that must accept files
+//! written by version 1 (the registry's store) uses [`decode_or_legacy`] with
+//! the old shape. Messages on the wire are decoded with [`decode`] only, so
+//! the services of a deployment move to a new format together.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -22,7 +30,9 @@ use sha2::{Digest, Sha256};
 /// The first bytes of every encoded value.
 pub const MAGIC: &[u8; 8] = b"MLMODEL\0";
 /// The format version written by this build.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
+/// The previous format version, readable through [`decode_or_legacy`].
+pub const LEGACY_VERSION: u16 = 1;
 /// Largest payload accepted by [`decode`] (64 MiB).
 pub const MAX_PAYLOAD: usize = 64 << 20;
 const HEADER: usize = 8 + 2 + 8 + 32;
@@ -41,8 +51,8 @@ pub enum CodecError {
     /// Not an envelope of ours.
     #[error("not a model envelope (bad magic bytes)")]
     BadMagic,
-    /// Written by a format this build does not read.
-    #[error("unsupported format version {0} (this build reads {FORMAT_VERSION})")]
+    /// Written by a format this build does not read (here).
+    #[error("unsupported format version {0} (this build writes {FORMAT_VERSION})")]
     UnsupportedVersion(u16),
     /// The payload is larger than allowed.
     #[error("payload of {0} bytes exceeds the limit")]
@@ -68,11 +78,15 @@ fn config() -> bincode::config::Configuration<
 
 /// Encodes `value` in the envelope.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    encode_as(value, FORMAT_VERSION)
+}
+
+fn encode_as<T: Serialize>(value: &T, version: u16) -> Vec<u8> {
     let payload = bincode::serde::encode_to_vec(value, config())
         .expect("serialising plain data to memory cannot fail");
     let mut out = Vec::with_capacity(HEADER + payload.len());
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&Sha256::digest(&payload));
     out.extend_from_slice(&payload);
@@ -81,6 +95,28 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// Decodes an envelope written by [`encode`], verifying its checksum.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    match open(bytes)? {
+        (FORMAT_VERSION, payload) => decode_payload(payload),
+        (version, _) => Err(CodecError::UnsupportedVersion(version)),
+    }
+}
+
+/// Like [`decode`], and also reads an envelope of [`LEGACY_VERSION`] as its
+/// old shape `L`, converted.
+pub fn decode_or_legacy<T, L>(bytes: &[u8]) -> Result<T, CodecError>
+where
+    T: DeserializeOwned,
+    L: DeserializeOwned + Into<T>,
+{
+    match open(bytes)? {
+        (FORMAT_VERSION, payload) => decode_payload(payload),
+        (LEGACY_VERSION, payload) => decode_payload::<L>(payload).map(Into::into),
+        (version, _) => Err(CodecError::UnsupportedVersion(version)),
+    }
+}
+
+/// Checks the envelope and returns its version and verified payload.
+fn open(bytes: &[u8]) -> Result<(u16, &[u8]), CodecError> {
     if bytes.len() < HEADER {
         return Err(CodecError::Truncated {
             got: bytes.len(),
@@ -91,7 +127,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
         return Err(CodecError::BadMagic);
     }
     let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != LEGACY_VERSION {
         return Err(CodecError::UnsupportedVersion(version));
     }
     let len = u64::from_le_bytes(bytes[10..18].try_into().expect("8 bytes"));
@@ -112,6 +148,10 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     if Sha256::digest(payload).as_slice() != &bytes[18..50] {
         return Err(CodecError::ChecksumMismatch);
     }
+    Ok((version, payload))
+}
+
+fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
     let (value, used) = bincode::serde::decode_from_slice(payload, config())
         .map_err(|e| CodecError::Payload(e.to_string()))?;
     if used != payload.len() {
@@ -134,6 +174,10 @@ mod tests {
             feature_names: vec!["feature_1".into(), "feature_3".into()],
             coefficients: vec![1.5, -0.25],
             intercept: 3.0,
+            scaler: Some(crate::model::Scaler {
+                mean: vec![0.1, 2.0],
+                scale: vec![1.0, 3.5],
+            }),
         }
     }
 
@@ -164,6 +208,43 @@ mod tests {
                 assert!(decode::<ModelArtifact>(&b).is_err(), "byte {i} bit {bit}");
             }
         }
+    }
+
+    #[test]
+    fn the_legacy_version_reads_only_through_its_old_shape() {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Old {
+            kind: ModelKind,
+            feature_names: Vec<String>,
+            coefficients: Vec<f64>,
+            intercept: f64,
+        }
+        impl From<Old> for ModelArtifact {
+            fn from(o: Old) -> Self {
+                ModelArtifact {
+                    kind: o.kind,
+                    feature_names: o.feature_names,
+                    coefficients: o.coefficients,
+                    intercept: o.intercept,
+                    scaler: None,
+                }
+            }
+        }
+        let old = Old {
+            kind: ModelKind::Linear,
+            feature_names: vec!["feature_1".into()],
+            coefficients: vec![2.0],
+            intercept: 1.0,
+        };
+        let bytes = encode_as(&old, LEGACY_VERSION);
+        assert_eq!(
+            decode::<ModelArtifact>(&bytes),
+            Err(CodecError::UnsupportedVersion(LEGACY_VERSION))
+        );
+        let new = decode_or_legacy::<ModelArtifact, Old>(&bytes).unwrap();
+        assert_eq!((new.intercept, new.scaler), (1.0, None));
+        let current = decode_or_legacy::<ModelArtifact, Old>(&encode(&artifact())).unwrap();
+        assert_eq!(current, artifact());
     }
 
     #[test]

@@ -171,6 +171,7 @@ impl ServingState {
         Ok(PredictReply {
             user_id: request.user_id,
             prediction,
+            label: model.artifact.label(prediction),
             model_version: model.version,
         })
     }
@@ -229,6 +230,7 @@ mod tests {
                 feature_names: vec!["feature_1".into(), "feature_2".into(), "feature_3".into()],
                 coefficients: vec![1.0, 10.0, 100.0],
                 intercept: 0.5,
+                scaler: None,
             },
         }
     }
@@ -250,6 +252,31 @@ mod tests {
             .unwrap();
         assert_eq!(r.prediction, 432.5);
         assert_eq!(r.user_id, None);
+        assert_eq!(r.label, None, "a regression model gives no label");
+    }
+
+    #[test]
+    fn a_classifier_gives_the_probability_and_the_label() {
+        let s = state();
+        let mut r = release(2);
+        r.artifact.kind = ModelKind::Logistic;
+        r.artifact.coefficients = vec![1.0, -1.0, 0.0];
+        r.artifact.intercept = 0.0;
+        r.artifact.scaler = Some(ml_shared::model::Scaler {
+            mean: vec![0.0, 0.0, 0.0],
+            scale: vec![2.0, 1.0, 1.0],
+        });
+        s.install(s.prepare(r).unwrap());
+        // u1: feature_1 = 2, feature_2 = 3: σ(2/2 − 3) = σ(−2).
+        let reply = s.predict(br#"{"user_id":"u1"}"#).unwrap();
+        assert!((reply.prediction - 1.0 / (1.0 + 2f64.exp())).abs() < 1e-15);
+        assert_eq!(reply.label, Some(0));
+        let reply = s
+            .predict(br#"{"features":{"feature_1":9,"feature_2":0}}"#)
+            .unwrap();
+        assert_eq!(reply.label, Some(1));
+        let json = serde_json::to_string(&reply).unwrap();
+        assert!(json.contains(r#""label":1,"model_version":2"#), "{json}");
     }
 
     #[test]

@@ -254,6 +254,19 @@ async fn a_failed_run_registers_nothing_and_says_why() {
     let models = request_json(&client, "ml.registry.models", "").await;
     assert_eq!(models["models"].as_array().unwrap().len(), 0, "{models}");
     assert_eq!(models["production"], Value::Null);
+    // The experiments log has the failed run, with its reason.
+    let runs = wait_for("the failed run logged", WAIT, || async {
+        let r = request_json(&client, "ml.registry.runs", "").await;
+        (r["runs"].as_array()?.len() == 1).then_some(r)
+    })
+    .await;
+    let run = &runs["runs"][0];
+    assert_eq!(run["status"], "failed", "{runs}");
+    assert_eq!(run["version"], Value::Null, "{runs}");
+    assert!(
+        run["reason"].as_str().unwrap().contains("users.csv:4"),
+        "{runs}"
+    );
     for service in [trainer, registry] {
         service.stop().await;
     }

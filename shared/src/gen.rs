@@ -108,7 +108,9 @@ pub fn write_csv_with<W: Write>(
 }
 
 fn round6(x: f64) -> f64 {
-    format!("{x:.6}").parse().expect("a formatted number parses")
+    format!("{x:.6}")
+        .parse()
+        .expect("a formatted number parses")
 }
 
 /// Box–Muller: one draw from N(0, 1).

@@ -247,8 +247,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::History { json, limit } => {
                     let body = serde_json::to_vec(&HistoryRequest { limit })?;
                     let reply =
-                        request_json(&client, &subjects.registry_history, body, "registry")
-                            .await?;
+                        request_json(&client, &subjects.registry_history, body, "registry").await?;
                     if json {
                         print_reply::<HistoryReply>(reply)
                     } else {

@@ -80,7 +80,10 @@ fn check_column(name: &str) -> Result<(), String> {
     if all.iter().any(|c| c == name) {
         Ok(())
     } else {
-        Err(format!("unknown column {name:?}; columns: {}", all.join(", ")))
+        Err(format!(
+            "unknown column {name:?}; columns: {}",
+            all.join(", ")
+        ))
     }
 }
 
@@ -108,7 +111,9 @@ impl std::str::FromStr for Filter {
         let field = text[..at].trim().to_owned();
         let value = text[at + token.len()..].trim().to_owned();
         if field.is_empty() || value.is_empty() {
-            return Err(format!("{text:?}: a column, an operator and a value are needed"));
+            return Err(format!(
+                "{text:?}: a column, an operator and a value are needed"
+            ));
         }
         check_column(&field)?;
         Ok(Filter { field, op, value })
@@ -219,10 +224,7 @@ pub fn age(rfc3339: &str, now: SystemTime) -> String {
     let Ok(then) = humantime::parse_rfc3339_weak(rfc3339) else {
         return "?".into();
     };
-    let secs = now
-        .duration_since(then)
-        .unwrap_or(Duration::ZERO)
-        .as_secs();
+    let secs = now.duration_since(then).unwrap_or(Duration::ZERO).as_secs();
     match secs {
         0..60 => format!("{secs}s"),
         60..3600 => format!("{}m", secs / 60),
@@ -361,7 +363,10 @@ mod tests {
         let f: Filter = "r2 > 0.9".parse().unwrap();
         assert!(f.matches(&row(Some(1), "production", Some(0.95))));
         assert!(!f.matches(&row(Some(1), "production", Some(0.85))));
-        assert!(!f.matches(&row(None, "failed", None)), "empty cells match nothing");
+        assert!(
+            !f.matches(&row(None, "failed", None)),
+            "empty cells match nothing"
+        );
         let f: Filter = "r2>=0.9".parse().unwrap();
         assert!(f.matches(&row(Some(1), "p", Some(0.9))));
         let f: Filter = "status == failed".parse().unwrap();
@@ -371,7 +376,10 @@ mod tests {
         let f: Filter = "version <= 2".parse().unwrap();
         assert!(f.matches(&row(Some(2), "p", None)));
         assert!(!f.matches(&row(Some(3), "p", None)));
-        assert!("r3 > 1".parse::<Filter>().unwrap_err().contains("unknown column"));
+        assert!("r3 > 1"
+            .parse::<Filter>()
+            .unwrap_err()
+            .contains("unknown column"));
         assert!("r2".parse::<Filter>().is_err());
         assert!("r2 >".parse::<Filter>().is_err());
     }

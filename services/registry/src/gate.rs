@@ -150,8 +150,15 @@ mod tests {
         assert!(!decide(c(3, ModelKind::Linear, &slightly), p, 0.0).promoted);
         let g = decide(c(3, ModelKind::Linear, &worse), p, 0.05);
         assert!(!g.promoted);
-        assert!(g.reason.contains("beyond the 5.00% tolerance"), "{}", g.reason);
-        assert!(decide(c(3, ModelKind::Linear, &prod), p, 0.0).promoted, "equal passes");
+        assert!(
+            g.reason.contains("beyond the 5.00% tolerance"),
+            "{}",
+            g.reason
+        );
+        assert!(
+            decide(c(3, ModelKind::Linear, &prod), p, 0.0).promoted,
+            "equal passes"
+        );
     }
 
     #[test]

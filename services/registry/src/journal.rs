@@ -71,7 +71,10 @@ pub fn append(path: &Path, header: Option<&[u8]>, lines: &[u8]) -> Result<(), Io
         .append(true)
         .open(path)
         .map_err(io_err("opening", path))?;
-    let empty = file.seek(SeekFrom::End(0)).map_err(io_err("seeking", path))? == 0;
+    let empty = file
+        .seek(SeekFrom::End(0))
+        .map_err(io_err("seeking", path))?
+        == 0;
     let mut buf = Vec::with_capacity(lines.len() + header.map_or(0, <[u8]>::len));
     if let (true, Some(h)) = (empty, header) {
         buf.extend_from_slice(h);

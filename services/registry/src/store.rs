@@ -407,9 +407,14 @@ impl Store {
         rows: &[ExperimentRow],
         history: &[AliasMove],
     ) -> Result<(), StoreError> {
-        let logged: std::collections::BTreeSet<u64> = rows.iter().filter_map(|r| r.version).collect();
+        let logged: std::collections::BTreeSet<u64> =
+            rows.iter().filter_map(|r| r.version).collect();
         let mut lines = Vec::new();
-        for model in self.models.values().filter(|m| !logged.contains(&m.version)) {
+        for model in self
+            .models
+            .values()
+            .filter(|m| !logged.contains(&m.version))
+        {
             let gated = history.iter().find(|m2| {
                 m2.to == model.version
                     && m2.alias == Alias::Production
@@ -426,7 +431,11 @@ impl Store {
                     "the registry stopped before the promotion gate ran".to_owned(),
                 ),
             };
-            tracing::warn!(version = model.version, status, "experiments row missing; appending it");
+            tracing::warn!(
+                version = model.version,
+                status,
+                "experiments row missing; appending it"
+            );
             lines.extend_from_slice(&csv_line(&experiment_row(model, status, &reason)));
         }
         if !lines.is_empty() {
@@ -551,7 +560,11 @@ impl Store {
         }
         self.models.insert(version, model);
         self.commit(&drafts)?;
-        journal::append(&self.path(EXPERIMENTS), Some(&csv_header()), &csv_line(&row))?;
+        journal::append(
+            &self.path(EXPERIMENTS),
+            Some(&csv_header()),
+            &csv_line(&row),
+        )?;
         Ok(Registered {
             version,
             production: report.promoted,
@@ -586,7 +599,11 @@ impl Store {
             parent: self.pointer.version,
             reason: run.reason.clone(),
         };
-        journal::append(&self.path(EXPERIMENTS), Some(&csv_header()), &csv_line(&row))?;
+        journal::append(
+            &self.path(EXPERIMENTS),
+            Some(&csv_header()),
+            &csv_line(&row),
+        )?;
         Ok(())
     }
 
@@ -858,7 +875,11 @@ fn csv_header() -> Vec<u8> {
     let mut w = csv::WriterBuilder::new().from_writer(Vec::new());
     w.serialize(&sample).expect("a flat row serialises");
     let text = w.into_inner().expect("writing to memory");
-    let end = text.iter().position(|&b| b == b'\n').expect("a header line") + 1;
+    let end = text
+        .iter()
+        .position(|&b| b == b'\n')
+        .expect("a header line")
+        + 1;
     text[..end].to_vec()
 }
 

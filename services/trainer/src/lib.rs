@@ -225,10 +225,21 @@ struct Trainer {
 
 /// The blocking part of a run: read, maybe skip, train.
 enum Attempt {
-    Skipped { key: RunKey, last_run: String },
+    Skipped {
+        key: RunKey,
+        last_run: String,
+    },
     Trained {
         key: Option<RunKey>,
-        result: Box<Result<(ml_shared::model::ModelArtifact, ml_shared::messages::RunRecord), TrainError>>,
+        result: Box<
+            Result<
+                (
+                    ml_shared::model::ModelArtifact,
+                    ml_shared::messages::RunRecord,
+                ),
+                TrainError,
+            >,
+        >,
     },
 }
 
@@ -290,9 +301,7 @@ impl Trainer {
             }
             let result = data::parse_csv(path, &bytes, registry.raw_names())
                 .map_err(TrainError::from)
-                .and_then(|d| {
-                    pipeline::train_dataset(path, &d, &registry, &spec, id, started)
-                });
+                .and_then(|d| pipeline::train_dataset(path, &d, &registry, &spec, id, started));
             Attempt::Trained {
                 key: Some(key),
                 result: Box::new(result),
@@ -398,7 +407,9 @@ impl Trainer {
             },
         };
         match outcome {
-            Ok(()) => tracing::info!(run_id = %failed.run_id, "failed run recorded by the registry"),
+            Ok(()) => {
+                tracing::info!(run_id = %failed.run_id, "failed run recorded by the registry")
+            }
             Err(error) => tracing::warn!(
                 run_id = %failed.run_id, %error,
                 "the registry did not record the failed run"

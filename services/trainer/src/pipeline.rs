@@ -293,9 +293,10 @@ pub fn train_dataset(
     let mut x = design_matrix(data, registry, &names, &train_rows)?;
     let scaler = Scaler::fit(
         names.len(),
-        x.rows()
-            .into_iter()
-            .map(|r| r.to_slice().expect("rows of a standard array are contiguous")),
+        x.rows().into_iter().map(|r| {
+            r.to_slice()
+                .expect("rows of a standard array are contiguous")
+        }),
     );
     for mut row in x.rows_mut() {
         scaler.transform(row.as_slice_mut().expect("contiguous"));
@@ -424,7 +425,11 @@ mod tests {
         }
     }
 
-    fn data(rows: usize, seed: u64, target: gen::Target) -> (tempfile::TempDir, std::path::PathBuf) {
+    fn data(
+        rows: usize,
+        seed: u64,
+        target: gen::Target,
+    ) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.csv");
         gen::write_csv_with(std::fs::File::create(&path).unwrap(), rows, seed, target).unwrap();
@@ -446,9 +451,13 @@ mod tests {
     #[test]
     fn recovers_the_generating_relation() {
         let (_dir, path) = data(2000, 1, gen::Target::Regression);
-        let (model, run) =
-            train(&path, &FeatureRegistry::default(), &spec(ModelChoice::Auto), "r1".into())
-                .unwrap();
+        let (model, run) = train(
+            &path,
+            &FeatureRegistry::default(),
+            &spec(ModelChoice::Auto),
+            "r1".into(),
+        )
+        .unwrap();
         assert_eq!(model.kind, ModelKind::Linear);
         assert_eq!(model.feature_names, ["feature_1", "feature_2", "feature_3"]);
         assert!(model.scaler.is_some(), "features are standardised");
@@ -469,16 +478,27 @@ mod tests {
     #[test]
     fn a_binary_target_gets_a_logistic_model_near_the_truth() {
         let (_dir, path) = data(4000, 2, gen::Target::Binary);
-        let (model, run) =
-            train(&path, &FeatureRegistry::default(), &spec(ModelChoice::Auto), "r".into())
-                .unwrap();
+        let (model, run) = train(
+            &path,
+            &FeatureRegistry::default(),
+            &spec(ModelChoice::Auto),
+            "r".into(),
+        )
+        .unwrap();
         assert_eq!(model.kind, ModelKind::Logistic);
         assert_eq!(run.params.model, "logistic");
         let (coefficients, intercept) = model.unscaled();
         for (got, want) in coefficients.iter().zip(gen::LOGIT_COEFFICIENTS) {
-            assert!((got - want).abs() < 0.3, "{coefficients:?} vs {:?}", gen::LOGIT_COEFFICIENTS);
+            assert!(
+                (got - want).abs() < 0.3,
+                "{coefficients:?} vs {:?}",
+                gen::LOGIT_COEFFICIENTS
+            );
         }
-        assert!((intercept - gen::LOGIT_INTERCEPT).abs() < 0.5, "{intercept}");
+        assert!(
+            (intercept - gen::LOGIT_INTERCEPT).abs() < 0.5,
+            "{intercept}"
+        );
         let m = run.metrics;
         let accuracy = m.accuracy.unwrap();
         assert!((0.7..0.95).contains(&accuracy), "{m:?}");
@@ -518,9 +538,13 @@ mod tests {
         assert!((intercept + b2).abs() < 1e-3);
 
         // The same data can be fitted as a regression when asked.
-        let (linear, _) =
-            train(&path, &FeatureRegistry::default(), &spec(ModelChoice::Linear), "r".into())
-                .unwrap();
+        let (linear, _) = train(
+            &path,
+            &FeatureRegistry::default(),
+            &spec(ModelChoice::Linear),
+            "r".into(),
+        )
+        .unwrap();
         assert_eq!(linear.kind, ModelKind::Linear);
     }
 
@@ -572,8 +596,13 @@ mod tests {
             text.push_str(&format!("u{i},{},{},7\n", i % 5, i % 3));
         }
         std::fs::write(&path, text).unwrap();
-        let err = train(&path, &FeatureRegistry::default(), &spec(ModelChoice::Auto), "r".into())
-            .unwrap_err();
+        let err = train(
+            &path,
+            &FeatureRegistry::default(),
+            &spec(ModelChoice::Auto),
+            "r".into(),
+        )
+        .unwrap_err();
         assert!(matches!(err, TrainError::Metrics(_)), "{err}");
         assert!(err.to_string().contains("r2"), "{err}");
     }

@@ -3,6 +3,6 @@
 //! area, so the workspace builds it once.
 
 mod common;
+mod model_registry;
 mod pipeline;
 mod processes;
-mod model_registry;

@@ -86,10 +86,7 @@ fn start_registry(url: &str, dir: &Path, log: &Path) -> Process {
 /// The registry's model list, once it answers.
 async fn models(client: &async_nats::Client) -> ModelsReply {
     wait_for("the registry lists its models", WAIT, || async {
-        let m = client
-            .request("ml.registry.models", "".into())
-            .await
-            .ok()?;
+        let m = client.request("ml.registry.models", "".into()).await.ok()?;
         serde_json::from_slice::<ModelsReply>(&m.payload).ok()
     })
     .await
@@ -219,7 +216,11 @@ async fn kill_9_of_the_registry_loses_no_acknowledged_version() {
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() >= CYCLES, "{} acknowledged", acked.len());
     let versions: BTreeSet<u64> = acked.iter().map(|a| a.0).collect();
-    assert_eq!(versions.len(), acked.len(), "a version number was given twice");
+    assert_eq!(
+        versions.len(),
+        acked.len(),
+        "a version number was given twice"
+    );
 
     let _registry = start_registry(&url, &registry_dir, &dir.path().join("registry-final.log"));
     let listed = models(&client).await;
@@ -299,7 +300,14 @@ async fn two_trainer_processes_submitting_at_once_get_distinct_versions() {
         let text = read_log(&log(i));
         text.lines()
             .filter(|l| l.contains("model registered"))
-            .filter_map(|l| l.split("version=").nth(1)?.split(' ').next()?.parse::<u64>().ok())
+            .filter_map(|l| {
+                l.split("version=")
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
             .collect::<Vec<_>>()
     };
     wait_for("both trainers registered at start", WAIT, || {
@@ -311,7 +319,11 @@ async fn two_trainer_processes_submitting_at_once_get_distinct_versions() {
     versions.extend(all.iter().copied());
     versions.sort();
     versions.dedup();
-    assert_eq!(versions, (1..=8).collect::<Vec<_>>(), "from the logs: {all:?}");
+    assert_eq!(
+        versions,
+        (1..=8).collect::<Vec<_>>(),
+        "from the logs: {all:?}"
+    );
     let listed = models(&client).await;
     assert_eq!(listed.models.len(), 8);
     assert_eq!(experiments(&registry_dir).len(), 8);
@@ -329,8 +341,18 @@ async fn a_corrupt_artifact_is_reported_and_never_served_and_torn_lines_are_cut(
     let client = client(&url).await;
     let mut registry = start_registry(&url, &registry_dir, &dir.path().join("registry-1.log"));
     models(&client).await;
-    assert!(submit(&client, &submission(1, 0.10)).await.unwrap().production);
-    assert!(submit(&client, &submission(2, 0.09)).await.unwrap().production);
+    assert!(
+        submit(&client, &submission(1, 0.10))
+            .await
+            .unwrap()
+            .production
+    );
+    assert!(
+        submit(&client, &submission(2, 0.09))
+            .await
+            .unwrap()
+            .production
+    );
     let _predictor = Process::start(
         "predictor",
         &[],
@@ -370,7 +392,10 @@ async fn a_corrupt_artifact_is_reported_and_never_served_and_torn_lines_are_cut(
             .unwrap();
         f.write_all(text.as_bytes()).unwrap();
     };
-    append("experiments.csv", "2026-01-01T00:00:00.000Z,3,run-torn,candid");
+    append(
+        "experiments.csv",
+        "2026-01-01T00:00:00.000Z,3,run-torn,candid",
+    );
     append("history.jsonl", r#"{"seq":9,"timestamp":"2026-01-01T"#);
 
     let log2 = dir.path().join("registry-2.log");
@@ -394,26 +419,39 @@ async fn a_corrupt_artifact_is_reported_and_never_served_and_torn_lines_are_cut(
     // Nobody can promote it.
     let out = mlctl(&url, "alice", &["promote", "2", "--reason", "try it"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("corrupt"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("corrupt"),
+        "{out:?}"
+    );
 
     // An artifact damaged while the registry runs is caught before serving.
     let ack = submit(&client, &submission(3, 0.5)).await.unwrap();
-    assert_eq!((ack.version, ack.production), (3, false), "2 is not reused; the gate holds 3");
+    assert_eq!(
+        (ack.version, ack.production),
+        (3, false),
+        "2 is not reused; the gate holds 3"
+    );
     let out = mlctl(&url, "alice", &["promote", "3", "--reason", "try it"]);
     assert!(out.status.success(), "{out:?}");
     served(3).await;
     std::fs::write(model_path(&registry_dir, 1), b"garbage").unwrap();
     let out = mlctl(&url, "alice", &["rollback"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("corrupt"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("corrupt"),
+        "{out:?}"
+    );
     assert_eq!(models(&client).await.production, Some(3));
     sigkill(&mut registry);
 }
 
+/// One reply of the load: when, and the version or the error.
+type Observation = (Instant, Result<u64, String>);
+
 /// A load of prediction requests; every reply is recorded.
 struct Load {
     stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<Vec<(Instant, Result<u64, String>)>>>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<Observation>>>,
 }
 
 impl Load {
@@ -439,11 +477,9 @@ impl Load {
                             Err(_) => Err("timeout".to_owned()),
                             Ok(Err(e)) => Err(e.to_string()),
                             Ok(Ok(m)) => {
-                                let v: Value = serde_json::from_slice(&m.payload)
-                                    .unwrap_or(Value::Null);
-                                v["model_version"]
-                                    .as_u64()
-                                    .ok_or_else(|| v.to_string())
+                                let v: Value =
+                                    serde_json::from_slice(&m.payload).unwrap_or(Value::Null);
+                                v["model_version"].as_u64().ok_or_else(|| v.to_string())
                             }
                         };
                         seen.push((Instant::now(), outcome));
@@ -456,11 +492,16 @@ impl Load {
     }
 
     /// Each task's replies, in the order it received them.
-    async fn stop(self) -> Vec<Vec<(Instant, Result<u64, String>)>> {
+    async fn stop(self) -> Vec<Vec<Observation>> {
         self.stop.store(true, Ordering::Relaxed);
         let mut all = Vec::new();
         for t in self.tasks {
-            all.push(tokio::time::timeout(WAIT, t).await.expect("load stops").unwrap());
+            all.push(
+                tokio::time::timeout(WAIT, t)
+                    .await
+                    .expect("load stops")
+                    .unwrap(),
+            );
         }
         all
     }
@@ -485,10 +526,19 @@ async fn the_gate_holds_a_worse_model_and_promotion_and_rollback_switch_predicto
     assert!(!worse.production);
     let gate = worse.gate.expect("the gate reports");
     assert_eq!(
-        (gate.metric.as_str(), gate.candidate, gate.production, gate.tolerance),
+        (
+            gate.metric.as_str(),
+            gate.candidate,
+            gate.production,
+            gate.tolerance
+        ),
         ("rmse", 0.20, Some(0.10), 0.05)
     );
-    assert!(gate.reason.contains("beyond the 5.00% tolerance"), "{}", gate.reason);
+    assert!(
+        gate.reason.contains("beyond the 5.00% tolerance"),
+        "{}",
+        gate.reason
+    );
     let runs = experiments(&registry_dir);
     assert_eq!(runs[1].status, "candidate");
     assert_eq!(runs[1].reason, gate.reason);
@@ -496,12 +546,18 @@ async fn the_gate_holds_a_worse_model_and_promotion_and_rollback_switch_predicto
     let _predictor = Process::start(
         "predictor",
         &[],
-        &[("NATS_URL", url.as_str()), ("DATA_PATH", data.to_str().unwrap())],
+        &[
+            ("NATS_URL", url.as_str()),
+            ("DATA_PATH", data.to_str().unwrap()),
+        ],
         &dir.path().join("predictor.log"),
     );
     wait_for("v1 served", WAIT, || async {
         let m = client
-            .request("ml.predict", r#"{"features":{"feature_1":0,"feature_2":0}}"#.into())
+            .request(
+                "ml.predict",
+                r#"{"features":{"feature_1":0,"feature_2":0}}"#.into(),
+            )
             .await
             .ok()?;
         let v: Value = serde_json::from_slice(&m.payload).ok()?;
@@ -530,7 +586,7 @@ async fn the_gate_holds_a_worse_model_and_promotion_and_rollback_switch_predicto
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let per_task = load.stop().await;
 
-    let seen: Vec<&(Instant, Result<u64, String>)> = per_task.iter().flatten().collect();
+    let seen: Vec<&Observation> = per_task.iter().flatten().collect();
     let failures: Vec<&String> = seen.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
     assert!(
         failures.is_empty(),
@@ -554,8 +610,9 @@ async fn the_gate_holds_a_worse_model_and_promotion_and_rollback_switch_predicto
     };
     let v1_after_ack = last(1, sent, mlctl_started)
         .map_or(Duration::ZERO, |t| t.saturating_duration_since(promoted_at));
-    let v2_after_mlctl = last(2, mlctl_started, Instant::now())
-        .map_or(Duration::ZERO, |t| t.saturating_duration_since(mlctl_started));
+    let v2_after_mlctl = last(2, mlctl_started, Instant::now()).map_or(Duration::ZERO, |t| {
+        t.saturating_duration_since(mlctl_started)
+    });
     eprintln!(
         "{} requests from 8 clients, 0 failed; last v1 reply {v1_after_ack:?} after the promotion was acknowledged; \
          last v2 reply {v2_after_mlctl:?} after `mlctl rollback` was started",
@@ -565,7 +622,16 @@ async fn the_gate_holds_a_worse_model_and_promotion_and_rollback_switch_predicto
     // The history says who moved what, when and why.
     let out = mlctl(&url, "alice", &["history", "--json"]);
     let history: HistoryReply = serde_json::from_slice(&out.stdout).expect("history JSON");
-    let moves: Vec<(String, Option<u64>, u64, Option<u64>, String, String, String)> = history
+    type Move = (
+        String,
+        Option<u64>,
+        u64,
+        Option<u64>,
+        String,
+        String,
+        String,
+    );
+    let moves: Vec<Move> = history
         .moves
         .iter()
         .map(|m| {
@@ -581,12 +647,40 @@ async fn the_gate_holds_a_worse_model_and_promotion_and_rollback_switch_predicto
         })
         .collect();
     let s = |x: &str| x.to_owned();
-    assert_eq!(moves[3], (s("production"), Some(1), 2, Some(2), s("promote"), s("alice"), s("manual override")));
-    assert_eq!(moves[4], (s("production"), Some(2), 1, Some(3), s("rollback"), s("bob"), s("v2 regressed")));
+    assert_eq!(
+        moves[3],
+        (
+            s("production"),
+            Some(1),
+            2,
+            Some(2),
+            s("promote"),
+            s("alice"),
+            s("manual override")
+        )
+    );
+    assert_eq!(
+        moves[4],
+        (
+            s("production"),
+            Some(2),
+            1,
+            Some(3),
+            s("rollback"),
+            s("bob"),
+            s("v2 regressed")
+        )
+    );
     assert_eq!(moves.len(), 5, "{moves:?}");
-    assert_eq!((moves[1].4.as_str(), moves[2].4.as_str()), ("gate", "register"));
+    assert_eq!(
+        (moves[1].4.as_str(), moves[2].4.as_str()),
+        ("gate", "register")
+    );
     let table = stdout(&mlctl(&url, "alice", &["history"]));
-    assert!(table.contains("manual override") && table.contains("bob"), "{table}");
+    assert!(
+        table.contains("manual override") && table.contains("bob"),
+        "{table}"
+    );
 
     let out = mlctl(&url, "alice", &["models"]);
     let table = stdout(&out);
@@ -598,12 +692,18 @@ async fn the_gate_holds_a_worse_model_and_promotion_and_rollback_switch_predicto
             .to_owned()
     };
     assert!(line("1 ").contains("production"), "{table}");
-    assert!(line("2 ").contains("candidate") && line("2 ").contains("rmse=0.20000"), "{table}");
+    assert!(
+        line("2 ").contains("candidate") && line("2 ").contains("rmse=0.20000"),
+        "{table}"
+    );
 
     // Nothing left to roll back to.
     let out = mlctl(&url, "alice", &["rollback"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no previous production"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no previous production"),
+        "{out:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -616,11 +716,24 @@ async fn the_reference_classifier_workload_trains_serves_and_reports_accuracy() 
     let out = mlctl(
         &url,
         "alice",
-        &["gen-data", "--rows", "3000", "--seed", "11", "--target", "binary", "--out", data.to_str().unwrap()],
+        &[
+            "gen-data",
+            "--rows",
+            "3000",
+            "--seed",
+            "11",
+            "--target",
+            "binary",
+            "--out",
+            data.to_str().unwrap(),
+        ],
     );
     assert!(out.status.success(), "{out:?}");
     let text = std::fs::read_to_string(&data).unwrap();
-    assert!(text.starts_with(",user_id,feature_1,feature_2,target\n0,"), "pandas shape");
+    assert!(
+        text.starts_with(",user_id,feature_1,feature_2,target\n0,"),
+        "pandas shape"
+    );
 
     let registry_dir = dir.path().join("registry");
     let env = [
@@ -649,15 +762,26 @@ async fn the_reference_classifier_workload_trains_serves_and_reports_accuracy() 
     let first = wait_for("the classifier is served", WAIT, || ask(rows[0].0.clone())).await;
     let p = first["prediction"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&p), "{first}");
-    assert_eq!(first["label"].as_u64(), Some(u64::from(p >= 0.5)), "{first}");
+    assert_eq!(
+        first["label"].as_u64(),
+        Some(u64::from(p >= 0.5)),
+        "{first}"
+    );
 
     let listed = models(&client).await;
     assert_eq!(listed.models[0].kind, "logistic");
-    let runs: RunsReply = serde_json::from_slice(&mlctl(&url, "alice", &["runs", "--json"]).stdout).unwrap();
+    let runs: RunsReply =
+        serde_json::from_slice(&mlctl(&url, "alice", &["runs", "--json"]).stdout).unwrap();
     let run = &runs.runs[0];
-    assert_eq!((run.model.as_str(), run.status.as_str()), ("logistic", "production"));
+    assert_eq!(
+        (run.model.as_str(), run.status.as_str()),
+        ("logistic", "production")
+    );
     let reported = run.accuracy.expect("accuracy reported");
-    assert!(run.log_loss.is_some() && run.roc_auc.is_some() && run.rmse.is_none(), "{run:?}");
+    assert!(
+        run.log_loss.is_some() && run.roc_auc.is_some() && run.rmse.is_none(),
+        "{run:?}"
+    );
 
     // Ask the predictor about every validation user: its labels give the
     // accuracy the trainer reported, and its probabilities the log-loss.
@@ -671,10 +795,17 @@ async fn the_reference_classifier_workload_trains_serves_and_reports_accuracy() 
             correct += 1;
         }
         let p = p.clamp(1e-15, 1.0 - 1e-15);
-        loss -= if target == 1.0 { p.ln() } else { (1.0 - p).ln() };
+        loss -= if target == 1.0 {
+            p.ln()
+        } else {
+            (1.0 - p).ln()
+        };
     }
     let served_accuracy = correct as f64 / validation.len() as f64;
-    assert_eq!(served_accuracy, reported, "the served model is the one scored");
+    assert_eq!(
+        served_accuracy, reported,
+        "the served model is the one scored"
+    );
     assert_close(loss / validation.len() as f64, run.log_loss.unwrap(), 1e-9);
     eprintln!(
         "blog-shaped data (3000 rows, index column, UUID ids, 0/1 target): accuracy {reported:.4}, log-loss {:.4}, ROC AUC {:.4}",
@@ -683,7 +814,18 @@ async fn the_reference_classifier_workload_trains_serves_and_reports_accuracy() 
     );
 
     // The log filters and sorts.
-    let out = mlctl(&url, "alice", &["runs", "--where", "accuracy > 0.5", "--sort", "accuracy", "--desc"]);
+    let out = mlctl(
+        &url,
+        "alice",
+        &[
+            "runs",
+            "--where",
+            "accuracy > 0.5",
+            "--sort",
+            "accuracy",
+            "--desc",
+        ],
+    );
     assert!(out.status.success(), "{out:?}");
     assert!(stdout(&out).contains("accuracy="), "{out:?}");
     let out = mlctl(&url, "alice", &["runs", "--json", "--where", "r2 > 0.9"]);
@@ -726,7 +868,11 @@ async fn scheduled_runs_skip_unchanged_data_and_failed_runs_are_logged_once() {
         async move { (n >= 3).then_some(()) }
     })
     .await;
-    assert_eq!(models(&client).await.models.len(), 1, "one run for unchanged data");
+    assert_eq!(
+        models(&client).await.models.len(),
+        1,
+        "one run for unchanged data"
+    );
 
     // New data: trained again.
     write_data(&data, 300, 2);
@@ -749,7 +895,10 @@ async fn scheduled_runs_skip_unchanged_data_and_failed_runs_are_logged_once() {
     })
     .await;
     assert_eq!(failed.version, None);
-    assert!(failed.reason.contains("users.csv:4") && failed.reason.contains("feature_2"), "{failed:?}");
+    assert!(
+        failed.reason.contains("users.csv:4") && failed.reason.contains("feature_2"),
+        "{failed:?}"
+    );
     let skipped_before = skips();
     wait_for("the bad file skipped twice", WAIT, || {
         let n = skips();
@@ -757,7 +906,11 @@ async fn scheduled_runs_skip_unchanged_data_and_failed_runs_are_logged_once() {
     })
     .await;
     let rows = experiments(&registry_dir);
-    assert_eq!(rows.iter().filter(|r| r.status == "failed").count(), 1, "{rows:?}");
+    assert_eq!(
+        rows.iter().filter(|r| r.status == "failed").count(),
+        1,
+        "{rows:?}"
+    );
     assert_eq!(models(&client).await.models.len(), 2);
     let out = mlctl(&url, "alice", &["runs", "--where", "status == failed"]);
     assert!(stdout(&out).contains("oops"), "{out:?}");

@@ -103,7 +103,11 @@ fn the_gate_holds_a_worse_model_as_candidate_and_says_why() {
     let runs = store.runs().unwrap();
     let statuses: Vec<&str> = runs.iter().map(|r| r.status.as_str()).collect();
     assert_eq!(statuses, ["production", "candidate", "production"]);
-    assert!(runs[1].reason.contains("beyond the 5.00% tolerance"), "{}", runs[1].reason);
+    assert!(
+        runs[1].reason.contains("beyond the 5.00% tolerance"),
+        "{}",
+        runs[1].reason
+    );
     assert_eq!(runs[1].parent, Some(1));
 
     let history = store.history(None).unwrap();
@@ -240,7 +244,10 @@ fn an_artifact_damaged_while_running_is_caught_before_it_is_served_again() {
     bytes[60] ^= 1;
     fs::write(&artifact, bytes).unwrap();
     let err = store.rollback("r", "alice").unwrap_err();
-    assert!(matches!(err, StoreError::Corrupt { version: 1, .. }), "{err}");
+    assert!(
+        matches!(err, StoreError::Corrupt { version: 1, .. }),
+        "{err}"
+    );
     assert_eq!(store.production_release().unwrap().version, 2);
     assert!(store.corrupt().contains_key(&1));
 }
@@ -260,11 +267,8 @@ fn invalid_models_are_refused_and_consume_no_version() {
         store.register(nan_metrics),
         Err(StoreError::Invalid(_))
     ));
-    let wrong_family = submission_with(
-        1.0,
-        ModelKind::Logistic,
-        Metrics::regression(0.1, 0.1, 0.9),
-    );
+    let wrong_family =
+        submission_with(1.0, ModelKind::Logistic, Metrics::regression(0.1, 0.1, 0.9));
     assert!(matches!(
         store.register(wrong_family),
         Err(StoreError::Invalid(_))
@@ -309,7 +313,13 @@ fn failed_runs_are_logged_with_their_reason() {
 fn a_classifier_is_gated_on_accuracy() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path());
-    let c = |acc| submission_with(1.0, ModelKind::Logistic, Metrics::classification(acc, 0.4, 0.9));
+    let c = |acc| {
+        submission_with(
+            1.0,
+            ModelKind::Logistic,
+            Metrics::classification(acc, 0.4, 0.9),
+        )
+    };
     assert!(store.register(c(0.80)).unwrap().production);
     let worse = store.register(c(0.70)).unwrap();
     assert!(!worse.production);
@@ -338,7 +348,11 @@ fn a_row_missing_after_a_crash_is_restored_at_start_up() {
         (runs[1].version, runs[1].status.as_str()),
         (Some(2), "candidate")
     );
-    assert!(runs[1].reason.contains("kept as candidate"), "{:?}", runs[1]);
+    assert!(
+        runs[1].reason.contains("kept as candidate"),
+        "{:?}",
+        runs[1]
+    );
 }
 
 #[test]

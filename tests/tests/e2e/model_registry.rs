@@ -595,11 +595,20 @@ async fn the_gate_holds_a_worse_model_and_promotion_and_rollback_switch_predicto
         &failures[..failures.len().min(5)]
     );
     // Each client saw v1, then v2, then v1 again, never going back in between.
+    // (A client stalled by a loaded machine may miss a phase, never reorder.)
+    let mut complete = 0;
     for replies in &per_task {
         let mut phases: Vec<u64> = replies.iter().map(|(_, r)| *r.as_ref().unwrap()).collect();
         phases.dedup();
-        assert_eq!(phases, [1, 2, 1], "versions seen by one client, in order");
+        assert!(
+            [1, 2, 1]
+                .windows(phases.len())
+                .any(|w| w == phases.as_slice()),
+            "versions seen by one client, in order: {phases:?}"
+        );
+        complete += usize::from(phases == [1, 2, 1]);
     }
+    assert!(complete > 0, "no client saw the promotion and the rollback");
     // Measured, not asserted: when the last reply from the old version came,
     // after the promotion's acknowledgement and after `mlctl rollback` started.
     let last = |version: u64, from: Instant, until: Instant| {
@@ -874,20 +883,31 @@ async fn scheduled_runs_skip_unchanged_data_and_failed_runs_are_logged_once() {
         "one run for unchanged data"
     );
 
-    // New data: trained again.
-    write_data(&data, 300, 2);
+    // New data: trained again. Files are replaced by a rename, so that the
+    // trainer never reads one half written.
+    let replace = |write: &dyn Fn(&Path)| {
+        let tmp = data.with_extension("tmp");
+        write(&tmp);
+        std::fs::rename(&tmp, &data).unwrap();
+    };
+    replace(&|p| write_data(p, 300, 2));
     wait_for("v2 from the new data", WAIT, || async {
-        (experiments(&registry_dir).len() == 2).then_some(())
+        experiments(&registry_dir)
+            .iter()
+            .any(|r| r.version == Some(2))
+            .then_some(())
     })
     .await;
 
     // Bad data: one failed run, logged with its reason, nothing registered;
     // the unchanged bad file is not retried.
-    std::fs::write(
-        &data,
-        "user_id,feature_1,feature_2,target\na,1,2,3\nb,1,2,4\nc,2,oops,5\nd,3,1,2\ne,1,1,1\n",
-    )
-    .unwrap();
+    replace(&|p| {
+        std::fs::write(
+            p,
+            "user_id,feature_1,feature_2,target\na,1,2,3\nb,1,2,4\nc,2,oops,5\nd,3,1,2\ne,1,1,1\n",
+        )
+        .unwrap()
+    });
     let failed = wait_for("the failed run logged", WAIT, || async {
         experiments(&registry_dir)
             .into_iter()

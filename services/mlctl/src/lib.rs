@@ -20,7 +20,8 @@ use async_nats::Client;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use ml_shared::messages::{
-    ApiReply, ErrorReply, ModelsReply, PredictReply, PredictRequest, RunsReply, TrainReply,
+    ApiReply, BatchPredictReply, ErrorReply, ModelsReply, PredictReply, PredictRequest, RunsReply,
+    TrainReply,
 };
 use ml_shared::settings::{parse_duration, NatsSettings};
 use serde::de::DeserializeOwned;
@@ -43,9 +44,9 @@ pub struct Cli {
 pub enum Command {
     /// Ask for a prediction, for a known user or for raw features.
     Predict {
-        /// A user id from the feature store.
+        /// User ids from the feature store (more than one: a batch request).
         #[arg(required_unless_present = "features", conflicts_with = "features")]
-        user_id: Option<String>,
+        user_ids: Vec<String>,
         /// Raw features instead: `feature_1=0.3,feature_2=1.5`.
         #[arg(long, value_parser = parse_features)]
         features: Option<BTreeMap<String, f64>>,
@@ -118,12 +119,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = connect(&nats).await?;
             let subjects = nats.subjects();
             let code = match command {
-                Command::Predict { user_id, features } => {
-                    let request = PredictRequest { user_id, features };
+                Command::Predict {
+                    mut user_ids,
+                    features,
+                } => {
+                    let batch = user_ids.len() > 1;
+                    let request = PredictRequest {
+                        user_id: if batch { None } else { user_ids.pop() },
+                        user_ids: batch.then_some(user_ids),
+                        features,
+                    };
                     let body = serde_json::to_vec(&request)?;
-                    print_reply::<PredictReply>(
-                        request_json(&client, &subjects.predict, body, "predictor").await?,
-                    )
+                    let reply = request_json(&client, &subjects.predict, body, "predictor").await?;
+                    if batch {
+                        print_reply::<BatchPredictReply>(reply)
+                    } else {
+                        print_reply::<PredictReply>(reply)
+                    }
                 }
                 Command::Models { json } => {
                     let reply =

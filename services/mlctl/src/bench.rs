@@ -178,11 +178,13 @@ fn classify(payload: &[u8]) -> Result<u64, String> {
 /// Runs the benchmark and prints its report.
 pub async fn run(nats: &NatsSettings, args: BenchArgs) -> anyhow::Result<ExitCode> {
     let report = measure(nats, &args).await?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+    let text = if args.json {
+        format!("{}\n", serde_json::to_string(&report)?)
     } else {
-        print_text(&report);
-    }
+        text(&report)
+    };
+    // A closed pipe (`| head`) is not an error of the benchmark.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
     Ok(if report.ok > 0 {
         ExitCode::SUCCESS
     } else {
@@ -198,12 +200,9 @@ pub async fn measure(nats: &NatsSettings, args: &BenchArgs) -> anyhow::Result<Re
     for _ in 0..args.connections.max(1) {
         clients.push(crate::connect(nats).await?);
     }
-    let (subject, echo) = if args.echo {
-        let subject = format!("{}.bench.echo", subjects.prefix);
-        let responder = crate::connect(nats).await?;
-        let task = tokio::spawn(echo_responder(responder.clone(), subject.clone()));
-        responder.flush().await?;
-        (subject, Some((responder, task)))
+    let (subject, mut echo) = if args.echo {
+        let subject = echo_subject(&subjects.prefix);
+        (subject, Some(spawn_echo_process(nats, &clients[0]).await?))
     } else {
         (subjects.predict.clone(), None)
     };
@@ -239,25 +238,71 @@ pub async fn measure(nats: &NatsSettings, args: &BenchArgs) -> anyhow::Result<Re
     for client in clients {
         client.drain().await.ok();
     }
-    if let Some((responder, task)) = echo {
-        task.abort();
-        responder.drain().await.ok();
+    if let Some(child) = echo.as_mut() {
+        let _ = child.kill().await;
     }
     Ok(report(args, subject, &total))
 }
 
-/// Replies `{"prediction":0.0,"model_version":0}` to every request, as fast
-/// as a NATS responder can: the floor a predictor is compared with.
-async fn echo_responder(client: Client, subject: String) {
-    let Ok(mut requests) = client.queue_subscribe(subject, "bench-echo".into()).await else {
-        return;
-    };
+/// The subject of the echo responder.
+pub fn echo_subject(prefix: &str) -> String {
+    format!("{prefix}.bench.echo")
+}
+
+/// Starts `mlctl echo` as a separate process, as a predictor would be, and
+/// waits (at most 10 s) until it answers.
+async fn spawn_echo_process(
+    nats: &NatsSettings,
+    client: &Client,
+) -> anyhow::Result<tokio::process::Child> {
+    let child = tokio::process::Command::new(std::env::current_exe()?)
+        .args([
+            "--nats-url",
+            &nats.nats_url,
+            "--subject-prefix",
+            &nats.subject_prefix,
+            "echo",
+        ])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the echo responder (mlctl echo)")?;
+    let subject = echo_subject(&nats.subject_prefix);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.request(subject.clone(), Bytes::new()).await.is_err() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the echo responder did not answer within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(child)
+}
+
+/// `mlctl echo`: replies `{"prediction":0.0,"model_version":0}` to every
+/// request on `<prefix>.bench.echo`, as fast as a NATS responder can — the
+/// floor a predictor is compared with. Runs until Ctrl-C or SIGTERM.
+pub async fn echo(nats: &NatsSettings) -> anyhow::Result<ExitCode> {
+    let client = crate::connect(nats).await?;
+    let mut requests = client
+        .queue_subscribe(echo_subject(&nats.subject_prefix), "bench-echo".into())
+        .await?;
     let reply = Bytes::from_static(br#"{"prediction":0.0,"model_version":0}"#);
-    while let Some(message) = requests.next().await {
-        if let Some(to) = message.reply {
-            let _ = client.publish(to, reply.clone()).await;
+    let signal = ml_shared::shutdown::shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            () = &mut signal => break,
+            message = requests.next() => {
+                let Some(message) = message else { break };
+                if let Some(to) = message.reply {
+                    let _ = client.publish(to, reply.clone()).await;
+                }
+            }
         }
     }
+    client.drain().await.ok();
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn closed_loop(
@@ -440,23 +485,26 @@ fn report(args: &BenchArgs, subject: String, t: &Tally) -> Report {
     }
 }
 
-fn print_text(r: &Report) {
+fn text(r: &Report) -> String {
     let load = match (r.concurrency, r.rate) {
         (Some(c), _) => format!("closed loop, {c} in flight"),
         (_, Some(rate)) => format!("open loop, {rate} req/s"),
         _ => String::new(),
     };
-    println!(
-        "{} ({load}, batch {}): {} requests, {} ok in {:.1}s: {:.0} req/s, {:.0} predictions/s",
+    let mut out = format!(
+        "{} ({load}, batch {}): {} requests, {} ok in {:.1}s: {:.0} req/s, {:.0} predictions/s\n",
         r.subject, r.batch, r.requests, r.ok, r.duration_s, r.throughput_rps, r.predictions_per_s
     );
     let l = &r.latency_ms;
     if !l.is_empty() {
-        println!(
-            "latency ms: mean={:.3} p50={:.3} p90={:.3} p99={:.3} p99.9={:.3} max={:.3}",
+        out.push_str(&format!(
+            "latency ms: mean={:.3} p50={:.3} p90={:.3} p99={:.3} p99.9={:.3} max={:.3}\n",
             l["mean"], l["p50"], l["p90"], l["p99"], l["p99.9"], l["max"]
-        );
+        ));
     }
-    println!("errors: {:?}", r.errors);
-    println!("versions: {:?}", r.versions);
+    out.push_str(&format!(
+        "errors: {:?}\nversions: {:?}\n",
+        r.errors, r.versions
+    ));
+    out
 }

@@ -87,6 +87,8 @@ pub enum Command {
     Up(up::UpArgs),
     /// Load-test `ml.predict` and report throughput and latency percentiles.
     Bench(bench::BenchArgs),
+    /// Answer `<prefix>.bench.echo` with a constant (the floor `bench --echo` measures).
+    Echo,
 }
 
 fn parse_features(text: &str) -> Result<BTreeMap<String, f64>, String> {
@@ -115,6 +117,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Up(args) => up::run(&nats, args).await,
         Command::Bench(args) => bench::run(&nats, args).await,
+        Command::Echo => bench::echo(&nats).await,
         command => {
             let client = connect(&nats).await?;
             let subjects = nats.subjects();
@@ -174,7 +177,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("{}", String::from_utf8_lossy(&reply));
                     ExitCode::SUCCESS
                 }
-                Command::GenData { .. } | Command::Up(_) | Command::Bench(_) => unreachable!(),
+                Command::GenData { .. } | Command::Up(_) | Command::Bench(_) | Command::Echo => {
+                    unreachable!("handled above")
+                }
             };
             client.drain().await.ok();
             Ok(code)

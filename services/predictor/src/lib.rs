@@ -61,6 +61,11 @@ pub struct Config {
     #[arg(long, env = "MODEL_RECONCILE", default_value = "30s", value_parser = parse_duration)]
     pub model_reconcile: Duration,
 
+    /// Runtime worker threads: 1 runs everything on one thread (fastest for
+    /// this workload on small machines; scale out with replicas instead).
+    #[arg(long, env = "PREDICTOR_THREADS", default_value_t = 1)]
+    pub threads: usize,
+
     /// Largest batch (`{"user_ids": [...]}`) a request may hold.
     #[arg(long, env = "MAX_BATCH", default_value_t = serving::DEFAULT_MAX_BATCH)]
     pub max_batch: usize,

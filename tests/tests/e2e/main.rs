@@ -5,3 +5,4 @@
 mod common;
 mod pipeline;
 mod processes;
+mod swaps;

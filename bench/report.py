@@ -52,7 +52,8 @@ for c in (32, 128):
     pr = lat(p, "p99") / lat(e, "p99")
     target = "throughput ≥ 0.80" + (", p99 ≤ 1.3×" if c == 32 else "")
     print(f"| {c} | {e['throughput_rps']:,.0f} | {p['throughput_rps']:,.0f} | {ratio:.2f} | {lat(e,'p99'):.3f} | {lat(p,'p99'):.3f} | {pr:.2f} | {target} |")
-print("\nCommands: `mlctl bench --echo --concurrency C --duration 10s`, `mlctl bench --concurrency C --duration 10s`.\n")
+secs = f"{load('echo-c32')['duration_s']:.0f}s"
+print(f"\nCommands: `mlctl bench --echo --concurrency C --duration {secs}`, `mlctl bench --concurrency C --duration {secs}`.\n")
 
 print("## Batches\n")
 print("| request | in flight | requests/s | predictions/s | p99 ms |")
@@ -60,16 +61,16 @@ print("|---|---|---|---|---|")
 for c in (4, 16):
     b = load(f"batch1000-c{c}")
     print(f"| 1000 user ids | {c} | {b['throughput_rps']:,.0f} | {b['predictions_per_s']:,.0f} | {lat(b,'p99'):.3f} |")
-print("\nCommand: `mlctl bench --batch 1000 --concurrency C --duration 10s` (target: 2,000,000 predictions/s).\n")
+print(f"\nCommand: `mlctl bench --batch 1000 --concurrency C --duration {secs}` (target: 2,000,000 predictions/s).\n")
 
 o = load("open-5000")
 rss0 = int(open(os.path.join(out, "rss-start.txt")).read())
 rss1 = int(open(os.path.join(out, "rss-end.txt")).read())
-print("## Open loop, 5,000 requests/s for 60 s\n")
+print(f"## Open loop, 5,000 requests/s for {o['duration_s']:.0f} s\n")
 print("| requests | errors | p50 ms | p99 ms | p99.9 ms | max ms | predictor RSS start → end |")
 print("|---|---|---|---|---|---|---|")
 print(f"| {o['requests']:,} | {sum(o['errors'].values())} | {lat(o,'p50'):.3f} | {lat(o,'p99'):.3f} | {lat(o,'p99.9'):.3f} | {lat(o,'max'):.3f} | {rss0/1024:.1f} MiB → {rss1/1024:.1f} MiB |")
-print("\nCommand: `mlctl bench --rate 5000 --duration 60s` (target: p99 under 2 ms, no errors, flat memory).\n")
+print(f"\nCommand: `mlctl bench --rate 5000 --duration {o['duration_s']:.0f}s` (target: 60 s with p99 under 2 ms, no errors, flat memory).\n")
 
 pr = load("promotions")
 v0, v1 = open(os.path.join(out, "promotions-versions.txt")).read().split()
@@ -82,7 +83,7 @@ print("## Scale-out\n")
 print("| predictor replicas | req/s at 128 in flight | p99 ms |")
 print("|---|---|---|")
 for n in (1, 2, 3):
-    s = load(f"scale-{n}")
+    s = load(f"scale-{n}")  # noqa: E741
     print(f"| {n} | {s['throughput_rps']:,.0f} | {lat(s,'p99'):.3f} |")
 print("\nOn 2 cores the broker, the load generator and the replicas compete for the same CPUs: more replicas cannot add throughput here, they add context switches. Replicas pay off when they run on their own cores or hosts.\n")
 

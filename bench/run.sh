@@ -17,6 +17,7 @@ export BENCH_PORT=${BENCH_PORT:-14300}
 export NATS_URL="nats://127.0.0.1:${BENCH_PORT}"
 OUT=${BENCH_DIR}/results
 SECS=${BENCH_SECS:-10}
+OPEN_SECS=${BENCH_OPEN_SECS:-60}
 SKLEARN_VERSION=1.5.2
 mkdir -p "${OUT}"
 MLCTL=target/release/mlctl
@@ -48,7 +49,7 @@ for c in 4 16; do
 done
 
 rss_kb >"${OUT}/rss-start.txt"
-bench open-5000 --rate 5000 --duration 60s
+bench open-5000 --rate 5000 --duration "${OPEN_SECS}s"
 rss_kb >"${OUT}/rss-end.txt"
 
 log "50 promotions under 2,000 req/s"

@@ -17,13 +17,16 @@ pub const SERVICE_ERROR_HEADER: &str = "Nats-Service-Error";
 /// Header the NATS micro-service protocol uses for a numeric error code.
 pub const SERVICE_ERROR_CODE_HEADER: &str = "Nats-Service-Error-Code";
 
-/// A prediction request: exactly one of `user_id` or `features`.
+/// A prediction request: exactly one of `user_id`, `user_ids` or `features`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PredictRequest {
     /// An entity in the feature store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
+    /// A batch of entities in the feature store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_ids: Option<Vec<String>>,
     /// Raw features of an entity that is not in the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub features: Option<BTreeMap<String, f64>>,
@@ -44,6 +47,21 @@ pub struct PredictReply {
     pub label: Option<u8>,
     /// The registry version of the model that answered.
     pub model_version: u64,
+}
+
+/// A successful batch prediction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchPredictReply {
+    /// One per requested user, in order; `null` for a user not in the store.
+    pub predictions: Vec<Option<f64>>,
+    /// A classifier's labels, one per prediction (absent for a regression model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<Option<u8>>>,
+    /// The registry version of the model that answered.
+    pub model_version: u64,
+    /// The requested ids that are not in the store.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unknown_user_ids: Vec<String>,
 }
 
 /// Machine-readable error codes, stable across releases.

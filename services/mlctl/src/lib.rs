@@ -25,7 +25,8 @@ use ml_shared::lifecycle::{
     HistoryReply, HistoryRequest, MoveReply, PromoteRequest, RollbackRequest,
 };
 use ml_shared::messages::{
-    ApiReply, ErrorReply, ModelsReply, PredictReply, PredictRequest, RunsReply, TrainReply,
+    ApiReply, BatchPredictReply, ErrorReply, ModelsReply, PredictReply, PredictRequest, RunsReply,
+    TrainReply,
 };
 use ml_shared::settings::{parse_duration, NatsSettings};
 use serde::de::DeserializeOwned;
@@ -50,9 +51,9 @@ pub struct Cli {
 pub enum Command {
     /// Ask for a prediction, for a known user or for raw features.
     Predict {
-        /// A user id from the feature store.
+        /// User ids from the feature store (more than one: a batch request).
         #[arg(required_unless_present = "features", conflicts_with = "features")]
-        user_id: Option<String>,
+        user_ids: Vec<String>,
         /// Raw features instead: `feature_1=0.3,feature_2=1.5`.
         #[arg(long, value_parser = parse_features)]
         features: Option<BTreeMap<String, f64>>,
@@ -135,6 +136,8 @@ pub enum Command {
     Up(up::UpArgs),
     /// Load-test `ml.predict` and report throughput and latency percentiles.
     Bench(bench::BenchArgs),
+    /// Answer `<prefix>.bench.echo` with a constant (the floor `bench --echo` measures).
+    Echo,
 }
 
 fn parse_features(text: &str) -> Result<BTreeMap<String, f64>, String> {
@@ -168,16 +171,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Up(args) => up::run(&nats, args).await,
         Command::Bench(args) => bench::run(&nats, args).await,
+        Command::Echo => bench::echo(&nats).await,
         command => {
             let client = connect(&nats).await?;
             let subjects = nats.subjects();
             let code = match command {
-                Command::Predict { user_id, features } => {
-                    let request = PredictRequest { user_id, features };
+                Command::Predict {
+                    mut user_ids,
+                    features,
+                } => {
+                    let batch = user_ids.len() > 1;
+                    let request = PredictRequest {
+                        user_id: if batch { None } else { user_ids.pop() },
+                        user_ids: batch.then_some(user_ids),
+                        features,
+                    };
                     let body = serde_json::to_vec(&request)?;
-                    print_reply::<PredictReply>(
-                        request_json(&client, &subjects.predict, body, "predictor").await?,
-                    )
+                    let reply = request_json(&client, &subjects.predict, body, "predictor").await?;
+                    if batch {
+                        print_reply::<BatchPredictReply>(reply)
+                    } else {
+                        print_reply::<PredictReply>(reply)
+                    }
                 }
                 Command::Models { json } => {
                     let reply =
@@ -273,7 +288,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("{}", String::from_utf8_lossy(&reply));
                     ExitCode::SUCCESS
                 }
-                Command::GenData { .. } | Command::Up(_) | Command::Bench(_) => unreachable!(),
+                Command::GenData { .. } | Command::Up(_) | Command::Bench(_) | Command::Echo => {
+                    unreachable!("handled above")
+                }
             };
             client.drain().await.ok();
             Ok(code)

@@ -6,3 +6,4 @@ mod common;
 mod model_registry;
 mod pipeline;
 mod processes;
+mod swaps;

@@ -6,20 +6,24 @@
 //! | bytes | content |
 //! |---|---|
 //! | 8 | magic `MLMODEL\0` |
-//! | 2 | format version, little-endian (currently 2) |
+//! | 2 | format version, little-endian (currently 3) |
 //! | 8 | payload length, little-endian |
 //! | 32 | SHA-256 of the payload |
 //! | n | payload: `bincode` 2 (standard config) of the value, through serde |
 //!
-//! `bincode` is not self-describing: adding a field to an encoded type
-//! changes the layout, so the format version goes up with it, and a value
-//! of another version is refused (`UnsupportedVersion`) rather than misread.
-//! Version 2 added the reference profile to the model artifact; artifacts of
-//! version 1 must be retrained.
-//!
 //! Decoding checks every field, and refuses a payload that claims more than
 //! [`MAX_PAYLOAD`] bytes, so a truncated, bit-flipped or foreign file is an
 //! error, never a wrong model.
+//!
+//! Format history: version 1 had regression-only metrics and no scaler in
+//! the artifact; version 2 added the logistic family, the scaler, and
+//! metrics for classifiers; version 3 (this build) adds the training data's
+//! reference profile to the artifact, for drift monitoring. `bincode` is not
+//! self-describing, so new fields cannot decode from old bytes: a reader
+//! that must accept files written by older versions (the registry's store)
+//! uses [`decode_or_legacy`] with the old shapes. Messages on the wire are
+//! decoded with [`decode`] only, so the services of a deployment move to a
+//! new format together.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -28,7 +32,9 @@ use sha2::{Digest, Sha256};
 /// The first bytes of every encoded value.
 pub const MAGIC: &[u8; 8] = b"MLMODEL\0";
 /// The format version written by this build.
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
+/// The oldest format version readable through [`decode_or_legacy`].
+pub const OLDEST_VERSION: u16 = 1;
 /// Largest payload accepted by [`decode`] (64 MiB).
 pub const MAX_PAYLOAD: usize = 64 << 20;
 const HEADER: usize = 8 + 2 + 8 + 32;
@@ -47,8 +53,8 @@ pub enum CodecError {
     /// Not an envelope of ours.
     #[error("not a model envelope (bad magic bytes)")]
     BadMagic,
-    /// Written by a format this build does not read.
-    #[error("unsupported format version {0} (this build reads {FORMAT_VERSION})")]
+    /// Written by a format this build does not read (here).
+    #[error("unsupported format version {0} (this build writes {FORMAT_VERSION})")]
     UnsupportedVersion(u16),
     /// The payload is larger than allowed.
     #[error("payload of {0} bytes exceeds the limit")]
@@ -74,11 +80,15 @@ fn config() -> bincode::config::Configuration<
 
 /// Encodes `value` in the envelope.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    encode_as(value, FORMAT_VERSION)
+}
+
+fn encode_as<T: Serialize>(value: &T, version: u16) -> Vec<u8> {
     let payload = bincode::serde::encode_to_vec(value, config())
         .expect("serialising plain data to memory cannot fail");
     let mut out = Vec::with_capacity(HEADER + payload.len());
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&Sha256::digest(&payload));
     out.extend_from_slice(&payload);
@@ -87,6 +97,48 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// Decodes an envelope written by [`encode`], verifying its checksum.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    match open(bytes)? {
+        (FORMAT_VERSION, payload) => decode_payload(payload),
+        (version, _) => Err(CodecError::UnsupportedVersion(version)),
+    }
+}
+
+/// A verified envelope of an older format version, for a reader that knows
+/// that version's shapes.
+#[derive(Debug, Clone, Copy)]
+pub struct Legacy<'a> {
+    version: u16,
+    payload: &'a [u8],
+}
+
+impl Legacy<'_> {
+    /// The envelope's format version (from [`OLDEST_VERSION`], below
+    /// [`FORMAT_VERSION`]).
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// Decodes the payload as the old shape `L`.
+    pub fn decode<L: DeserializeOwned>(&self) -> Result<L, CodecError> {
+        decode_payload(self.payload)
+    }
+}
+
+/// Like [`decode`], and also reads an envelope of an older version through
+/// `legacy`, which decodes the version's old shape and converts it.
+pub fn decode_or_legacy<T, F>(bytes: &[u8], legacy: F) -> Result<T, CodecError>
+where
+    T: DeserializeOwned,
+    F: FnOnce(Legacy<'_>) -> Result<T, CodecError>,
+{
+    match open(bytes)? {
+        (FORMAT_VERSION, payload) => decode_payload(payload),
+        (version, payload) => legacy(Legacy { version, payload }),
+    }
+}
+
+/// Checks the envelope and returns its version and verified payload.
+fn open(bytes: &[u8]) -> Result<(u16, &[u8]), CodecError> {
     if bytes.len() < HEADER {
         return Err(CodecError::Truncated {
             got: bytes.len(),
@@ -97,7 +149,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
         return Err(CodecError::BadMagic);
     }
     let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-    if version != FORMAT_VERSION {
+    if !(OLDEST_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(CodecError::UnsupportedVersion(version));
     }
     let len = u64::from_le_bytes(bytes[10..18].try_into().expect("8 bytes"));
@@ -118,6 +170,10 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     if Sha256::digest(payload).as_slice() != &bytes[18..50] {
         return Err(CodecError::ChecksumMismatch);
     }
+    Ok((version, payload))
+}
+
+fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
     let (value, used) = bincode::serde::decode_from_slice(payload, config())
         .map_err(|e| CodecError::Payload(e.to_string()))?;
     if used != payload.len() {
@@ -141,6 +197,10 @@ mod tests {
             feature_names: vec!["feature_1".into(), "feature_3".into()],
             coefficients: vec![1.5, -0.25],
             intercept: 3.0,
+            scaler: Some(crate::model::Scaler {
+                mean: vec![0.1, 2.0],
+                scale: vec![1.0, 3.5],
+            }),
             profile: None,
         }
     }
@@ -184,6 +244,81 @@ mod tests {
                 assert!(decode::<ModelArtifact>(&b).is_err(), "byte {i} bit {bit}");
             }
         }
+    }
+
+    #[test]
+    fn older_versions_read_only_through_their_old_shapes() {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct V1 {
+            kind: ModelKind,
+            feature_names: Vec<String>,
+            coefficients: Vec<f64>,
+            intercept: f64,
+        }
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct V2 {
+            kind: ModelKind,
+            feature_names: Vec<String>,
+            coefficients: Vec<f64>,
+            intercept: f64,
+            scaler: Option<crate::model::Scaler>,
+        }
+        let read = |bytes: &[u8]| {
+            decode_or_legacy::<ModelArtifact, _>(bytes, |old| {
+                let (v1, v2) = match old.version() {
+                    1 => (old.decode::<V1>()?, None),
+                    2 => {
+                        let v2 = old.decode::<V2>()?;
+                        let v1 = V1 {
+                            kind: v2.kind,
+                            feature_names: v2.feature_names,
+                            coefficients: v2.coefficients,
+                            intercept: v2.intercept,
+                        };
+                        (v1, v2.scaler)
+                    }
+                    v => return Err(CodecError::UnsupportedVersion(v)),
+                };
+                Ok(ModelArtifact {
+                    kind: v1.kind,
+                    feature_names: v1.feature_names,
+                    coefficients: v1.coefficients,
+                    intercept: v1.intercept,
+                    scaler: v2,
+                    profile: None,
+                })
+            })
+        };
+        let v1 = V1 {
+            kind: ModelKind::Linear,
+            feature_names: vec!["feature_1".into()],
+            coefficients: vec![2.0],
+            intercept: 1.0,
+        };
+        let bytes = encode_as(&v1, 1);
+        assert_eq!(
+            decode::<ModelArtifact>(&bytes),
+            Err(CodecError::UnsupportedVersion(1))
+        );
+        let new = read(&bytes).unwrap();
+        assert_eq!((new.intercept, new.scaler, new.profile), (1.0, None, None));
+        let a = artifact();
+        let v2 = V2 {
+            kind: a.kind,
+            feature_names: a.feature_names.clone(),
+            coefficients: a.coefficients.clone(),
+            intercept: a.intercept,
+            scaler: a.scaler.clone(),
+        };
+        let bytes = encode_as(&v2, 2);
+        assert_eq!(
+            decode::<ModelArtifact>(&bytes),
+            Err(CodecError::UnsupportedVersion(2))
+        );
+        assert_eq!(read(&bytes).unwrap(), artifact());
+        // A version-2 payload is not a version-3 one: the version decides.
+        assert!(decode_payload::<ModelArtifact>(&bytes[HEADER..]).is_err());
+        assert_eq!(read(&encode(&artifact())).unwrap(), artifact());
     }
 
     #[test]

@@ -6,8 +6,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::ser::SerializeStruct;
+use serde::{Deserialize, Serialize, Serializer};
 
+use crate::lifecycle::GateReport;
 use crate::model::ModelArtifact;
 use crate::profile::FeatureSample;
 
@@ -16,13 +18,16 @@ pub const SERVICE_ERROR_HEADER: &str = "Nats-Service-Error";
 /// Header the NATS micro-service protocol uses for a numeric error code.
 pub const SERVICE_ERROR_CODE_HEADER: &str = "Nats-Service-Error-Code";
 
-/// A prediction request: exactly one of `user_id` or `features`.
+/// A prediction request: exactly one of `user_id`, `user_ids` or `features`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PredictRequest {
     /// An entity in the feature store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
+    /// A batch of entities in the feature store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_ids: Option<Vec<String>>,
     /// Raw features of an entity that is not in the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub features: Option<BTreeMap<String, f64>>,
@@ -34,10 +39,30 @@ pub struct PredictReply {
     /// The entity, when the request named one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
-    /// The model's output.
+    /// The model's output: the value for a regression model, the
+    /// probability of class 1 for a classifier.
     pub prediction: f64,
+    /// A classifier's label (`1` when the probability is at least 0.5);
+    /// absent for a regression model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<u8>,
     /// The registry version of the model that answered.
     pub model_version: u64,
+}
+
+/// A successful batch prediction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchPredictReply {
+    /// One per requested user, in order; `null` for a user not in the store.
+    pub predictions: Vec<Option<f64>>,
+    /// A classifier's labels, one per prediction (absent for a regression model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<Option<u8>>>,
+    /// The registry version of the model that answered.
+    pub model_version: u64,
+    /// The requested ids that are not in the store.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unknown_user_ids: Vec<String>,
 }
 
 /// Machine-readable error codes, stable across releases.
@@ -203,15 +228,101 @@ pub struct TrainParams {
     pub validation_fraction: f64,
 }
 
-/// Validation metrics of a regression model.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// Validation metrics of a run: RMSE, MAE and R² for a regression model;
+/// accuracy, log-loss and ROC AUC for a classifier. The others are absent,
+/// and left out of the JSON: `{"rmse":0.1,"mae":0.08,"r2":0.99}`.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
 pub struct Metrics {
     /// Root mean squared error.
-    pub rmse: f64,
+    #[serde(default)]
+    pub rmse: Option<f64>,
     /// Mean absolute error.
-    pub mae: f64,
+    #[serde(default)]
+    pub mae: Option<f64>,
     /// Coefficient of determination.
-    pub r2: f64,
+    #[serde(default)]
+    pub r2: Option<f64>,
+    /// Share of labels predicted right (threshold 0.5).
+    #[serde(default)]
+    pub accuracy: Option<f64>,
+    /// Mean negative log-likelihood of the true labels.
+    #[serde(default)]
+    pub log_loss: Option<f64>,
+    /// Area under the ROC curve.
+    #[serde(default)]
+    pub roc_auc: Option<f64>,
+}
+
+impl Metrics {
+    /// Every metric name, in column order.
+    pub const NAMES: [&'static str; 6] = ["rmse", "mae", "r2", "accuracy", "log_loss", "roc_auc"];
+
+    /// The metrics of a regression model.
+    pub fn regression(rmse: f64, mae: f64, r2: f64) -> Self {
+        Self {
+            rmse: Some(rmse),
+            mae: Some(mae),
+            r2: Some(r2),
+            ..Self::default()
+        }
+    }
+
+    /// The metrics of a classifier.
+    pub fn classification(accuracy: f64, log_loss: f64, roc_auc: f64) -> Self {
+        Self {
+            accuracy: Some(accuracy),
+            log_loss: Some(log_loss),
+            roc_auc: Some(roc_auc),
+            ..Self::default()
+        }
+    }
+
+    /// Each metric by name, in [`Metrics::NAMES`] order.
+    pub fn fields(&self) -> [(&'static str, Option<f64>); 6] {
+        [
+            ("rmse", self.rmse),
+            ("mae", self.mae),
+            ("r2", self.r2),
+            ("accuracy", self.accuracy),
+            ("log_loss", self.log_loss),
+            ("roc_auc", self.roc_auc),
+        ]
+    }
+
+    /// One metric by name.
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.fields()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v)
+    }
+
+    /// Whether at least one metric is present and every present one is finite.
+    pub fn all_finite(&self) -> bool {
+        let present: Vec<f64> = self.fields().into_iter().filter_map(|(_, v)| v).collect();
+        !present.is_empty() && present.iter().all(|v| v.is_finite())
+    }
+}
+
+impl Serialize for Metrics {
+    /// JSON leaves absent metrics out; the binary codec, which is not
+    /// self-describing, writes every field.
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let human = serializer.is_human_readable();
+        let fields = self.fields();
+        let len = if human {
+            fields.iter().filter(|(_, v)| v.is_some()).count()
+        } else {
+            fields.len()
+        };
+        let mut out = serializer.serialize_struct("Metrics", len)?;
+        for (name, value) in fields {
+            if !human || value.is_some() {
+                out.serialize_field(name, &value)?;
+            }
+        }
+        out.end()
+    }
 }
 
 /// What a trainer knows of one run.
@@ -249,12 +360,15 @@ pub struct Submission {
 }
 
 /// The registry's reply to a submission (JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SubmitReply {
     /// The version assigned.
     pub version: u64,
     /// Whether it became the production model.
     pub production: bool,
+    /// The promotion gate's decision, with the metric and the tolerance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateReport>,
 }
 
 /// A production model as published to predictors (binary).
@@ -298,6 +412,12 @@ pub struct ModelSummary {
     pub kind: String,
     /// Whether it is the production model.
     pub production: bool,
+    /// The aliases that name it (`production`, `candidate`).
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// The production version when it was registered, if any.
+    #[serde(default)]
+    pub parent: Option<u64>,
     /// Validation metrics of its run.
     pub metrics: Metrics,
     /// Its features, in order.
@@ -315,35 +435,70 @@ pub struct ModelSummary {
 pub struct ModelsReply {
     /// The production version, if any.
     pub production: Option<u64>,
+    /// Every alias and the version it names.
+    #[serde(default)]
+    pub aliases: BTreeMap<String, u64>,
     /// Every stored version, oldest first.
     pub models: Vec<ModelSummary>,
+    /// Versions whose artifact file is unreadable or fails its checksum:
+    /// never served.
+    #[serde(default)]
+    pub corrupt: Vec<CorruptVersion>,
+}
+
+/// A version whose artifact cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CorruptVersion {
+    /// The version.
+    pub version: u64,
+    /// What is wrong with its file.
+    pub reason: String,
 }
 
 /// One row of the experiments log (`experiments.csv`), also sent as JSON.
+/// Empty cells (absent values) are `null` in JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExperimentRow {
     /// When the registry recorded it (RFC 3339).
     pub timestamp: String,
-    /// The version assigned.
-    pub version: u64,
+    /// The version assigned (none for a failed run).
+    pub version: Option<u64>,
     /// The run id.
     pub run_id: String,
+    /// `production` or `candidate` (where the promotion gate put it),
+    /// `registered` (stored, gate not run), or `failed`.
+    #[serde(default)]
+    pub status: String,
     /// Model family.
     pub model: String,
     /// Split seed.
     pub seed: u64,
     /// Validation share.
     pub validation_fraction: f64,
-    /// Validation RMSE.
-    pub rmse: f64,
-    /// Validation MAE.
-    pub mae: f64,
-    /// Validation R².
-    pub r2: f64,
+    /// Validation RMSE (regression).
+    #[serde(default)]
+    pub rmse: Option<f64>,
+    /// Validation MAE (regression).
+    #[serde(default)]
+    pub mae: Option<f64>,
+    /// Validation R² (regression).
+    #[serde(default)]
+    pub r2: Option<f64>,
+    /// Validation accuracy (classification).
+    #[serde(default)]
+    pub accuracy: Option<f64>,
+    /// Validation log-loss (classification).
+    #[serde(default)]
+    pub log_loss: Option<f64>,
+    /// Validation ROC AUC (classification).
+    #[serde(default)]
+    pub roc_auc: Option<f64>,
     /// Rows used to fit.
-    pub rows_train: usize,
+    #[serde(default)]
+    pub rows_train: Option<usize>,
     /// Rows held out.
-    pub rows_validation: usize,
+    #[serde(default)]
+    pub rows_validation: Option<usize>,
     /// Fingerprint of the data.
     pub data_fingerprint: String,
     /// Features, `;`-separated, in model order.
@@ -352,6 +507,26 @@ pub struct ExperimentRow {
     pub duration_ms: u64,
     /// Artifact file, relative to the registry directory.
     pub artifact: String,
+    /// The production version when it was registered.
+    #[serde(default)]
+    pub parent: Option<u64>,
+    /// Why it has its status: the gate's comparison, or the failure.
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl ExperimentRow {
+    /// The row's metrics.
+    pub fn metrics(&self) -> Metrics {
+        Metrics {
+            rmse: self.rmse,
+            mae: self.mae,
+            r2: self.r2,
+            accuracy: self.accuracy,
+            log_loss: self.log_loss,
+            roc_auc: self.roc_auc,
+        }
+    }
 }
 
 /// The registry's experiments log.
@@ -368,6 +543,9 @@ pub struct TrainReply {
     pub version: u64,
     /// Whether it became the production model.
     pub production: bool,
+    /// The promotion gate's decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateReport>,
     /// The run.
     pub run: RunRecord,
 }
@@ -399,6 +577,26 @@ mod tests {
         let ok: ApiReply<PredictReply> =
             serde_json::from_str(r#"{"prediction":1.0,"model_version":2}"#).unwrap();
         assert_eq!(ok.into_result().unwrap().model_version, 2);
+    }
+
+    #[test]
+    fn metrics_leave_absent_values_out_of_json_but_not_out_of_the_codec() {
+        let m = Metrics::regression(0.1, 0.08, 0.99);
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"rmse":0.1,"mae":0.08,"r2":0.99}"#
+        );
+        let c = Metrics::classification(0.9, 0.3, 0.95);
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(json, r#"{"accuracy":0.9,"log_loss":0.3,"roc_auc":0.95}"#);
+        assert_eq!(serde_json::from_str::<Metrics>(&json).unwrap(), c);
+        let bytes = crate::codec::encode(&c);
+        assert_eq!(crate::codec::decode::<Metrics>(&bytes).unwrap(), c);
+        assert_eq!(c.get("roc_auc"), Some(0.95));
+        assert_eq!(c.get("rmse"), None);
+        assert!(c.all_finite());
+        assert!(!Metrics::regression(0.1, 0.1, f64::NAN).all_finite());
+        assert!(!Metrics::default().all_finite());
     }
 
     #[test]

@@ -1,4 +1,11 @@
 //! The model artifact: everything a predictor needs to serve a model.
+//!
+//! A model is `score = intercept + Σ coefficient·z`, where `z` is each input
+//! feature standardised by the artifact's [`Scaler`] (or the raw feature when
+//! it has none). A linear model predicts the score; a logistic model predicts
+//! `σ(score)`, the probability of class 1, and the label `1` when that
+//! probability is at least [`DECISION_THRESHOLD`]. Both are computed without
+//! allocating.
 
 use serde::{Deserialize, Serialize};
 
@@ -10,6 +17,10 @@ use crate::profile::ReferenceProfile;
 pub enum ModelKind {
     /// Ordinary least squares: `intercept + Σ coefficient·feature`.
     Linear,
+    /// Binary logistic regression: `σ(intercept + Σ coefficient·feature)`,
+    /// the probability of class 1. New variants go last: the codec encodes
+    /// the variant's position.
+    Logistic,
 }
 
 impl ModelKind {
@@ -17,6 +28,62 @@ impl ModelKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ModelKind::Linear => "linear",
+            ModelKind::Logistic => "logistic",
+        }
+    }
+
+    /// Whether the model is a classifier (its prediction is a probability).
+    pub fn is_classifier(self) -> bool {
+        matches!(self, ModelKind::Logistic)
+    }
+}
+
+/// Probability from which a classifier predicts the label `1`.
+pub const DECISION_THRESHOLD: f64 = 0.5;
+
+/// Standardisation fitted on the training split: `z = (x − mean) / scale`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Scaler {
+    /// Mean of each feature, in model order.
+    pub mean: Vec<f64>,
+    /// Standard deviation of each feature (population, as scikit-learn's
+    /// `StandardScaler`); `1` for a constant feature.
+    pub scale: Vec<f64>,
+}
+
+impl Scaler {
+    /// Fits the scaler on `rows` (each of `width` values).
+    pub fn fit<'a>(width: usize, rows: impl IntoIterator<Item = &'a [f64]>) -> Self {
+        let mut n = 0usize;
+        let mut mean = vec![0.0; width];
+        let mut m2 = vec![0.0; width];
+        // Welford's update: one pass, numerically stable.
+        for row in rows {
+            n += 1;
+            for ((x, m), s) in row.iter().zip(&mut mean).zip(&mut m2) {
+                let delta = x - *m;
+                *m += delta / n as f64;
+                *s += delta * (x - *m);
+            }
+        }
+        let scale = m2
+            .into_iter()
+            .map(|s| {
+                let sd = if n > 0 { (s / n as f64).sqrt() } else { 0.0 };
+                if sd > f64::EPSILON {
+                    sd
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        Self { mean, scale }
+    }
+
+    /// Standardises `x` in place.
+    pub fn transform(&self, x: &mut [f64]) {
+        for ((v, m), s) in x.iter_mut().zip(&self.mean).zip(&self.scale) {
+            *v = (*v - m) / s;
         }
     }
 }
@@ -41,6 +108,9 @@ pub enum ModelError {
     /// The same feature is named twice.
     #[error("feature {0:?} appears twice")]
     DuplicateFeature(String),
+    /// The scaler does not match the features, or a scale is not positive.
+    #[error("invalid scaler: {0}")]
+    BadScaler(String),
 }
 
 /// A trained model with the ordered names of the features it expects.
@@ -54,6 +124,9 @@ pub struct ModelArtifact {
     pub coefficients: Vec<f64>,
     /// The constant term.
     pub intercept: f64,
+    /// Standardisation applied to the features before the coefficients, if
+    /// any (the coefficients are then in standardised units).
+    pub scaler: Option<Scaler>,
     /// The training data's reference profile, for drift monitoring (absent
     /// from models trained without one).
     #[serde(default)]
@@ -86,20 +159,110 @@ impl ModelArtifact {
                 self.feature_names[i]
             )));
         }
+        if let Some(scaler) = &self.scaler {
+            let n = self.feature_names.len();
+            if scaler.mean.len() != n || scaler.scale.len() != n {
+                return Err(ModelError::BadScaler(format!(
+                    "{} means and {} scales for {n} features",
+                    scaler.mean.len(),
+                    scaler.scale.len()
+                )));
+            }
+            if let Some(i) = scaler.mean.iter().position(|m| !m.is_finite()) {
+                return Err(ModelError::NotFinite(format!(
+                    "mean of {}",
+                    self.feature_names[i]
+                )));
+            }
+            if let Some(i) = scaler
+                .scale
+                .iter()
+                .position(|s| !(s.is_finite() && *s > 0.0))
+            {
+                return Err(ModelError::BadScaler(format!(
+                    "scale of {} is not a positive number",
+                    self.feature_names[i]
+                )));
+            }
+        }
         Ok(())
     }
 
-    /// The prediction for one feature vector, in `feature_names` order.
+    /// The score `intercept + Σ coefficient·z` for one feature vector, in
+    /// `feature_names` order (standardised here when the model has a scaler).
+    #[inline]
+    pub fn score(&self, features: &[f64]) -> f64 {
+        debug_assert_eq!(features.len(), self.coefficients.len());
+        match &self.scaler {
+            None => {
+                self.intercept
+                    + self
+                        .coefficients
+                        .iter()
+                        .zip(features)
+                        .map(|(c, x)| c * x)
+                        .sum::<f64>()
+            }
+            Some(s) => {
+                self.intercept
+                    + self
+                        .coefficients
+                        .iter()
+                        .zip(features)
+                        .zip(s.mean.iter().zip(&s.scale))
+                        .map(|((c, x), (m, sd))| c * (x - m) / sd)
+                        .sum::<f64>()
+            }
+        }
+    }
+
+    /// The prediction for one feature vector, in `feature_names` order: the
+    /// score for a linear model, the probability of class 1 for a logistic one.
     #[inline]
     pub fn predict(&self, features: &[f64]) -> f64 {
-        debug_assert_eq!(features.len(), self.coefficients.len());
-        self.intercept
-            + self
-                .coefficients
-                .iter()
-                .zip(features)
-                .map(|(c, x)| c * x)
-                .sum::<f64>()
+        let score = self.score(features);
+        match self.kind {
+            ModelKind::Linear => score,
+            ModelKind::Logistic => sigmoid(score),
+        }
+    }
+
+    /// The label a classifier gives a prediction of [`predict`](Self::predict)
+    /// (`None` for a regression model).
+    #[inline]
+    pub fn label(&self, prediction: f64) -> Option<u8> {
+        self.kind
+            .is_classifier()
+            .then_some(u8::from(prediction >= DECISION_THRESHOLD))
+    }
+
+    /// The coefficients and intercept on the raw (unstandardised) features:
+    /// the same function, in the units people read.
+    pub fn unscaled(&self) -> (Vec<f64>, f64) {
+        match &self.scaler {
+            None => (self.coefficients.clone(), self.intercept),
+            Some(s) => {
+                let coefficients: Vec<f64> = self
+                    .coefficients
+                    .iter()
+                    .zip(&s.scale)
+                    .map(|(c, sd)| c / sd)
+                    .collect();
+                let shift: f64 = coefficients.iter().zip(&s.mean).map(|(c, m)| c * m).sum();
+                (coefficients, self.intercept - shift)
+            }
+        }
+    }
+}
+
+/// The logistic function, computed without overflow for any finite input.
+#[inline]
+pub fn sigmoid(z: f64) -> f64 {
+    if z >= 0.0 {
+        1.0 / (1.0 + (-z).exp())
+    } else {
+        let e = z.exp();
+        e / (1.0 + e)
     }
 }
 
@@ -113,6 +276,7 @@ mod tests {
             feature_names: vec!["a".into(), "b".into()],
             coefficients: vec![2.0, -1.0],
             intercept: 0.5,
+            scaler: None,
             profile: None,
         }
     }
@@ -120,6 +284,40 @@ mod tests {
     #[test]
     fn predicts_the_affine_function() {
         assert_eq!(model().predict(&[3.0, 4.0]), 0.5 + 6.0 - 4.0);
+        assert_eq!(model().label(1.0), None);
+    }
+
+    #[test]
+    fn scaling_and_the_logistic_link() {
+        let rows: Vec<Vec<f64>> = vec![vec![1.0, 5.0], vec![3.0, 5.0]];
+        let scaler = Scaler::fit(2, rows.iter().map(Vec::as_slice));
+        assert_eq!(scaler.mean, vec![2.0, 5.0]);
+        assert_eq!(scaler.scale, vec![1.0, 1.0], "population sd; constant -> 1");
+        let mut m = model();
+        m.scaler = Some(Scaler {
+            mean: vec![1.0, 2.0],
+            scale: vec![2.0, 4.0],
+        });
+        assert_eq!(m.validate(), Ok(()));
+        // 0.5 + 2·(3−1)/2 − 1·(4−2)/4
+        assert_eq!(m.predict(&[3.0, 4.0]), 0.5 + 2.0 - 0.5);
+        let (coefficients, intercept) = m.unscaled();
+        let raw = intercept + coefficients[0] * 3.0 + coefficients[1] * 4.0;
+        assert!((raw - m.predict(&[3.0, 4.0])).abs() < 1e-12);
+
+        m.kind = ModelKind::Logistic;
+        let p = m.predict(&[3.0, 4.0]);
+        assert!((p - 1.0 / (1.0 + (-2.0f64).exp())).abs() < 1e-15);
+        assert_eq!(m.label(p), Some(1));
+        assert_eq!(m.label(0.49), Some(0));
+        assert_eq!(sigmoid(-1000.0), 0.0);
+        assert_eq!(sigmoid(1000.0), 1.0);
+        assert_eq!(sigmoid(0.0), 0.5);
+
+        m.scaler.as_mut().unwrap().scale[1] = 0.0;
+        assert!(matches!(m.validate(), Err(ModelError::BadScaler(_))));
+        m.scaler.as_mut().unwrap().scale.pop();
+        assert!(matches!(m.validate(), Err(ModelError::BadScaler(_))));
     }
 
     #[test]

@@ -19,6 +19,14 @@ pub struct Subjects {
     pub registry_models: String,
     /// Request-reply (JSON): the experiments log.
     pub registry_runs: String,
+    /// Request-reply (JSON): a trainer reports a run that produced no model.
+    pub registry_run_failed: String,
+    /// Request-reply (JSON): make a version the production model.
+    pub registry_promote: String,
+    /// Request-reply (JSON): back to the previous production version.
+    pub registry_rollback: String,
+    /// Request-reply (JSON): every alias move.
+    pub registry_history: String,
     /// Broadcast (binary): a new production model, to every predictor.
     pub model_production: String,
     /// Publish (JSON): batches of latency events, predictors to the monitor.
@@ -44,6 +52,10 @@ impl Subjects {
             registry_production: format!("{p}.registry.production"),
             registry_models: format!("{p}.registry.models"),
             registry_runs: format!("{p}.registry.runs"),
+            registry_run_failed: format!("{p}.registry.run_failed"),
+            registry_promote: format!("{p}.registry.promote"),
+            registry_rollback: format!("{p}.registry.rollback"),
+            registry_history: format!("{p}.registry.history"),
             model_production: format!("{p}.model.production"),
             monitor_events: format!("{p}.monitor.events"),
             monitor_stats: format!("{p}.monitor.stats"),

@@ -7,6 +7,7 @@
 //! timeout.
 
 pub mod bench;
+pub mod registry_view;
 pub mod up;
 
 use std::collections::BTreeMap;
@@ -19,11 +20,18 @@ use async_nats::client::RequestErrorKind;
 use async_nats::Client;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
+use ml_shared::gen::Target;
+use ml_shared::lifecycle::{
+    HistoryReply, HistoryRequest, MoveReply, PromoteRequest, RollbackRequest,
+};
 use ml_shared::messages::{
-    ApiReply, ErrorReply, ModelsReply, PredictReply, PredictRequest, RunsReply, TrainReply,
+    ApiReply, BatchPredictReply, ErrorReply, ModelsReply, PredictReply, PredictRequest, RunsReply,
+    TrainReply,
 };
 use ml_shared::settings::{parse_duration, NatsSettings};
 use serde::de::DeserializeOwned;
+
+use crate::registry_view::{Filter, Sort};
 
 /// The command line.
 #[derive(Debug, Parser)]
@@ -43,24 +51,63 @@ pub struct Cli {
 pub enum Command {
     /// Ask for a prediction, for a known user or for raw features.
     Predict {
-        /// A user id from the feature store.
+        /// User ids from the feature store (more than one: a batch request).
         #[arg(required_unless_present = "features", conflicts_with = "features")]
-        user_id: Option<String>,
+        user_ids: Vec<String>,
         /// Raw features instead: `feature_1=0.3,feature_2=1.5`.
         #[arg(long, value_parser = parse_features)]
         features: Option<BTreeMap<String, f64>>,
     },
-    /// List the registry's model versions.
+    /// List the registry's model versions: aliases, metrics, age.
     Models {
         /// Print the registry's JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// List the experiments log.
+    /// List the experiments log, filtered and sorted.
     Runs {
+        /// Print the (filtered, sorted) runs as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Keep runs that satisfy a condition such as "r2 > 0.9" or
+        /// "status == failed" (repeatable; all must hold).
+        #[arg(long = "where", value_name = "CONDITION")]
+        filters: Vec<Filter>,
+        /// Sort by a column (ascending; empty cells last).
+        #[arg(long, value_name = "COLUMN")]
+        sort: Option<String>,
+        /// Sort largest first.
+        #[arg(long, requires = "sort")]
+        desc: bool,
+    },
+    /// Make a version the production model (the predictors switch to it).
+    Promote {
+        /// The version.
+        version: u64,
+        /// Why, recorded in the history.
+        #[arg(long)]
+        reason: String,
+        /// Who, recorded in the history.
+        #[arg(long, env = "USER", default_value = "unknown")]
+        actor: String,
+    },
+    /// Move production back to the version it replaced.
+    Rollback {
+        /// Why, recorded in the history.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Who, recorded in the history.
+        #[arg(long, env = "USER", default_value = "unknown")]
+        actor: String,
+    },
+    /// Every alias move: when, from, to, why, by whom.
+    History {
         /// Print the registry's JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Only the most recent moves.
+        #[arg(long)]
+        limit: Option<usize>,
     },
     /// Train now and wait for the registered version.
     Train {
@@ -81,11 +128,16 @@ pub enum Command {
         /// Output file (standard output when absent).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// The target column: `regression` (a number) or `binary` (0 or 1).
+        #[arg(long, default_value = "regression")]
+        target: Target,
     },
     /// Start NATS (if none answers at NATS_URL) and the four services; Ctrl-C stops them.
     Up(up::UpArgs),
     /// Load-test `ml.predict` and report throughput and latency percentiles.
     Bench(bench::BenchArgs),
+    /// Answer `<prefix>.bench.echo` with a constant (the floor `bench --echo` measures).
+    Echo,
 }
 
 fn parse_features(text: &str) -> Result<BTreeMap<String, f64>, String> {
@@ -108,22 +160,39 @@ fn parse_features(text: &str) -> Result<BTreeMap<String, f64>, String> {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let nats = cli.nats;
     match cli.command {
-        Command::GenData { rows, seed, out } => {
-            gen_data(rows, seed, out)?;
+        Command::GenData {
+            rows,
+            seed,
+            out,
+            target,
+        } => {
+            gen_data(rows, seed, out, target)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Up(args) => up::run(&nats, args).await,
         Command::Bench(args) => bench::run(&nats, args).await,
+        Command::Echo => bench::echo(&nats).await,
         command => {
             let client = connect(&nats).await?;
             let subjects = nats.subjects();
             let code = match command {
-                Command::Predict { user_id, features } => {
-                    let request = PredictRequest { user_id, features };
+                Command::Predict {
+                    mut user_ids,
+                    features,
+                } => {
+                    let batch = user_ids.len() > 1;
+                    let request = PredictRequest {
+                        user_id: if batch { None } else { user_ids.pop() },
+                        user_ids: batch.then_some(user_ids),
+                        features,
+                    };
                     let body = serde_json::to_vec(&request)?;
-                    print_reply::<PredictReply>(
-                        request_json(&client, &subjects.predict, body, "predictor").await?,
-                    )
+                    let reply = request_json(&client, &subjects.predict, body, "predictor").await?;
+                    if batch {
+                        print_reply::<BatchPredictReply>(reply)
+                    } else {
+                        print_reply::<PredictReply>(reply)
+                    }
                 }
                 Command::Models { json } => {
                     let reply =
@@ -132,17 +201,74 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     if json {
                         print_reply::<ModelsReply>(reply)
                     } else {
-                        with_reply(reply, |m: ModelsReply| print!("{}", models_table(&m)))
+                        with_reply(reply, |m: ModelsReply| {
+                            print!(
+                                "{}",
+                                registry_view::models_table(&m, std::time::SystemTime::now())
+                            )
+                        })
                     }
                 }
-                Command::Runs { json } => {
+                Command::Runs {
+                    json,
+                    filters,
+                    sort,
+                    desc,
+                } => {
+                    let sort = sort
+                        .map(|s| Sort::new(&s, desc))
+                        .transpose()
+                        .map_err(|e| anyhow::anyhow!(e))?;
                     let reply =
                         request_json(&client, &subjects.registry_runs, Vec::new(), "registry")
                             .await?;
+                    with_reply(reply, |r: RunsReply| {
+                        let runs = registry_view::select(r.runs, &filters, sort.as_ref());
+                        if json {
+                            println!(
+                                "{}",
+                                serde_json::to_string(&RunsReply { runs }).expect("serialisable")
+                            );
+                        } else {
+                            print!("{}", registry_view::runs_table(&runs));
+                        }
+                    })
+                }
+                Command::Promote {
+                    version,
+                    reason,
+                    actor,
+                } => {
+                    let body = serde_json::to_vec(&PromoteRequest {
+                        version,
+                        reason,
+                        actor,
+                    })?;
+                    let reply =
+                        request_json(&client, &subjects.registry_promote, body, "registry").await?;
+                    with_reply(reply, |r: MoveReply| {
+                        println!("{}", registry_view::move_line(&r))
+                    })
+                }
+                Command::Rollback { reason, actor } => {
+                    let body = serde_json::to_vec(&RollbackRequest { reason, actor })?;
+                    let reply =
+                        request_json(&client, &subjects.registry_rollback, body, "registry")
+                            .await?;
+                    with_reply(reply, |r: MoveReply| {
+                        println!("{}", registry_view::move_line(&r))
+                    })
+                }
+                Command::History { json, limit } => {
+                    let body = serde_json::to_vec(&HistoryRequest { limit })?;
+                    let reply =
+                        request_json(&client, &subjects.registry_history, body, "registry").await?;
                     if json {
-                        print_reply::<RunsReply>(reply)
+                        print_reply::<HistoryReply>(reply)
                     } else {
-                        with_reply(reply, |r: RunsReply| print!("{}", runs_table(&r)))
+                        with_reply(reply, |h: HistoryReply| {
+                            print!("{}", registry_view::history_table(&h.moves))
+                        })
                     }
                 }
                 Command::Train { timeout } => {
@@ -162,7 +288,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("{}", String::from_utf8_lossy(&reply));
                     ExitCode::SUCCESS
                 }
-                Command::GenData { .. } | Command::Up(_) | Command::Bench(_) => unreachable!(),
+                Command::GenData { .. } | Command::Up(_) | Command::Bench(_) | Command::Echo => {
+                    unreachable!("handled above")
+                }
             };
             client.drain().await.ok();
             Ok(code)
@@ -170,7 +298,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn gen_data(rows: usize, seed: u64, out: Option<PathBuf>) -> anyhow::Result<()> {
+fn gen_data(rows: usize, seed: u64, out: Option<PathBuf>, target: Target) -> anyhow::Result<()> {
     match out {
         Some(path) => {
             let tmp = tempfile::NamedTempFile::new_in(
@@ -178,7 +306,12 @@ fn gen_data(rows: usize, seed: u64, out: Option<PathBuf>) -> anyhow::Result<()> 
                     .filter(|p| !p.as_os_str().is_empty())
                     .unwrap_or(".".as_ref()),
             )?;
-            ml_shared::gen::write_csv(std::io::BufWriter::new(tmp.as_file()), rows, seed)?;
+            ml_shared::gen::write_csv_with(
+                std::io::BufWriter::new(tmp.as_file()),
+                rows,
+                seed,
+                target,
+            )?;
             // A temporary file is private (0600); data files are for everyone to read.
             #[cfg(unix)]
             std::fs::set_permissions(
@@ -189,7 +322,7 @@ fn gen_data(rows: usize, seed: u64, out: Option<PathBuf>) -> anyhow::Result<()> 
                 .with_context(|| format!("writing {}", path.display()))?;
             eprintln!("wrote {rows} rows to {}", path.display());
         }
-        None => ml_shared::gen::write_csv(std::io::stdout().lock(), rows, seed)?,
+        None => ml_shared::gen::write_csv_with(std::io::stdout().lock(), rows, seed, target)?,
     }
     Ok(())
 }
@@ -259,47 +392,6 @@ fn print_error(error: &ErrorReply) -> ExitCode {
         serde_json::to_string(error).unwrap_or_else(|_| error.to_string())
     );
     ExitCode::FAILURE
-}
-
-fn models_table(m: &ModelsReply) -> String {
-    let mut out = format!(
-        "{:>7}  {:<24}  {:<6}  {:>9}  {:>9}  {:>8}  {}\n",
-        "VERSION", "CREATED", "ALIAS", "RMSE", "MAE", "R2", "FEATURES"
-    );
-    for s in &m.models {
-        out.push_str(&format!(
-            "{:>7}  {:<24}  {:<6}  {:>9.5}  {:>9.5}  {:>8.5}  {}\n",
-            s.version,
-            s.created_at,
-            if s.production { "prod" } else { "" },
-            s.metrics.rmse,
-            s.metrics.mae,
-            s.metrics.r2,
-            s.feature_names.join(",")
-        ));
-    }
-    out
-}
-
-fn runs_table(r: &RunsReply) -> String {
-    let mut out = format!(
-        "{:<24}  {:>7}  {:<20}  {:>9}  {:>8}  {:>7}  {:>6}  {}\n",
-        "TIMESTAMP", "VERSION", "RUN", "RMSE", "R2", "ROWS", "MS", "DATA"
-    );
-    for row in &r.runs {
-        out.push_str(&format!(
-            "{:<24}  {:>7}  {:<20}  {:>9.5}  {:>8.5}  {:>7}  {:>6}  {}\n",
-            row.timestamp,
-            row.version,
-            row.run_id,
-            row.rmse,
-            row.r2,
-            row.rows_train + row.rows_validation,
-            row.duration_ms,
-            &row.data_fingerprint[..row.data_fingerprint.len().min(19)]
-        ));
-    }
-    out
 }
 
 /// Fails when the reply is an error; used by commands that need the value.

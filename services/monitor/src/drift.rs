@@ -223,6 +223,7 @@ mod tests {
             feature_names: names.clone(),
             coefficients: vec![2.5, -1.25, 0.8],
             intercept: 3.0,
+            scaler: None,
             profile: None,
         };
         let plan = registry.plan(&names).unwrap();

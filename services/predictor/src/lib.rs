@@ -63,6 +63,15 @@ pub struct Config {
     #[arg(long, env = "MODEL_RECONCILE", default_value = "30s", value_parser = parse_duration)]
     pub model_reconcile: Duration,
 
+    /// Runtime worker threads: 1 runs everything on one thread (fastest for
+    /// this workload on small machines; scale out with replicas instead).
+    #[arg(long, env = "PREDICTOR_THREADS", default_value_t = 1)]
+    pub threads: usize,
+
+    /// Largest batch (`{"user_ids": [...]}`) a request may hold.
+    #[arg(long, env = "MAX_BATCH", default_value_t = serving::DEFAULT_MAX_BATCH)]
+    pub max_batch: usize,
+
     /// This instance's id in latency events (default: host name and pid).
     #[arg(long, env = "PREDICTOR_ID")]
     pub predictor_id: Option<String>,
@@ -126,7 +135,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     };
     tracing::info!(users = store.len(), data = %config.data_path.display(), "feature store loaded");
-    let state = Arc::new(ServingState::new(registry, store));
+    let state = Arc::new(ServingState::with_max_batch(
+        registry,
+        store,
+        config.max_batch,
+    ));
 
     let client = ml_shared::nats::connect(&config.nats, SERVICE_NAME).await?;
     let subjects = config.nats.subjects();
@@ -237,9 +250,9 @@ async fn handle(state: &ServingState, events: &EventSink, request: Request) {
     let mut sample = events.sample_next().then(FeatureSample::default);
     let (body, version, outcome) =
         match state.predict_sampled(&request.message.payload, sample.as_mut()) {
-            Ok(reply) => (
-                serde_json::to_vec(&reply),
-                Some(reply.model_version),
+            Ok(answer) => (
+                serde_json::to_vec(&answer),
+                Some(answer.model_version()),
                 Outcome::Ok,
             ),
             Err((error, version)) => (

@@ -5,16 +5,79 @@
 //! takes a snapshot (an atomic load, no lock, no copy), so a new model or a
 //! reloaded store replaces the old one between two requests, never during one.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use ml_shared::features::{FeaturePlan, FeatureRegistry, FeatureStore};
-use ml_shared::messages::{ErrorCode, ErrorReply, ModelRelease, PredictReply, PredictRequest};
+use ml_shared::messages::{ErrorCode, ErrorReply, ModelRelease};
 use ml_shared::model::ModelArtifact;
 use ml_shared::profile::FeatureSample;
+use serde::{Deserialize, Serialize};
 
 /// Most features a model may take (the per-request buffer lives on the stack).
 pub const MAX_FEATURES: usize = 64;
+
+/// Default largest batch (`{"user_ids": [...]}`) a request may hold.
+pub const DEFAULT_MAX_BATCH: usize = 1000;
+
+/// A request as decoded on the hot path: strings borrow from the payload
+/// where JSON allows (no escapes), so decoding allocates little.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestRef<'a> {
+    #[serde(borrow, default)]
+    user_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    user_ids: Option<Vec<Cow<'a, str>>>,
+    #[serde(borrow, default)]
+    features: Option<BTreeMap<Cow<'a, str>, f64>>,
+}
+
+/// A successful answer, serialised as the reply. Its JSON is that of
+/// [`ml_shared::messages::PredictReply`] or [`ml_shared::messages::BatchPredictReply`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Answer<'a> {
+    /// One prediction.
+    One {
+        /// The user, when the request named one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user_id: Option<Cow<'a, str>>,
+        /// The model's output (a classifier's: the probability of class 1).
+        prediction: f64,
+        /// A classifier's label; absent for a regression model.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        label: Option<u8>,
+        /// The model that answered.
+        model_version: u64,
+    },
+    /// A batch: one prediction per requested user, `null` for unknown ones.
+    Many {
+        /// In request order.
+        predictions: Vec<Option<f64>>,
+        /// A classifier's labels, one per prediction; absent for a regression model.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        labels: Option<Vec<Option<u8>>>,
+        /// The model that answered.
+        model_version: u64,
+        /// The requested ids that are not in the store.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        unknown_user_ids: Vec<Cow<'a, str>>,
+    },
+}
+
+impl Answer<'_> {
+    /// The model version that answered.
+    pub fn model_version(&self) -> u64 {
+        match self {
+            Answer::One { model_version, .. } | Answer::Many { model_version, .. } => {
+                *model_version
+            }
+        }
+    }
+}
 
 /// A model ready to serve.
 #[derive(Debug)]
@@ -47,15 +110,27 @@ pub enum LoadError {
 #[derive(Debug)]
 pub struct ServingState {
     registry: FeatureRegistry,
+    max_batch: usize,
     model: ArcSwapOption<LoadedModel>,
     store: ArcSwap<FeatureStore>,
 }
 
 impl ServingState {
-    /// A state with no model and the given store.
+    /// A state with no model and the given store, accepting batches of up
+    /// to [`DEFAULT_MAX_BATCH`] user ids.
     pub fn new(registry: FeatureRegistry, store: FeatureStore) -> Self {
+        Self::with_max_batch(registry, store, DEFAULT_MAX_BATCH)
+    }
+
+    /// A state with no model, the given store and batch limit.
+    pub fn with_max_batch(
+        registry: FeatureRegistry,
+        store: FeatureStore,
+        max_batch: usize,
+    ) -> Self {
         Self {
             registry,
+            max_batch,
             model: ArcSwapOption::empty(),
             store: ArcSwap::from_pointee(store),
         }
@@ -107,20 +182,21 @@ impl ServingState {
         self.store.load().len()
     }
 
-    /// Answers one request payload. The error carries the version of the
-    /// model that was in place, for the monitor.
-    pub fn predict(&self, payload: &[u8]) -> Result<PredictReply, (ErrorReply, Option<u64>)> {
+    /// Answers one request payload. The reply borrows the payload (no copy
+    /// of the user id); an error carries the version of the model that was
+    /// in place, for the monitor.
+    pub fn predict<'p>(&self, payload: &'p [u8]) -> Result<Answer<'p>, (ErrorReply, Option<u64>)> {
         self.predict_sampled(payload, None)
     }
 
     /// [`predict`](Self::predict), also writing the raw features used and
-    /// the prediction into `sample` when one is given and the request
-    /// succeeds (for drift monitoring; nothing is allocated).
-    pub fn predict_sampled(
+    /// the prediction into `sample` when one is given (for drift monitoring;
+    /// nothing is allocated). For a batch, the sample is its last row scored.
+    pub fn predict_sampled<'p>(
         &self,
-        payload: &[u8],
-        sample: Option<&mut FeatureSample>,
-    ) -> Result<PredictReply, (ErrorReply, Option<u64>)> {
+        payload: &'p [u8],
+        mut sample: Option<&mut FeatureSample>,
+    ) -> Result<Answer<'p>, (ErrorReply, Option<u64>)> {
         let model = self.model.load();
         let version = model.as_ref().map(|m| m.version);
         let fail = |code, message: String| Err((ErrorReply::new(code, message), version));
@@ -128,10 +204,10 @@ impl ServingState {
         if payload.iter().all(u8::is_ascii_whitespace) {
             return fail(
                 ErrorCode::BadRequest,
-                r#"empty request: send {"user_id": "..."} or {"features": {...}}"#.into(),
+                r#"empty request: send {"user_id": "..."}, {"user_ids": [...]} or {"features": {...}}"#.into(),
             );
         }
-        let request: PredictRequest = match serde_json::from_slice(payload) {
+        let request: RequestRef<'p> = match serde_json::from_slice(payload) {
             Ok(r) => r,
             Err(e) => return fail(ErrorCode::BadRequest, format!("invalid request: {e}")),
         };
@@ -141,61 +217,115 @@ impl ServingState {
                 "no model has been published yet; retry shortly".into(),
             );
         };
-        let mut raw = [0.0; MAX_FEATURES];
-        let raw_len = self.registry.raw_names().len();
-        let store;
-        let raw: &[f64] = match (&request.user_id, &request.features) {
-            (Some(user_id), None) => {
-                store = self.store.load();
-                match store.raw(user_id) {
-                    Some(row) => row,
-                    None => {
-                        return fail(
-                            ErrorCode::UnknownUser,
-                            format!("user_id {user_id:?} is not in the feature store"),
-                        )
-                    }
-                }
-            }
-            (None, Some(features)) => {
-                if let Err(message) = self.raw_from_map(features, &mut raw[..raw_len]) {
-                    return fail(ErrorCode::BadRequest, message);
-                }
-                &raw[..raw_len]
-            }
-            _ => {
-                return fail(
-                    ErrorCode::BadRequest,
-                    "give exactly one of \"user_id\" and \"features\"".into(),
-                )
-            }
-        };
         let mut x = [0.0; MAX_FEATURES];
         let x = &mut x[..model.plan.len()];
-        model.plan.compute_into(raw, x);
-        let prediction = model.artifact.predict(x);
-        if !prediction.is_finite() {
-            return fail(
+        let mut score = |raw: &[f64]| {
+            model.plan.compute_into(raw, x);
+            let p = model.artifact.predict(x);
+            let p = p.is_finite().then_some(p)?;
+            if let Some(sample) = sample.as_deref_mut() {
+                sample.set(raw, p);
+            }
+            Some(p)
+        };
+        let non_finite = "the features give a non-finite prediction";
+        match request {
+            RequestRef {
+                user_id: Some(user_id),
+                user_ids: None,
+                features: None,
+            } => {
+                let store = self.store.load();
+                let Some(raw) = store.raw(&user_id) else {
+                    return fail(
+                        ErrorCode::UnknownUser,
+                        format!("user_id {user_id:?} is not in the feature store"),
+                    );
+                };
+                let Some(prediction) = score(raw) else {
+                    return fail(ErrorCode::Internal, non_finite.into());
+                };
+                Ok(Answer::One {
+                    user_id: Some(user_id),
+                    prediction,
+                    label: model.artifact.label(prediction),
+                    model_version: model.version,
+                })
+            }
+            RequestRef {
+                user_id: None,
+                user_ids: Some(user_ids),
+                features: None,
+            } => {
+                if user_ids.is_empty() || user_ids.len() > self.max_batch {
+                    return fail(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "a batch holds 1 to {} user_ids, not {}",
+                            self.max_batch,
+                            user_ids.len()
+                        ),
+                    );
+                }
+                let store = self.store.load();
+                let mut predictions = Vec::with_capacity(user_ids.len());
+                let mut unknown_user_ids = Vec::new();
+                for id in user_ids {
+                    match store.raw(&id) {
+                        Some(raw) => predictions.push(score(raw)),
+                        None => {
+                            predictions.push(None);
+                            unknown_user_ids.push(id);
+                        }
+                    }
+                }
+                let labels = model.artifact.kind.is_classifier().then(|| {
+                    predictions
+                        .iter()
+                        .map(|p| p.and_then(|p| model.artifact.label(p)))
+                        .collect()
+                });
+                Ok(Answer::Many {
+                    predictions,
+                    labels,
+                    model_version: model.version,
+                    unknown_user_ids,
+                })
+            }
+            RequestRef {
+                user_id: None,
+                user_ids: None,
+                features: Some(features),
+            } => {
+                let mut raw = [0.0; MAX_FEATURES];
+                let raw = &mut raw[..self.registry.raw_names().len()];
+                if let Err(message) = self.raw_from_map(&features, raw) {
+                    return fail(ErrorCode::BadRequest, message);
+                }
+                let Some(prediction) = score(raw) else {
+                    return fail(ErrorCode::BadRequest, non_finite.into());
+                };
+                Ok(Answer::One {
+                    user_id: None,
+                    prediction,
+                    label: model.artifact.label(prediction),
+                    model_version: model.version,
+                })
+            }
+            _ => fail(
                 ErrorCode::BadRequest,
-                "the features give a non-finite prediction".into(),
-            );
+                "give exactly one of \"user_id\", \"user_ids\" and \"features\"".into(),
+            ),
         }
-        if let Some(sample) = sample {
-            sample.set(raw, prediction);
-        }
-        Ok(PredictReply {
-            user_id: request.user_id,
-            prediction,
-            model_version: model.version,
-        })
     }
 
     fn raw_from_map(
         &self,
-        features: &std::collections::BTreeMap<String, f64>,
+        features: &BTreeMap<Cow<'_, str>, f64>,
         out: &mut [f64],
     ) -> Result<(), String> {
         for name in features.keys() {
+            let name: &str = name;
             if self.registry.raw_index(name).is_none() {
                 return Err(if self.registry.names().any(|n| n == name) {
                     format!("{name:?} is derived by the feature store; send raw features only")
@@ -208,7 +338,7 @@ impl ServingState {
             }
         }
         for (slot, name) in out.iter_mut().zip(self.registry.raw_names()) {
-            match features.get(name) {
+            match features.get(name.as_str()) {
                 Some(v) if v.is_finite() => *slot = *v,
                 Some(_) => return Err(format!("{name:?} is not a finite number")),
                 None => return Err(format!("missing feature {name:?}")),
@@ -244,12 +374,13 @@ mod tests {
                 feature_names: vec!["feature_1".into(), "feature_2".into(), "feature_3".into()],
                 coefficients: vec![1.0, 10.0, 100.0],
                 intercept: 0.5,
+                scaler: None,
                 profile: None,
             },
         }
     }
 
-    fn code(r: Result<PredictReply, (ErrorReply, Option<u64>)>) -> ErrorCode {
+    fn code(r: Result<Answer<'_>, (ErrorReply, Option<u64>)>) -> ErrorCode {
         r.unwrap_err().0.error.code
     }
 
@@ -259,13 +390,27 @@ mod tests {
         assert_eq!(code(s.predict(br#"{"user_id":"u1"}"#)), ErrorCode::NoModel);
         s.install(s.prepare(release(7)).unwrap());
         let r = s.predict(br#"{"user_id":"u1"}"#).unwrap();
-        assert_eq!(r.prediction, 0.5 + 2.0 + 30.0 + 400.0);
-        assert_eq!((r.model_version, r.user_id.as_deref()), (7, Some("u1")));
+        assert_eq!(
+            r,
+            Answer::One {
+                user_id: Some("u1".into()),
+                prediction: 0.5 + 2.0 + 30.0 + 400.0,
+                label: None,
+                model_version: 7
+            }
+        );
         let r = s
             .predict(br#"{"features":{"feature_1":2,"feature_2":3}}"#)
             .unwrap();
-        assert_eq!(r.prediction, 432.5);
-        assert_eq!(r.user_id, None);
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"prediction":432.5,"model_version":7}"#
+        );
+        let r = s.predict(br#"{"user_ids":["u1","nobody","u1"]}"#).unwrap();
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"predictions":[432.5,null,432.5],"model_version":7,"unknown_user_ids":["nobody"]}"#
+        );
     }
 
     #[test]
@@ -273,16 +418,50 @@ mod tests {
         let s = state();
         s.install(s.prepare(release(7)).unwrap());
         let mut sample = FeatureSample::default();
-        let r = s
+        let Answer::One { prediction, .. } = s
             .predict_sampled(br#"{"user_id":"u1"}"#, Some(&mut sample))
-            .unwrap();
+            .unwrap()
+        else {
+            panic!("one answer")
+        };
         assert_eq!(sample.values(), [2.0, 3.0]);
-        assert_eq!(sample.prediction, r.prediction);
+        assert_eq!(sample.prediction, prediction);
         let mut sample = FeatureSample::default();
         assert!(s
             .predict_sampled(br#"{"user_id":"nobody"}"#, Some(&mut sample))
             .is_err());
         assert!(sample.is_empty());
+    }
+
+    #[test]
+    fn a_classifier_gives_the_probability_and_the_label() {
+        let s = state();
+        let mut r = release(2);
+        r.artifact.kind = ModelKind::Logistic;
+        r.artifact.coefficients = vec![1.0, -1.0, 0.0];
+        r.artifact.intercept = 0.0;
+        r.artifact.scaler = Some(ml_shared::model::Scaler {
+            mean: vec![0.0, 0.0, 0.0],
+            scale: vec![2.0, 1.0, 1.0],
+        });
+        s.install(s.prepare(r).unwrap());
+        // u1: feature_1 = 2, feature_2 = 3: σ(2/2 − 3) = σ(−2).
+        let Answer::One {
+            prediction, label, ..
+        } = s.predict(br#"{"user_id":"u1"}"#).unwrap()
+        else {
+            panic!("one answer")
+        };
+        assert!((prediction - 1.0 / (1.0 + 2f64.exp())).abs() < 1e-15);
+        assert_eq!(label, Some(0));
+        let r = s
+            .predict(br#"{"features":{"feature_1":9,"feature_2":0}}"#)
+            .unwrap();
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains(r#""label":1,"model_version":2"#), "{json}");
+        let r = s.predict(br#"{"user_ids":["u1","nobody"]}"#).unwrap();
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains(r#""labels":[0,null]"#), "{json}");
     }
 
     #[test]
@@ -298,6 +477,9 @@ mod tests {
             br#"{"user_id":5}"#,
             br#"{"user_id":"u1","extra":1}"#,
             br#"{"user_id":"u1","features":{}}"#,
+            br#"{"user_id":"u1","user_ids":["u1"]}"#,
+            br#"{"user_ids":[]}"#,
+            br#"{"user_ids":"u1"}"#,
             br#"{}"#,
             br#"{"features":{"feature_1":1}}"#,
             br#"{"features":{"feature_1":1,"feature_2":"NaN"}}"#,

@@ -1,10 +1,14 @@
 //! The registry service: the system of record for models and runs.
 //!
-//! It answers four subjects and publishes one:
-//! - `ml.registry.submit` (binary): store the model durably ([`store`]),
-//!   reply `{"version": N, "production": true}` only after the fsync, then
-//!   publish the new production model on `ml.model.production` to every
-//!   predictor;
+//! It answers these subjects and publishes one:
+//! - `ml.registry.submit` (binary): store the model durably ([`store`]), make
+//!   it the `candidate`, run the promotion gate ([`gate`]), reply
+//!   `{"version":N,"production":bool,"gate":{…}}` only after the fsyncs, then
+//!   publish the production model on `ml.model.production` if it changed;
+//! - `ml.registry.promote`, `ml.registry.rollback` (JSON): move `production`
+//!   by hand, recorded in the history with who and why, then publish;
+//! - `ml.registry.history` (JSON): every alias move;
+//! - `ml.registry.run_failed` (JSON): log a run that produced no model;
 //! - `ml.registry.production` (binary): the production model, for a predictor
 //!   that starts later or wants to check it is current;
 //! - `ml.registry.models`, `ml.registry.runs` (JSON): the listings.
@@ -14,6 +18,9 @@
 //! failed write gets `unavailable` and no acknowledgement; either way the
 //! registry keeps serving. Run one registry per `REGISTRY_DIR`.
 
+pub mod gate;
+pub mod journal;
+pub mod legacy;
 pub mod store;
 
 use std::future::Future;
@@ -26,11 +33,15 @@ use bytes::Bytes;
 use clap::Parser;
 use futures::StreamExt;
 use ml_shared::codec;
+use ml_shared::lifecycle::{
+    FailedRun, HistoryReply, HistoryRequest, PromoteRequest, RecordedReply, RollbackRequest,
+};
 use ml_shared::messages::{
     ErrorCode, ErrorReply, ProductionQuery, ProductionReply, RunsReply, Submission, SubmitReply,
 };
 use ml_shared::settings::NatsSettings;
 use ml_shared::subjects::Subjects;
+use serde::de::DeserializeOwned;
 
 use crate::store::{Store, StoreError};
 
@@ -49,17 +60,25 @@ pub struct Config {
     /// Where models, the experiments log and the production pointer live.
     #[arg(long, env = "REGISTRY_DIR", default_value = "registry-data")]
     pub registry_dir: PathBuf,
+
+    /// How much worse than production, relative to production's value, a new
+    /// version's gate metric (RMSE, or accuracy for a classifier) may be and
+    /// still be promoted: 0.05 = 5%.
+    #[arg(long, env = "PROMOTE_TOLERANCE", default_value_t = gate::DEFAULT_TOLERANCE)]
+    pub promote_tolerance: f64,
 }
 
 /// Runs the registry until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let store = Store::open(&config.registry_dir)
+    let store = Store::open(&config.registry_dir, config.promote_tolerance)
         .with_context(|| format!("opening the registry in {}", config.registry_dir.display()))?;
     tracing::info!(
         dir = %config.registry_dir.display(),
         versions = store.models().models.len(),
-        corrupt = store.corrupt().len(),
+        corrupt = ?store.corrupt().keys().collect::<Vec<_>>(),
         production = ?store.production_release().map(|r| r.version),
+        epoch = store.production_epoch(),
+        tolerance = config.promote_tolerance,
         "registry opened"
     );
     let client = ml_shared::nats::connect(&config.nats, "registry").await?;
@@ -76,6 +95,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .await?;
     let mut models = client.subscribe(subjects.registry_models.clone()).await?;
     let mut runs = client.subscribe(subjects.registry_runs.clone()).await?;
+    let mut run_failed = client
+        .subscribe(subjects.registry_run_failed.clone())
+        .await?;
+    let mut promote = client.subscribe(subjects.registry_promote.clone()).await?;
+    let mut rollback = client.subscribe(subjects.registry_rollback.clone()).await?;
+    let mut history = client.subscribe(subjects.registry_history.clone()).await?;
     // Predictors that started before us are waiting for a model.
     registry.publish_production().await;
 
@@ -87,6 +112,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             Some(m) = production.next() => registry.on_production(m).await,
             Some(m) = models.next() => registry.on_models(m).await,
             Some(m) = runs.next() => registry.on_runs(m).await,
+            Some(m) = run_failed.next() => registry.on_run_failed(m).await,
+            Some(m) = promote.next() => registry.on_promote(m).await,
+            Some(m) = rollback.next() => registry.on_rollback(m).await,
+            Some(m) = history.next() => registry.on_history(m).await,
             else => break,
         }
     }
@@ -140,28 +169,126 @@ impl Registry {
         };
         let run_id = submission.run.run_id.clone();
         match self.with_store(move |s| s.register(submission)).await {
-            Ok(version) => {
-                tracing::info!(version, %run_id, "model registered and promoted to production");
+            Ok(registered) => {
+                let gate = &registered.gate;
+                tracing::info!(
+                    version = registered.version,
+                    %run_id,
+                    production = registered.production,
+                    metric = %gate.metric,
+                    value = gate.candidate,
+                    production_value = ?gate.production,
+                    tolerance = gate.tolerance,
+                    reason = %gate.reason,
+                    "model registered"
+                );
                 self.reply_json(
                     &message,
                     &SubmitReply {
-                        version,
-                        production: true,
+                        version: registered.version,
+                        production: registered.production,
+                        gate: Some(registered.gate.clone()),
                     },
                 )
                 .await;
-                self.publish_production().await;
+                if registered.production {
+                    self.publish_production().await;
+                }
             }
             Err(e) => {
-                let code = match e {
-                    StoreError::InvalidModel(_) | StoreError::InvalidSubmission(_) => {
-                        ErrorCode::BadRequest
-                    }
-                    StoreError::Io { .. } | StoreError::Log { .. } => ErrorCode::Unavailable,
-                };
                 tracing::error!(%run_id, error = %e, "submission not registered");
-                self.reply_json(&message, &ErrorReply::new(code, e.to_string()))
+                self.reply_json(&message, &store_error(&e)).await;
+            }
+        }
+    }
+
+    /// Parses a JSON request, answering `bad_request` when it cannot.
+    async fn parse<T: DeserializeOwned>(&self, message: &Message, empty_ok: bool) -> Option<T> {
+        let payload: &[u8] = if empty_ok && message.payload.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &message.payload
+        };
+        match serde_json::from_slice(payload) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(subject = %message.subject, error = %e, "malformed request");
+                let reply = ErrorReply::new(ErrorCode::BadRequest, format!("invalid request: {e}"));
+                self.reply_json(message, &reply).await;
+                None
+            }
+        }
+    }
+
+    async fn on_run_failed(&self, message: Message) {
+        let Some(run) = self.parse::<FailedRun>(&message, false).await else {
+            return;
+        };
+        let (run_id, reason) = (run.run_id.clone(), run.reason.clone());
+        match self.with_store(move |s| s.record_failure(&run)).await {
+            Ok(()) => {
+                tracing::info!(%run_id, %reason, "failed run recorded");
+                self.reply_json(&message, &RecordedReply { recorded: true })
                     .await;
+            }
+            Err(e) => {
+                tracing::error!(%run_id, error = %e, "failed run not recorded");
+                self.reply_json(&message, &store_error(&e)).await;
+            }
+        }
+    }
+
+    async fn on_promote(&self, message: Message) {
+        let Some(req) = self.parse::<PromoteRequest>(&message, false).await else {
+            return;
+        };
+        let outcome = self
+            .with_store(move |s| s.promote(req.version, &req.reason, &req.actor))
+            .await;
+        self.after_move(&message, outcome).await;
+    }
+
+    async fn on_rollback(&self, message: Message) {
+        let Some(req) = self.parse::<RollbackRequest>(&message, false).await else {
+            return;
+        };
+        let outcome = self
+            .with_store(move |s| {
+                let reason = req.reason.as_deref().unwrap_or("rollback");
+                s.rollback(reason, &req.actor)
+            })
+            .await;
+        self.after_move(&message, outcome).await;
+    }
+
+    async fn after_move(
+        &self,
+        message: &Message,
+        outcome: Result<ml_shared::lifecycle::MoveReply, StoreError>,
+    ) {
+        match outcome {
+            Ok(reply) => {
+                self.reply_json(message, &reply).await;
+                if reply.moved {
+                    self.publish_production().await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(subject = %message.subject, error = %e, "alias not moved");
+                self.reply_json(message, &store_error(&e)).await;
+            }
+        }
+    }
+
+    async fn on_history(&self, message: Message) {
+        let Some(req) = self.parse::<HistoryRequest>(&message, true).await else {
+            return;
+        };
+        match self.with_store(move |s| s.history(req.limit)).await {
+            Ok(moves) => self.reply_json(&message, &HistoryReply { moves }).await,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the history");
+                self.reply_json(&message, &store_error(&e)).await;
             }
         }
     }
@@ -222,4 +349,14 @@ impl Registry {
             }
         }
     }
+}
+
+/// The error reply for a store error: the caller's fault, or the disk's.
+fn store_error(e: &StoreError) -> ErrorReply {
+    let code = if e.is_bad_request() {
+        ErrorCode::BadRequest
+    } else {
+        ErrorCode::Unavailable
+    };
+    ErrorReply::new(code, e.to_string())
 }

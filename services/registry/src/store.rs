@@ -3,57 +3,93 @@
 //! ```text
 //! REGISTRY_DIR/
 //!   models/model-00000001.bin   one artifact per version (codec envelope, checksummed)
-//!   experiments.csv             one line per registered run, for people and spreadsheets
-//!   production.json             {"version": N, "epoch": E}
+//!   experiments.csv             one line per run (registered or failed), for people and spreadsheets
+//!   history.jsonl               one JSON line per alias move: the journal of production and candidate
+//!   production.json             {"version":N,"epoch":E,"candidate":C,"previous":[…],"seq":S}
 //! ```
 //!
-//! Every write goes to a temporary file that is fsynced and renamed over the
-//! target, then the directory is fsynced; the experiments log is appended
-//! with one `write` per line and fsynced. Only then does [`Store::register`]
-//! return, and only then does the service acknowledge. At start-up, leftover
-//! temporary files are removed, a torn last log line (a crash mid-append) is
-//! cut, and an artifact that fails its checksum is reported and never served.
-//! Version numbers are never reused: the next one is above every number seen
-//! in the artifact files and the log, corrupt ones included.
+//! Every file is written with the discipline of [`crate::journal`]: artifacts
+//! and the pointer through a temporary file, fsync, rename and a directory
+//! fsync; the two logs by appending whole lines with one `write` and an
+//! fsync. A registration writes, in order: the artifact, the alias moves to
+//! `history.jsonl` (the commit point of a move), `production.json`, and the
+//! experiments row; only then does [`Store::register`] return and the service
+//! acknowledge.
+//!
+//! At start-up, leftover temporary files are removed; a torn last line of
+//! either log (a crash mid-append) is cut, with a log line; moves in the
+//! history that `production.json` does not reflect yet (a crash between the
+//! two) are replayed; a stored version with no experiments row gets one; an
+//! artifact that fails its checksum is reported and never served, and if it
+//! was production the registry moves production to the previous (or newest)
+//! servable version and records that move. Version numbers are never
+//! reused: the next one is above every number seen in the artifact files,
+//! the log and the history, corrupt ones included.
+//!
+//! A directory written by an older build (format-1 artifacts, the old
+//! experiments columns, a `production.json` with only `version` and `epoch`,
+//! no history) opens: artifacts are read through [`crate::legacy`], and the
+//! log is rewritten once, atomically, with the current columns.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use ml_shared::codec::{self, CodecError};
+use ml_shared::lifecycle::{Alias, AliasMove, FailedRun, GateReport, MoveAction, MoveReply};
 use ml_shared::messages::{
-    ExperimentRow, ModelRelease, ModelSummary, ModelsReply, RunRecord, Submission,
+    CorruptVersion, ExperimentRow, ModelRelease, ModelSummary, ModelsReply, RunRecord, Submission,
 };
 use ml_shared::model::{ModelArtifact, ModelError};
 use serde::{Deserialize, Serialize};
 
+use crate::gate::{self, Contender};
+use crate::journal::{self, io_err, IoError, TMP_SUFFIX};
+use crate::legacy::{StoredModelV1, StoredModelV2};
+
 const MODELS_DIR: &str = "models";
 const EXPERIMENTS: &str = "experiments.csv";
+const HISTORY: &str = "history.jsonl";
 const PRODUCTION: &str = "production.json";
-const TMP_SUFFIX: &str = ".tmp";
+/// Most earlier production versions remembered for rollbacks.
+pub const ROLLBACK_DEPTH: usize = 100;
+/// Longest accepted reason or actor, in bytes.
+pub const MAX_TEXT: usize = 1000;
+
+/// The actor recorded for moves made by a trainer's submission.
+pub const TRAINER_ACTOR: &str = "trainer";
+/// The actor recorded for moves the registry makes itself (gate, recovery).
+pub const REGISTRY_ACTOR: &str = "registry";
 
 /// Why the store cannot do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A file operation failed (disk full, permissions...). Nothing was acknowledged.
-    #[error("{action} {path}: {source}")]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// The submitted model is unusable.
     #[error("invalid model: {0}")]
     InvalidModel(#[from] ModelError),
-    /// The submission is inconsistent.
-    #[error("invalid submission: {0}")]
-    InvalidSubmission(String),
-    /// The experiments log cannot be parsed.
-    #[error("experiments log {path}: {reason}")]
+    /// The submission or request is inconsistent.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// No such version.
+    #[error("version {0} does not exist")]
+    UnknownVersion(u64),
+    /// The version's artifact cannot be read or fails its checksum.
+    #[error("version {version} cannot be served: its artifact is corrupt ({reason})")]
+    Corrupt {
+        /// The version.
+        version: u64,
+        /// What is wrong with its file.
+        reason: String,
+    },
+    /// A rollback with no earlier production version.
+    #[error("there is no previous production version to roll back to")]
+    NoPrevious,
+    /// A log file cannot be parsed.
+    #[error("log {path}: {reason}")]
     Log {
         /// The file.
         path: PathBuf,
@@ -62,11 +98,10 @@ pub enum StoreError {
     },
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io {
-        action,
-        path: path.to_owned(),
-        source,
+impl StoreError {
+    /// Whether the caller's request is at fault (rather than the disk).
+    pub fn is_bad_request(&self) -> bool {
+        !matches!(self, StoreError::Io(_) | StoreError::Log { .. })
     }
 }
 
@@ -81,12 +116,87 @@ pub struct StoredModel {
     pub run: RunRecord,
     /// The model.
     pub artifact: ModelArtifact,
+    /// The production version when it was registered.
+    pub parent: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-struct Production {
-    version: u64,
+/// The alias state, replaced atomically in `production.json`. Old files with
+/// only `version` and `epoch` read with the other fields empty.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Pointer {
+    /// The production version.
+    #[serde(default)]
+    version: Option<u64>,
+    /// Production changes so far.
+    #[serde(default)]
     epoch: u64,
+    /// The candidate version.
+    #[serde(default)]
+    candidate: Option<u64>,
+    /// Earlier production versions, oldest first: where rollbacks go.
+    #[serde(default)]
+    previous: Vec<u64>,
+    /// The last history move reflected here.
+    #[serde(default)]
+    seq: u64,
+}
+
+impl Pointer {
+    fn get(&self, alias: Alias) -> Option<u64> {
+        match alias {
+            Alias::Production => self.version,
+            Alias::Candidate => self.candidate,
+        }
+    }
+
+    /// Applies one move; replaying the history from an older pointer gives
+    /// the same state as applying the moves as they were made.
+    fn apply(&mut self, m: &AliasMove) {
+        match m.alias {
+            Alias::Candidate => self.candidate = Some(m.to),
+            Alias::Production => {
+                match m.action {
+                    MoveAction::Rollback | MoveAction::Recovery => {
+                        if let Some(i) = self.previous.iter().rposition(|&v| v == m.to) {
+                            self.previous.truncate(i);
+                        }
+                    }
+                    MoveAction::Register | MoveAction::Gate | MoveAction::Promote => {
+                        if let Some(from) = m.from.filter(|&f| f != m.to) {
+                            self.previous.push(from);
+                            let excess = self.previous.len().saturating_sub(ROLLBACK_DEPTH);
+                            self.previous.drain(..excess);
+                        }
+                    }
+                }
+                self.version = Some(m.to);
+                if let Some(epoch) = m.epoch {
+                    self.epoch = epoch;
+                }
+            }
+        }
+        self.seq = m.seq;
+    }
+}
+
+/// A move about to be recorded.
+struct Draft<'a> {
+    alias: Alias,
+    to: u64,
+    action: MoveAction,
+    actor: &'a str,
+    reason: String,
+}
+
+/// The outcome of a registration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registered {
+    /// The version assigned.
+    pub version: u64,
+    /// Whether it became production.
+    pub production: bool,
+    /// The gate's decision.
+    pub gate: GateReport,
 }
 
 /// The registry's state, loaded from and written through to its directory.
@@ -95,40 +205,59 @@ pub struct Store {
     dir: PathBuf,
     models: BTreeMap<u64, StoredModel>,
     corrupt: BTreeMap<u64, String>,
-    production: Option<Production>,
+    pointer: Pointer,
     next_version: u64,
+    tolerance: f64,
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `dir` and recovers its state.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    /// Opens (creating if needed) the store in `dir` and recovers its state;
+    /// the promotion gate uses `tolerance` (see [`crate::gate`]).
+    pub fn open(dir: &Path, tolerance: f64) -> Result<Self, StoreError> {
+        if !(tolerance.is_finite() && tolerance >= 0.0) {
+            return Err(StoreError::Invalid(format!(
+                "promotion tolerance {tolerance} is not a number ≥ 0"
+            )));
+        }
         let models_dir = dir.join(MODELS_DIR);
         fs::create_dir_all(&models_dir).map_err(io_err("creating", &models_dir))?;
         let mut store = Store {
             dir: dir.to_owned(),
             models: BTreeMap::new(),
             corrupt: BTreeMap::new(),
-            production: None,
+            pointer: Pointer::default(),
             next_version: 1,
+            tolerance,
         };
         store.remove_temporaries()?;
         store.load_models()?;
-        let logged = store.recover_log()?;
+        let rows = store.recover_experiments()?;
+        let history = store.recover_history()?;
+        store.pointer = store.load_pointer(&history)?;
         store.next_version = store
             .models
             .keys()
             .chain(store.corrupt.keys())
             .copied()
-            .chain(logged)
+            .chain(rows.iter().filter_map(|r| r.version))
+            .chain(history.iter().map(|m| m.to))
+            .chain(store.pointer.version)
+            .chain(store.pointer.candidate)
+            .chain(store.pointer.previous.iter().copied())
             .max()
             .unwrap_or(0)
             + 1;
-        store.production = store.load_production()?;
+        store.recover_production()?;
+        store.recover_missing_rows(&rows, &history)?;
         Ok(store)
     }
 
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
     fn remove_temporaries(&self) -> Result<(), StoreError> {
-        for dir in [self.dir.clone(), self.dir.join(MODELS_DIR)] {
+        for dir in [self.dir.clone(), self.path(MODELS_DIR)] {
             for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
                 let path = entry.map_err(io_err("listing", &dir))?.path();
                 if path.to_string_lossy().ends_with(TMP_SUFFIX) {
@@ -141,7 +270,7 @@ impl Store {
     }
 
     fn load_models(&mut self) -> Result<(), StoreError> {
-        let dir = self.dir.join(MODELS_DIR);
+        let dir = self.path(MODELS_DIR);
         for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
             let path = entry.map_err(io_err("listing", &dir))?.path();
             let Some(version) = version_of(&path) else {
@@ -165,145 +294,442 @@ impl Store {
         Ok(())
     }
 
-    /// Cuts a torn last line from the experiments log and returns the
-    /// versions it records.
-    fn recover_log(&self) -> Result<Vec<u64>, StoreError> {
-        let path = self.dir.join(EXPERIMENTS);
-        let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io_err("opening", &path)(e)),
-        };
-        let mut text = Vec::new();
-        file.read_to_end(&mut text)
-            .map_err(io_err("reading", &path))?;
-        if !text.is_empty() && !text.ends_with(b"\n") {
-            let keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    /// Cuts a torn last line, migrates an old header, returns the rows.
+    fn recover_experiments(&self) -> Result<Vec<ExperimentRow>, StoreError> {
+        let path = self.path(EXPERIMENTS);
+        let text = journal::cut_torn_tail(&path)?;
+        let rows = parse_log(&path, &text)?;
+        let header = csv_header();
+        if !text.is_empty() && !text.starts_with(&header) {
+            let mut rows = rows;
+            for row in &mut rows {
+                if row.status.is_empty() {
+                    // Before the gate existed, every registered version became production.
+                    row.status = "production".into();
+                }
+            }
+            let mut out = header.clone();
+            for row in &rows {
+                out.extend_from_slice(&csv_line(row));
+            }
+            journal::write_atomically(&path, &out)?;
             tracing::warn!(
                 path = %path.display(),
-                cut_bytes = text.len() - keep,
-                "experiments log ends with a torn line (a crash mid-write); cutting it"
+                rows = rows.len(),
+                "experiments log rewritten with the current columns"
             );
-            file.set_len(keep as u64)
-                .map_err(io_err("truncating", &path))?;
-            file.sync_all().map_err(io_err("syncing", &path))?;
-            text.truncate(keep);
+            return Ok(rows);
         }
-        Ok(parse_log(&path, &text)?.iter().map(|r| r.version).collect())
+        Ok(rows)
     }
 
-    fn load_production(&self) -> Result<Option<Production>, StoreError> {
-        let path = self.dir.join(PRODUCTION);
-        let saved = match fs::read(&path) {
-            Ok(bytes) => match serde_json::from_slice::<Production>(&bytes) {
-                Ok(p) => Some(p),
+    fn recover_history(&self) -> Result<Vec<AliasMove>, StoreError> {
+        let path = self.path(HISTORY);
+        let text = journal::cut_torn_tail(&path)?;
+        parse_history(&path, &text)
+    }
+
+    fn load_pointer(&self, history: &[AliasMove]) -> Result<Pointer, StoreError> {
+        let path = self.path(PRODUCTION);
+        let mut pointer = match fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<Pointer>(&bytes) {
+                Ok(p) => p,
                 Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "unreadable production pointer");
-                    None
+                    tracing::error!(path = %path.display(), error = %e, "unreadable production pointer; rebuilding it from the history");
+                    Pointer::default()
                 }
             },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io_err("reading", &path)(e)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Pointer::default(),
+            Err(e) => return Err(io_err("reading", &path)(e).into()),
         };
-        match saved {
-            Some(p) if self.models.contains_key(&p.version) => Ok(Some(p)),
-            other => {
-                // The pointer is missing or names a model that cannot be served:
-                // fall back to the newest servable model, under a new epoch.
-                let epoch = other.map_or(0, |p| p.epoch) + 1;
-                let fallback = self
-                    .models
-                    .keys()
-                    .next_back()
-                    .map(|&version| Production { version, epoch });
-                if let (Some(old), Some(new)) = (other, fallback) {
-                    tracing::error!(
-                        wanted = old.version,
-                        serving = new.version,
-                        "production model cannot be served; falling back to the newest good one"
-                    );
-                }
-                Ok(fallback)
+        let behind: Vec<&AliasMove> = history.iter().filter(|m| m.seq > pointer.seq).collect();
+        if !behind.is_empty() {
+            for m in &behind {
+                pointer.apply(m);
             }
+            tracing::warn!(
+                moves = behind.len(),
+                "replayed alias moves the production pointer did not reflect (a crash between the two writes)"
+            );
+            journal::write_atomically(&path, &pointer_json(&pointer))?;
         }
+        Ok(pointer)
     }
 
-    /// Stores a submission durably, makes it the production model, and
-    /// returns its version. On error nothing is acknowledged, and a version
+    /// Moves production off a version that cannot be served, to the previous
+    /// servable production version or else the newest servable one.
+    fn recover_production(&mut self) -> Result<(), StoreError> {
+        let current = self.pointer.version;
+        if current.is_some_and(|v| self.models.contains_key(&v)) {
+            return Ok(());
+        }
+        let fallback = self
+            .pointer
+            .previous
+            .iter()
+            .rev()
+            .find(|v| self.models.contains_key(v))
+            .or_else(|| self.models.keys().next_back())
+            .copied();
+        let Some(to) = fallback else {
+            if let Some(v) = current {
+                tracing::error!(
+                    version = v,
+                    "the production model cannot be served and no other version can"
+                );
+            }
+            return Ok(());
+        };
+        let reason = match current {
+            Some(v) => format!(
+                "production v{v} cannot be served ({}); falling back to v{to}",
+                self.corrupt
+                    .get(&v)
+                    .map_or("its artifact is missing", String::as_str)
+            ),
+            None => format!("no production pointer; serving the newest stored version v{to}"),
+        };
+        tracing::error!(wanted = ?current, serving = to, %reason, "production recovered");
+        self.commit(&[Draft {
+            alias: Alias::Production,
+            to,
+            action: MoveAction::Recovery,
+            actor: REGISTRY_ACTOR,
+            reason,
+        }])?;
+        Ok(())
+    }
+
+    /// Gives every stored version an experiments row (a crash after the
+    /// artifact was written but before its row was).
+    fn recover_missing_rows(
+        &self,
+        rows: &[ExperimentRow],
+        history: &[AliasMove],
+    ) -> Result<(), StoreError> {
+        let logged: std::collections::BTreeSet<u64> =
+            rows.iter().filter_map(|r| r.version).collect();
+        let mut lines = Vec::new();
+        for model in self
+            .models
+            .values()
+            .filter(|m| !logged.contains(&m.version))
+        {
+            let gated = history.iter().find(|m2| {
+                m2.to == model.version
+                    && m2.alias == Alias::Production
+                    && m2.action == MoveAction::Gate
+            });
+            let registered = history
+                .iter()
+                .find(|m2| m2.to == model.version && m2.action == MoveAction::Register);
+            let (status, reason) = match (gated, registered) {
+                (Some(g), _) => ("production", g.reason.clone()),
+                (None, Some(r)) => ("candidate", r.reason.clone()),
+                (None, None) => (
+                    "registered",
+                    "the registry stopped before the promotion gate ran".to_owned(),
+                ),
+            };
+            tracing::warn!(
+                version = model.version,
+                status,
+                "experiments row missing; appending it"
+            );
+            lines.extend_from_slice(&csv_line(&experiment_row(model, status, &reason)));
+        }
+        if !lines.is_empty() {
+            journal::append(&self.path(EXPERIMENTS), Some(&csv_header()), &lines)?;
+        }
+        Ok(())
+    }
+
+    /// Records `drafts` in the history (the commit point), then in the
+    /// pointer file.
+    fn commit(&mut self, drafts: &[Draft<'_>]) -> Result<Vec<AliasMove>, StoreError> {
+        let mut next = self.pointer.clone();
+        let mut moves = Vec::with_capacity(drafts.len());
+        let mut text = Vec::new();
+        let timestamp = ml_shared::time::rfc3339_ms(ml_shared::time::now_ms());
+        for d in drafts {
+            let m = AliasMove {
+                seq: next.seq + 1,
+                timestamp: timestamp.clone(),
+                alias: d.alias,
+                from: next.get(d.alias),
+                to: d.to,
+                epoch: (d.alias == Alias::Production).then_some(next.epoch + 1),
+                action: d.action,
+                actor: d.actor.to_owned(),
+                reason: d.reason.clone(),
+            };
+            next.apply(&m);
+            serde_json::to_writer(&mut text, &m).expect("a move serialises");
+            text.push(b'\n');
+            moves.push(m);
+        }
+        journal::append(&self.path(HISTORY), None, &text)?;
+        // Committed: a crash from here on is replayed from the history.
+        self.pointer = next;
+        journal::write_atomically(&self.path(PRODUCTION), &pointer_json(&self.pointer))?;
+        for m in &moves {
+            tracing::info!(
+                alias = %m.alias, from = ?m.from, to = m.to, epoch = ?m.epoch,
+                action = m.action.as_str(), actor = %m.actor, reason = %m.reason,
+                "alias moved"
+            );
+        }
+        Ok(moves)
+    }
+
+    /// The production model's gate view, if it is servable.
+    fn production_contender(&self) -> Option<Contender<'_>> {
+        let m = self.models.get(&self.pointer.version?)?;
+        Some(Contender {
+            version: m.version,
+            kind: m.artifact.kind,
+            metrics: &m.run.metrics,
+        })
+    }
+
+    /// Stores a submission durably, makes it the `candidate`, runs the
+    /// promotion gate (moving `production` if it passes), logs the run, and
+    /// returns the outcome. On error nothing is acknowledged, and a version
     /// number whose artifact reached the disk is never given out again.
-    pub fn register(&mut self, submission: Submission) -> Result<u64, StoreError> {
+    pub fn register(&mut self, submission: Submission) -> Result<Registered, StoreError> {
         let Submission { run, artifact } = submission;
         artifact.validate()?;
         if run.feature_names != artifact.feature_names {
-            return Err(StoreError::InvalidSubmission(
+            return Err(StoreError::Invalid(
                 "the run's feature names differ from the model's".into(),
             ));
+        }
+        let (metric, _) = gate::gate_metric(artifact.kind);
+        if !run.metrics.all_finite() || run.metrics.get(metric).is_none() {
+            return Err(StoreError::Invalid(format!(
+                "a {} model needs finite metrics including {metric}: {:?}",
+                artifact.kind.as_str(),
+                run.metrics
+            )));
         }
         let version = self.next_version;
         let model = StoredModel {
             version,
             created_ms: ml_shared::time::now_ms(),
+            parent: self.production_contender().map(|p| p.version),
             run,
             artifact,
         };
         let file = model_file(version);
-        write_atomically(&self.dir.join(&file), &codec::encode(&model))?;
+        journal::write_atomically(&self.path(&file), &codec::encode(&model))?;
         self.next_version = version + 1;
-        self.append_log(&experiment_row(&model, &file))?;
-        let production = Production {
-            version,
-            epoch: self.production.map_or(0, |p| p.epoch) + 1,
-        };
-        write_atomically(
-            &self.dir.join(PRODUCTION),
-            &serde_json::to_vec(&production).expect("serialisable"),
-        )?;
-        self.production = Some(production);
+
+        let report = gate::decide(
+            Contender {
+                version,
+                kind: model.artifact.kind,
+                metrics: &model.run.metrics,
+            },
+            self.production_contender(),
+            self.tolerance,
+        );
+        let row = experiment_row(
+            &model,
+            if report.promoted {
+                "production"
+            } else {
+                "candidate"
+            },
+            &report.reason,
+        );
+        let mut drafts = vec![Draft {
+            alias: Alias::Candidate,
+            to: version,
+            action: MoveAction::Register,
+            actor: TRAINER_ACTOR,
+            reason: format!("run {}; gate: {}", model.run.run_id, report.reason),
+        }];
+        if report.promoted {
+            drafts.push(Draft {
+                alias: Alias::Production,
+                to: version,
+                action: MoveAction::Gate,
+                actor: REGISTRY_ACTOR,
+                reason: report.reason.clone(),
+            });
+        }
         self.models.insert(version, model);
-        Ok(version)
+        self.commit(&drafts)?;
+        journal::append(
+            &self.path(EXPERIMENTS),
+            Some(&csv_header()),
+            &csv_line(&row),
+        )?;
+        Ok(Registered {
+            version,
+            production: report.promoted,
+            gate: report,
+        })
     }
 
-    fn append_log(&self, row: &ExperimentRow) -> Result<(), StoreError> {
-        let path = self.dir.join(EXPERIMENTS);
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io_err("opening", &path))?;
-        let empty = file
-            .seek(SeekFrom::End(0))
-            .map_err(io_err("seeking", &path))?
-            == 0;
-        let mut line = csv::WriterBuilder::new()
-            .has_headers(empty)
-            .from_writer(Vec::new());
-        line.serialize(row).expect("a flat row serialises");
-        let line = line.into_inner().expect("writing to memory");
-        file.write_all(&line)
-            .map_err(io_err("appending to", &path))?;
-        file.sync_data().map_err(io_err("syncing", &path))?;
+    /// Logs a run that produced no model (`status=failed`).
+    pub fn record_failure(&mut self, run: &FailedRun) -> Result<(), StoreError> {
+        check_text("run_id", &run.run_id)?;
+        check_text("reason", &run.reason)?;
+        let row = ExperimentRow {
+            timestamp: ml_shared::time::rfc3339_ms(ml_shared::time::now_ms()),
+            version: None,
+            run_id: run.run_id.clone(),
+            status: "failed".into(),
+            model: run.params.model.clone(),
+            seed: run.params.seed,
+            validation_fraction: run.params.validation_fraction,
+            rmse: None,
+            mae: None,
+            r2: None,
+            accuracy: None,
+            log_loss: None,
+            roc_auc: None,
+            rows_train: None,
+            rows_validation: None,
+            data_fingerprint: run.data_fingerprint.clone().unwrap_or_default(),
+            features: String::new(),
+            duration_ms: run.duration_ms,
+            artifact: String::new(),
+            parent: self.pointer.version,
+            reason: run.reason.clone(),
+        };
+        journal::append(
+            &self.path(EXPERIMENTS),
+            Some(&csv_header()),
+            &csv_line(&row),
+        )?;
         Ok(())
+    }
+
+    /// Re-reads a version's artifact and checks it against memory, so that a
+    /// file damaged since start-up is caught before it is served again.
+    fn verify_on_disk(&mut self, version: u64) -> Result<(), StoreError> {
+        if let Some(reason) = self.corrupt.get(&version) {
+            return Err(StoreError::Corrupt {
+                version,
+                reason: reason.clone(),
+            });
+        }
+        let Some(held) = self.models.get(&version) else {
+            return Err(StoreError::UnknownVersion(version));
+        };
+        let reason = match read_model(&self.path(&model_file(version))) {
+            Ok(on_disk) if &on_disk == held => return Ok(()),
+            Ok(_) => "the file no longer holds the registered model".to_owned(),
+            Err(reason) => reason,
+        };
+        tracing::error!(version, %reason, "corrupt artifact found; it will not be served");
+        self.models.remove(&version);
+        self.corrupt.insert(version, reason.clone());
+        Err(StoreError::Corrupt { version, reason })
+    }
+
+    /// Makes `version` production (a person's decision: no gate).
+    pub fn promote(
+        &mut self,
+        version: u64,
+        reason: &str,
+        actor: &str,
+    ) -> Result<MoveReply, StoreError> {
+        check_text("reason", reason)?;
+        check_text("actor", actor)?;
+        self.verify_on_disk(version)?;
+        if self.pointer.version == Some(version) {
+            return Ok(MoveReply {
+                alias: Alias::Production,
+                from: Some(version),
+                to: version,
+                epoch: self.pointer.epoch,
+                moved: false,
+            });
+        }
+        self.move_production(version, MoveAction::Promote, reason, actor)
+    }
+
+    /// Moves production back to the version it replaced.
+    pub fn rollback(&mut self, reason: &str, actor: &str) -> Result<MoveReply, StoreError> {
+        check_text("reason", reason)?;
+        check_text("actor", actor)?;
+        let to = *self.pointer.previous.last().ok_or(StoreError::NoPrevious)?;
+        self.verify_on_disk(to)?;
+        self.move_production(to, MoveAction::Rollback, reason, actor)
+    }
+
+    fn move_production(
+        &mut self,
+        to: u64,
+        action: MoveAction,
+        reason: &str,
+        actor: &str,
+    ) -> Result<MoveReply, StoreError> {
+        let moves = self.commit(&[Draft {
+            alias: Alias::Production,
+            to,
+            action,
+            actor,
+            reason: reason.to_owned(),
+        }])?;
+        let m = &moves[0];
+        Ok(MoveReply {
+            alias: Alias::Production,
+            from: m.from,
+            to,
+            epoch: self.pointer.epoch,
+            moved: true,
+        })
+    }
+
+    /// The alias history, oldest first; the last `limit` moves when given.
+    pub fn history(&self, limit: Option<usize>) -> Result<Vec<AliasMove>, StoreError> {
+        let path = self.path(HISTORY);
+        let text = match fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io_err("reading", &path)(e).into()),
+        };
+        let mut moves = parse_history(&path, &text)?;
+        if let Some(n) = limit {
+            moves.drain(..moves.len().saturating_sub(n));
+        }
+        Ok(moves)
     }
 
     /// The production model, ready to publish.
     pub fn production_release(&self) -> Option<ModelRelease> {
-        let p = self.production?;
-        let model = self.models.get(&p.version)?;
+        let version = self.pointer.version?;
+        let model = self.models.get(&version)?;
         Some(ModelRelease {
-            version: p.version,
-            epoch: p.epoch,
+            version,
+            epoch: self.pointer.epoch,
             artifact: model.artifact.clone(),
         })
     }
 
     /// The production epoch (0 when there is no production model).
     pub fn production_epoch(&self) -> u64 {
-        self.production.map_or(0, |p| p.epoch)
+        self.pointer.epoch
     }
 
-    /// Every servable version, oldest first.
+    /// The version an alias names, if it is servable.
+    pub fn alias(&self, alias: Alias) -> Option<u64> {
+        self.pointer
+            .get(alias)
+            .filter(|v| self.models.contains_key(v))
+    }
+
+    /// Every servable version, oldest first, with the aliases.
     pub fn models(&self) -> ModelsReply {
-        let production = self.production.map(|p| p.version);
+        let production = self.alias(Alias::Production);
+        let aliases: BTreeMap<String, u64> = Alias::ALL
+            .iter()
+            .filter_map(|&a| self.alias(a).map(|v| (a.as_str().to_owned(), v)))
+            .collect();
         ModelsReply {
             production,
             models: self
@@ -314,11 +740,26 @@ impl Store {
                     created_at: ml_shared::time::rfc3339_ms(m.created_ms),
                     kind: m.artifact.kind.as_str().into(),
                     production: production == Some(m.version),
+                    aliases: aliases
+                        .iter()
+                        .filter(|(_, &v)| v == m.version)
+                        .map(|(a, _)| a.clone())
+                        .collect(),
+                    parent: m.parent,
                     metrics: m.run.metrics,
                     feature_names: m.artifact.feature_names.clone(),
                     data_fingerprint: m.run.data_fingerprint.clone(),
                     run_id: m.run.run_id.clone(),
                     artifact: model_file(m.version),
+                })
+                .collect(),
+            aliases,
+            corrupt: self
+                .corrupt
+                .iter()
+                .map(|(&version, reason)| CorruptVersion {
+                    version,
+                    reason: reason.clone(),
                 })
                 .collect(),
         }
@@ -331,16 +772,33 @@ impl Store {
 
     /// The experiments log, oldest first.
     pub fn runs(&self) -> Result<Vec<ExperimentRow>, StoreError> {
-        let path = self.dir.join(EXPERIMENTS);
+        let path = self.path(EXPERIMENTS);
         match fs::read(&path) {
             Ok(text) => parse_log(&path, &text),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(io_err("reading", &path)(e)),
+            Err(e) => Err(io_err("reading", &path)(e).into()),
         }
     }
 }
 
-fn model_file(version: u64) -> String {
+fn check_text(what: &str, text: &str) -> Result<(), StoreError> {
+    if text.trim().is_empty() {
+        return Err(StoreError::Invalid(format!("{what} must not be empty")));
+    }
+    if text.len() > MAX_TEXT {
+        return Err(StoreError::Invalid(format!(
+            "{what} is longer than {MAX_TEXT} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn pointer_json(p: &Pointer) -> Vec<u8> {
+    serde_json::to_vec(p).expect("the pointer serialises")
+}
+
+/// The artifact file of a version, relative to the registry directory.
+pub fn model_file(version: u64) -> String {
     format!("{MODELS_DIR}/model-{version:08}.bin")
 }
 
@@ -352,33 +810,90 @@ fn version_of(path: &Path) -> Option<u64> {
         .ok()
 }
 
-/// Reads and verifies one artifact file.
+/// Reads and verifies one artifact file (any codec format since the first).
 pub fn read_model(path: &Path) -> Result<StoredModel, String> {
     let bytes = fs::read(path).map_err(|e| e.to_string())?;
-    let model: StoredModel = codec::decode(&bytes).map_err(|e: CodecError| e.to_string())?;
+    let model: StoredModel = codec::decode_or_legacy(&bytes, |old| match old.version() {
+        1 => old.decode::<StoredModelV1>().map(Into::into),
+        2 => old.decode::<StoredModelV2>().map(Into::into),
+        v => Err(CodecError::UnsupportedVersion(v)),
+    })
+    .map_err(|e: CodecError| e.to_string())?;
     model.artifact.validate().map_err(|e| e.to_string())?;
     Ok(model)
 }
 
-fn experiment_row(model: &StoredModel, file: &str) -> ExperimentRow {
+fn experiment_row(model: &StoredModel, status: &str, reason: &str) -> ExperimentRow {
     let run = &model.run;
+    let m = &run.metrics;
     ExperimentRow {
         timestamp: ml_shared::time::rfc3339_ms(model.created_ms),
-        version: model.version,
+        version: Some(model.version),
         run_id: run.run_id.clone(),
+        status: status.to_owned(),
         model: run.params.model.clone(),
         seed: run.params.seed,
         validation_fraction: run.params.validation_fraction,
-        rmse: run.metrics.rmse,
-        mae: run.metrics.mae,
-        r2: run.metrics.r2,
-        rows_train: run.rows_train,
-        rows_validation: run.rows_validation,
+        rmse: m.rmse,
+        mae: m.mae,
+        r2: m.r2,
+        accuracy: m.accuracy,
+        log_loss: m.log_loss,
+        roc_auc: m.roc_auc,
+        rows_train: Some(run.rows_train),
+        rows_validation: Some(run.rows_validation),
         data_fingerprint: run.data_fingerprint.clone(),
         features: run.feature_names.join(";"),
         duration_ms: run.duration_ms,
-        artifact: file.to_owned(),
+        artifact: model_file(model.version),
+        parent: model.parent,
+        reason: reason.to_owned(),
     }
+}
+
+/// The CSV header line of the experiments log.
+fn csv_header() -> Vec<u8> {
+    let sample = ExperimentRow {
+        timestamp: String::new(),
+        version: None,
+        run_id: String::new(),
+        status: String::new(),
+        model: String::new(),
+        seed: 0,
+        validation_fraction: 0.0,
+        rmse: None,
+        mae: None,
+        r2: None,
+        accuracy: None,
+        log_loss: None,
+        roc_auc: None,
+        rows_train: None,
+        rows_validation: None,
+        data_fingerprint: String::new(),
+        features: String::new(),
+        duration_ms: 0,
+        artifact: String::new(),
+        parent: None,
+        reason: String::new(),
+    };
+    let mut w = csv::WriterBuilder::new().from_writer(Vec::new());
+    w.serialize(&sample).expect("a flat row serialises");
+    let text = w.into_inner().expect("writing to memory");
+    let end = text
+        .iter()
+        .position(|&b| b == b'\n')
+        .expect("a header line")
+        + 1;
+    text[..end].to_vec()
+}
+
+/// One CSV line (quoted as needed, newline-terminated) for a row.
+fn csv_line(row: &ExperimentRow) -> Vec<u8> {
+    let mut w = csv::WriterBuilder::new()
+        .has_headers(false)
+        .from_writer(Vec::new());
+    w.serialize(row).expect("a flat row serialises");
+    w.into_inner().expect("writing to memory")
 }
 
 fn parse_log(path: &Path, text: &[u8]) -> Result<Vec<ExperimentRow>, StoreError> {
@@ -391,119 +906,25 @@ fn parse_log(path: &Path, text: &[u8]) -> Result<Vec<ExperimentRow>, StoreError>
         })
 }
 
-/// Writes `bytes` to `path` so that a crash leaves either the old file or the
-/// new one: temporary file, fsync, rename, fsync of the directory.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let tmp = PathBuf::from(format!("{}{TMP_SUFFIX}", path.display()));
-    let result = (|| {
-        let mut file = File::create(&tmp).map_err(io_err("creating", &tmp))?;
-        file.write_all(bytes).map_err(io_err("writing", &tmp))?;
-        file.sync_all().map_err(io_err("syncing", &tmp))?;
-        fs::rename(&tmp, path).map_err(io_err("renaming", &tmp))?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("syncing", dir))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+fn parse_history(path: &Path, text: &[u8]) -> Result<Vec<AliasMove>, StoreError> {
+    let mut moves: Vec<AliasMove> = Vec::new();
+    for (i, line) in text.split(|&b| b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let bad = |reason: String| StoreError::Log {
+            path: path.to_owned(),
+            reason: format!("line {}: {reason}", i + 1),
+        };
+        let m: AliasMove = serde_json::from_slice(line).map_err(|e| bad(e.to_string()))?;
+        let expected = moves.last().map_or(1, |p| p.seq + 1);
+        if m.seq != expected {
+            return Err(bad(format!("seq {} where {expected} was expected", m.seq)));
+        }
+        moves.push(m);
     }
-    result
+    Ok(moves)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use ml_shared::messages::{Metrics, TrainParams};
-    use ml_shared::model::ModelKind;
-
-    fn submission(intercept: f64) -> Submission {
-        let names: Vec<String> = vec!["feature_1".into(), "feature_3".into()];
-        Submission {
-            run: RunRecord {
-                run_id: format!("run-{intercept}"),
-                started_ms: 0,
-                duration_ms: 3,
-                params: TrainParams {
-                    model: "linear".into(),
-                    seed: 1,
-                    validation_fraction: 0.2,
-                },
-                metrics: Metrics {
-                    rmse: 0.1,
-                    mae: 0.08,
-                    r2: 0.99,
-                },
-                rows_train: 8,
-                rows_validation: 2,
-                data_path: "d.csv".into(),
-                data_fingerprint: "sha256:00".into(),
-                feature_names: names.clone(),
-            },
-            artifact: ModelArtifact {
-                kind: ModelKind::Linear,
-                feature_names: names,
-                coefficients: vec![1.0, 2.0],
-                intercept,
-                profile: None,
-            },
-        }
-    }
-
-    #[test]
-    fn versions_survive_a_restart_and_are_never_reused() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.register(submission(1.0)).unwrap(), 1);
-        assert_eq!(store.register(submission(2.0)).unwrap(), 2);
-        drop(store);
-
-        let mut store = Store::open(dir.path()).unwrap();
-        let release = store.production_release().unwrap();
-        assert_eq!((release.version, release.epoch), (2, 2));
-        assert_eq!(release.artifact.intercept, 2.0);
-        assert_eq!(store.runs().unwrap().len(), 2);
-        assert_eq!(store.register(submission(3.0)).unwrap(), 3);
-    }
-
-    #[test]
-    fn a_torn_log_line_is_cut_and_a_corrupt_artifact_is_not_served() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).unwrap();
-        store.register(submission(1.0)).unwrap();
-        store.register(submission(2.0)).unwrap();
-        drop(store);
-        let log = dir.path().join(EXPERIMENTS);
-        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
-        f.write_all(b"2026-01-01T00:00:00Z,3,run-x,lin").unwrap();
-        let artifact = dir.path().join(model_file(2));
-        let mut bytes = fs::read(&artifact).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0x40;
-        fs::write(&artifact, bytes).unwrap();
-
-        let mut store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.runs().unwrap().len(), 2);
-        assert!(fs::read(&log).unwrap().ends_with(b"\n"));
-        assert!(store.corrupt().contains_key(&2));
-        assert_eq!(store.production_release().unwrap().version, 1);
-        assert_eq!(
-            store.register(submission(3.0)).unwrap(),
-            3,
-            "2 is not reused"
-        );
-    }
-
-    #[test]
-    fn invalid_models_are_refused_and_consume_no_version() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).unwrap();
-        let mut bad = submission(1.0);
-        bad.artifact.coefficients[0] = f64::NAN;
-        assert!(matches!(
-            store.register(bad),
-            Err(StoreError::InvalidModel(_))
-        ));
-        assert_eq!(store.register(submission(1.0)).unwrap(), 1);
-    }
-}
+mod tests;

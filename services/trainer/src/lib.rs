@@ -3,29 +3,39 @@
 //!
 //! A run loads the data through the shared feature registry, so the model's
 //! features are computed by the code the predictors use. A failed run (bad
-//! data, a fit that fails, non-finite metrics, the registry unreachable) is
-//! logged with its reason and submits nothing; a scheduled run that could
-//! not reach the registry is retried after `TRAIN_RETRY`.
+//! data, a fit that fails or does not converge, non-finite metrics) submits
+//! no model: it is logged with its reason and reported to the registry
+//! (`ml.registry.run_failed`), which records it in the experiments log as
+//! `failed`. A scheduled run that could not reach the registry is retried
+//! after `TRAIN_RETRY`.
+//!
+//! With `TRAIN_SKIP_UNCHANGED` (the default), a scheduled run is skipped,
+//! and says so in the log, when the data file's fingerprint and the training
+//! parameters are those of this trainer's last completed run (registered or
+//! failed): it would give the same result. A request on `ml.train` always
+//! trains.
 
 pub mod pipeline;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_nats::Client;
 use clap::Parser;
 use futures::StreamExt;
+use ml_shared::data::{self, DataError};
 use ml_shared::features::FeatureRegistry;
+use ml_shared::lifecycle::{FailedRun, RecordedReply};
 use ml_shared::messages::{
     ApiReply, ErrorCode, ErrorReply, Submission, SubmitReply, TrainParams, TrainReply,
 };
 use ml_shared::settings::{parse_duration, NatsSettings};
 use ml_shared::subjects::Subjects;
 
-use crate::pipeline::TrainError;
+use crate::pipeline::{ModelChoice, TrainError, TrainSpec};
 
 /// Queue group of the `ml.train` subscription: one trainer answers a request.
 pub const QUEUE_GROUP: &str = "trainer";
@@ -65,6 +75,33 @@ pub struct Config {
     /// How long to wait for the registry to acknowledge a model.
     #[arg(long, env = "SUBMIT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub submit_timeout: Duration,
+
+    /// Model family: linear, logistic, or auto (logistic when the target
+    /// holds only 0 and 1).
+    #[arg(long, env = "MODEL", default_value = "auto")]
+    pub model: ModelChoice,
+
+    /// Most solver iterations of a logistic fit; a fit that has not converged
+    /// by then fails the run.
+    #[arg(long, env = "LOGISTIC_MAX_ITER", default_value_t = 100)]
+    pub logistic_max_iter: u64,
+
+    /// Skip a scheduled run when the data and the parameters are unchanged
+    /// since the last run.
+    #[arg(long, env = "TRAIN_SKIP_UNCHANGED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub skip_unchanged: bool,
+}
+
+impl Config {
+    /// The parameters of a run.
+    pub fn spec(&self) -> TrainSpec {
+        TrainSpec {
+            model: self.model,
+            seed: self.seed,
+            validation_fraction: self.validation_fraction,
+            max_iterations: self.logistic_max_iter,
+        }
+    }
 }
 
 /// Why a run produced no registered model.
@@ -79,6 +116,15 @@ pub enum RunError {
     /// The registry refused the model.
     #[error("registry refused the model: {0}")]
     Refused(ErrorReply),
+}
+
+/// A run's outcome, when it did not fail.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The model was registered.
+    Registered(Box<TrainReply>),
+    /// Data and parameters were unchanged: nothing was trained.
+    Skipped,
 }
 
 impl RunError {
@@ -105,10 +151,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         subjects,
         config: Arc::new(config),
         registry: Arc::new(FeatureRegistry::default()),
+        last: Arc::new(Mutex::new(None)),
     };
     tracing::info!(
         data = %trainer.config.data_path.display(),
         interval = ?trainer.config.train_interval,
+        model = %trainer.config.model,
+        skip_unchanged = trainer.config.skip_unchanged,
         "trainer started"
     );
 
@@ -125,7 +174,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tokio::select! {
             () = &mut shutdown => break,
             _ = ticker.tick(), if scheduled => {
-                if trainer.run_once("schedule").await.is_err() {
+                // A run that failed for its data is retried soon only when
+                // an unchanged file would be skipped, not retrained (and
+                // logged as failed) every TRAIN_RETRY.
+                let retry = match trainer.run_once("schedule").await {
+                    Err(RunError::RegistryUnavailable(_)) => true,
+                    Err(_) => trainer.config.skip_unchanged,
+                    Ok(_) => false,
+                };
+                if retry {
                     ticker.reset_after(trainer.config.train_retry);
                 }
             }
@@ -133,7 +190,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 let Some(message) = message else { break };
                 let outcome = trainer.run_once("request").await;
                 let body = match &outcome {
-                    Ok(reply) => serde_json::to_vec(reply),
+                    Ok(Outcome::Registered(reply)) => serde_json::to_vec(reply),
+                    Ok(Outcome::Skipped) => unreachable!("requests always train"),
                     Err(e) => serde_json::to_vec(&e.to_reply()),
                 }
                 .expect("replies serialise");
@@ -150,48 +208,145 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
+/// What the last completed run was trained on: a run with the same is skipped.
+#[derive(Debug, Clone, PartialEq)]
+struct RunKey {
+    fingerprint: String,
+    spec: TrainSpec,
+}
+
 struct Trainer {
     client: Client,
     subjects: Subjects,
     config: Arc<Config>,
     registry: Arc<FeatureRegistry>,
+    last: Arc<Mutex<Option<(RunKey, String)>>>,
+}
+
+/// The blocking part of a run: read, maybe skip, train.
+enum Attempt {
+    Skipped {
+        key: RunKey,
+        last_run: String,
+    },
+    Trained {
+        key: Option<RunKey>,
+        result: Box<
+            Result<
+                (
+                    ml_shared::model::ModelArtifact,
+                    ml_shared::messages::RunRecord,
+                ),
+                TrainError,
+            >,
+        >,
+    },
 }
 
 impl Trainer {
     /// Trains once and submits; logs the outcome either way.
-    async fn run_once(&self, trigger: &'static str) -> Result<TrainReply, RunError> {
-        let outcome = self.train_and_submit().await;
+    async fn run_once(&self, trigger: &'static str) -> Result<Outcome, RunError> {
+        let outcome = self.train_and_submit(trigger == "schedule").await;
         match &outcome {
-            Ok(reply) => tracing::info!(
+            Ok(Outcome::Registered(reply)) => tracing::info!(
                 trigger,
                 version = reply.version,
                 production = reply.production,
-                rmse = reply.run.metrics.rmse,
-                mae = reply.run.metrics.mae,
-                r2 = reply.run.metrics.r2,
+                model = %reply.run.params.model,
+                metrics = %serde_json::to_string(&reply.run.metrics).unwrap_or_default(),
+                gate = %reply.gate.as_ref().map_or("", |g| g.reason.as_str()),
                 rows = reply.run.rows_train + reply.run.rows_validation,
                 duration_ms = reply.run.duration_ms,
                 fingerprint = %reply.run.data_fingerprint,
                 "model registered"
             ),
+            Ok(Outcome::Skipped) => {}
             Err(error) => tracing::error!(trigger, %error, "training run failed"),
         }
         outcome
     }
 
-    async fn train_and_submit(&self) -> Result<TrainReply, RunError> {
-        let params = TrainParams {
-            model: "linear".into(),
-            seed: self.config.seed,
-            validation_fraction: self.config.validation_fraction,
-        };
+    async fn train_and_submit(&self, may_skip: bool) -> Result<Outcome, RunError> {
+        let spec = self.config.spec();
         let run_id = format!("run-{:016x}", rand::random::<u64>());
-        let (config, registry) = (self.config.clone(), self.registry.clone());
-        let (artifact, run) = tokio::task::spawn_blocking(move || {
-            pipeline::train(&config.data_path, &registry, &params, run_id)
+        let started_ms = ml_shared::time::now_ms();
+        let last = (may_skip && self.config.skip_unchanged)
+            .then(|| self.last.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .flatten();
+        let (config, registry, id) = (self.config.clone(), self.registry.clone(), run_id.clone());
+        let attempt = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let path = &config.data_path;
+            let bytes = match std::fs::read(path) {
+                Ok(b) => b,
+                Err(source) => {
+                    let error = DataError::Io {
+                        path: path.clone(),
+                        source,
+                    };
+                    return Attempt::Trained {
+                        key: None,
+                        result: Box::new(Err(error.into())),
+                    };
+                }
+            };
+            let key = RunKey {
+                fingerprint: data::fingerprint(&bytes),
+                spec,
+            };
+            if let Some((last_key, last_run)) = last {
+                if last_key == key {
+                    return Attempt::Skipped { key, last_run };
+                }
+            }
+            let result = data::parse_csv(path, &bytes, registry.raw_names())
+                .map_err(TrainError::from)
+                .and_then(|d| pipeline::train_dataset(path, &d, &registry, &spec, id, started));
+            Attempt::Trained {
+                key: Some(key),
+                result: Box::new(result),
+            }
         })
         .await
-        .map_err(|e| RunError::Train(TrainError::Fit(format!("training task failed: {e}"))))??;
+        .map_err(|e| RunError::Train(TrainError::Fit(format!("training task failed: {e}"))))?;
+
+        let (key, result) = match attempt {
+            Attempt::Skipped { key, last_run } => {
+                tracing::info!(
+                    fingerprint = %key.fingerprint,
+                    last_run = %last_run,
+                    "data and parameters unchanged since the last run; skipping the scheduled run"
+                );
+                return Ok(Outcome::Skipped);
+            }
+            Attempt::Trained { key, result } => (key, *result),
+        };
+        let remember = |key: Option<RunKey>| {
+            if let Some(key) = key {
+                *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((key, run_id.clone()));
+            }
+        };
+        let (artifact, run) = match result {
+            Ok(v) => v,
+            Err(error) => {
+                let failed = FailedRun {
+                    run_id: run_id.clone(),
+                    started_ms,
+                    duration_ms: ml_shared::time::now_ms().saturating_sub(started_ms),
+                    params: TrainParams {
+                        model: spec.model.to_string(),
+                        seed: spec.seed,
+                        validation_fraction: spec.validation_fraction,
+                    },
+                    data_path: self.config.data_path.display().to_string(),
+                    data_fingerprint: key.as_ref().map(|k| k.fingerprint.clone()),
+                    reason: error.to_string(),
+                };
+                self.report_failure(&failed).await;
+                remember(key);
+                return Err(RunError::Train(error));
+            }
+        };
 
         let payload = ml_shared::codec::encode(&Submission {
             run: run.clone(),
@@ -206,11 +361,59 @@ impl Trainer {
             .map_err(|e| RunError::RegistryUnavailable(e.to_string()))?;
         let reply: ApiReply<SubmitReply> = serde_json::from_slice(&message.payload)
             .map_err(|e| RunError::RegistryUnavailable(format!("unreadable reply: {e}")))?;
-        let ack = reply.into_result().map_err(RunError::Refused)?;
-        Ok(TrainReply {
+        let ack = match reply.into_result() {
+            Ok(ack) => ack,
+            Err(refusal) if refusal.error.code == ErrorCode::Unavailable => {
+                return Err(RunError::RegistryUnavailable(refusal.to_string()));
+            }
+            Err(refusal) => {
+                let failed = FailedRun {
+                    run_id: run.run_id.clone(),
+                    started_ms,
+                    duration_ms: run.duration_ms,
+                    params: run.params.clone(),
+                    data_path: run.data_path.clone(),
+                    data_fingerprint: Some(run.data_fingerprint.clone()),
+                    reason: format!("registry refused the model: {refusal}"),
+                };
+                self.report_failure(&failed).await;
+                remember(key);
+                return Err(RunError::Refused(refusal));
+            }
+        };
+        remember(key);
+        Ok(Outcome::Registered(Box::new(TrainReply {
             version: ack.version,
             production: ack.production,
+            gate: ack.gate,
             run,
-        })
+        })))
+    }
+
+    /// Reports a failed run to the registry, so that the experiments log has
+    /// it; a registry that cannot be reached only costs a log line.
+    async fn report_failure(&self, failed: &FailedRun) {
+        let body = serde_json::to_vec(failed).expect("serialisable");
+        let request = self
+            .client
+            .request(self.subjects.registry_run_failed.clone(), body.into());
+        let outcome = match tokio::time::timeout(self.config.submit_timeout, request).await {
+            Err(_) => Err("no reply in time".to_owned()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(m)) => match serde_json::from_slice::<ApiReply<RecordedReply>>(&m.payload) {
+                Ok(ApiReply::Ok(_)) => Ok(()),
+                Ok(ApiReply::Err(e)) => Err(e.to_string()),
+                Err(e) => Err(format!("unreadable reply: {e}")),
+            },
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::info!(run_id = %failed.run_id, "failed run recorded by the registry")
+            }
+            Err(error) => tracing::warn!(
+                run_id = %failed.run_id, %error,
+                "the registry did not record the failed run"
+            ),
+        }
     }
 }

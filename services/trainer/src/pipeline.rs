@@ -1,5 +1,12 @@
 //! One training run, without any I/O but reading the data file: load through
-//! the feature store's registry, split, fit, score.
+//! the feature store's registry, split, standardise, fit, score.
+//!
+//! The family is chosen by [`ModelChoice`]: `linear` (ordinary least
+//! squares), `logistic` (L2-regularised logistic regression with `C = 1`, as
+//! scikit-learn's default, through `linfa-logistic`), or `auto`, which picks
+//! logistic when the target column holds only 0 and 1. Both fit on features
+//! standardised with a [`Scaler`] fitted on the training split, which the
+//! artifact carries so that serving applies the same transformation.
 
 use std::path::Path;
 use std::time::Instant;
@@ -7,10 +14,11 @@ use std::time::Instant;
 use linfa::traits::Fit;
 use linfa::Dataset as LinfaDataset;
 use linfa_linear::LinearRegression;
+use linfa_logistic::LogisticRegression;
 use ml_shared::data::{self, DataError, Dataset};
 use ml_shared::features::{FeatureError, FeatureRegistry};
 use ml_shared::messages::{Metrics, RunRecord, TrainParams};
-use ml_shared::model::{ModelArtifact, ModelError, ModelKind};
+use ml_shared::model::{sigmoid, ModelArtifact, ModelError, ModelKind, Scaler};
 use ml_shared::profile::{ReferenceProfile, DEFAULT_BINS};
 use ndarray::{Array1, Array2};
 use rand::seq::SliceRandom;
@@ -19,6 +27,98 @@ use rand_chacha::ChaCha8Rng;
 
 /// Fewest rows in each side of the split.
 pub const MIN_ROWS: usize = 2;
+
+/// Inverse regularisation strength of the logistic model (scikit-learn's
+/// `C`); `linfa-logistic`'s `alpha` is `1 / C`.
+pub const LOGISTIC_C: f64 = 1.0;
+
+/// Largest norm of the gradient of the mean training loss at the fitted
+/// parameters for a logistic fit to count as converged.
+pub const CONVERGENCE_TOLERANCE: f64 = 1e-4;
+
+/// Which model family to fit (`MODEL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ModelChoice {
+    /// Logistic when the target holds only 0 and 1, linear otherwise.
+    #[default]
+    Auto,
+    /// Ordinary least squares.
+    Linear,
+    /// Binary logistic regression.
+    Logistic,
+}
+
+impl std::str::FromStr for ModelChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "auto" => Ok(ModelChoice::Auto),
+            "linear" => Ok(ModelChoice::Linear),
+            "logistic" => Ok(ModelChoice::Logistic),
+            other => Err(format!(
+                "unknown model {other:?}; expected auto, linear or logistic"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ModelChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ModelChoice::Auto => "auto",
+            ModelChoice::Linear => "linear",
+            ModelChoice::Logistic => "logistic",
+        })
+    }
+}
+
+impl ModelChoice {
+    /// The family for these targets.
+    pub fn resolve(self, targets: &[f64]) -> Result<ModelKind, TrainError> {
+        let binary = targets.iter().all(|&t| t == 0.0 || t == 1.0);
+        match self {
+            ModelChoice::Linear => Ok(ModelKind::Linear),
+            ModelChoice::Logistic if binary => Ok(ModelKind::Logistic),
+            ModelChoice::Logistic => {
+                let bad = targets
+                    .iter()
+                    .find(|&&t| t != 0.0 && t != 1.0)
+                    .copied()
+                    .unwrap_or_default();
+                Err(TrainError::Params(format!(
+                    "a logistic model needs a target of 0 and 1, and the data holds {bad}"
+                )))
+            }
+            ModelChoice::Auto if binary => Ok(ModelKind::Logistic),
+            ModelChoice::Auto => Ok(ModelKind::Linear),
+        }
+    }
+}
+
+/// Everything that determines a run's result besides the data.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainSpec {
+    /// The family.
+    pub model: ModelChoice,
+    /// Seed of the train/validation split.
+    pub seed: u64,
+    /// Share of rows held out.
+    pub validation_fraction: f64,
+    /// Most solver iterations of a logistic fit.
+    pub max_iterations: u64,
+}
+
+impl Default for TrainSpec {
+    fn default() -> Self {
+        Self {
+            model: ModelChoice::Auto,
+            seed: 42,
+            validation_fraction: 0.2,
+            max_iterations: 100,
+        }
+    }
+}
 
 /// Why a run failed. Nothing is submitted for a failed run.
 #[derive(Debug, thiserror::Error)]
@@ -41,12 +141,20 @@ pub enum TrainError {
     /// The solver failed.
     #[error("fit failed: {0}")]
     Fit(String),
+    /// The solver stopped before reaching the optimum.
+    #[error("the fit did not converge in {iterations} iterations (gradient norm {gradient:.3e}, tolerance {CONVERGENCE_TOLERANCE:e})")]
+    NotConverged {
+        /// The iteration limit.
+        iterations: u64,
+        /// Norm of the mean loss's gradient where it stopped.
+        gradient: f64,
+    },
     /// The fitted model or its metrics are unusable (NaN, infinite).
     #[error("fitted model is unusable: {0}")]
     Model(#[from] ModelError),
     /// The validation metrics are not finite.
-    #[error("validation metrics are not finite: {0:?}")]
-    Metrics(Metrics),
+    #[error("validation metrics are not finite: {0}")]
+    Metrics(String),
     /// A parameter is out of range.
     #[error("invalid parameter: {0}")]
     Params(String),
@@ -91,16 +199,61 @@ pub fn regression_metrics(truth: &[f64], predicted: &[f64]) -> Metrics {
         sae += (t - p).abs();
         sst += (t - mean) * (t - mean);
     }
-    Metrics {
-        rmse: (sse / n).sqrt(),
-        mae: sae / n,
-        r2: if sst > 0.0 { 1.0 - sse / sst } else { f64::NAN },
+    Metrics::regression(
+        (sse / n).sqrt(),
+        sae / n,
+        if sst > 0.0 { 1.0 - sse / sst } else { f64::NAN },
+    )
+}
+
+/// Accuracy (threshold 0.5), log-loss and ROC AUC of probabilities of class
+/// 1 against 0/1 labels. AUC is NaN when one class is absent.
+pub fn classification_metrics(truth: &[f64], probability: &[f64]) -> Metrics {
+    let n = truth.len() as f64;
+    let mut correct = 0usize;
+    let mut loss = 0.0;
+    for (&t, &p) in truth.iter().zip(probability) {
+        if (p >= ml_shared::model::DECISION_THRESHOLD) == (t == 1.0) {
+            correct += 1;
+        }
+        let p = p.clamp(1e-15, 1.0 - 1e-15);
+        loss -= if t == 1.0 { p.ln() } else { (1.0 - p).ln() };
     }
+    Metrics::classification(correct as f64 / n, loss / n, roc_auc(truth, probability))
+}
+
+/// Area under the ROC curve, by the rank-sum (Mann–Whitney) formula with
+/// tied scores given their mean rank.
+pub fn roc_auc(truth: &[f64], score: &[f64]) -> f64 {
+    let mut order: Vec<usize> = (0..score.len()).collect();
+    order.sort_by(|&a, &b| score[a].total_cmp(&score[b]));
+    let mut positive_rank_sum = 0.0;
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && score[order[j + 1]] == score[order[i]] {
+            j += 1;
+        }
+        let mean_rank = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &order[i..=j] {
+            if truth[k] == 1.0 {
+                positive_rank_sum += mean_rank;
+            }
+        }
+        i = j + 1;
+    }
+    let positives = truth.iter().filter(|&&t| t == 1.0).count() as f64;
+    let negatives = truth.len() as f64 - positives;
+    if positives == 0.0 || negatives == 0.0 {
+        return f64::NAN;
+    }
+    (positive_rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives)
 }
 
 /// The reference profile of a model's training split: quantile bins of each
-/// column of `x` (the training design matrix) and of the model's predictions
-/// on it. The validated model and finite data make every histogram defined.
+/// column of `x` (the training rows' model features, unscaled) and of the
+/// model's predictions on them. The validated model and finite data make
+/// every histogram defined.
 pub fn reference_profile(artifact: &ModelArtifact, x: &Array2<f64>) -> ReferenceProfile {
     let columns: Vec<Vec<f64>> = x.columns().into_iter().map(|c| c.to_vec()).collect();
     let predictions: Vec<f64> = x
@@ -117,23 +270,36 @@ pub fn reference_profile(artifact: &ModelArtifact, x: &Array2<f64>) -> Reference
     .expect("finite training data and a validated model give finite histograms")
 }
 
-/// Loads `data_path`, fits a linear model on the training split, scores it on
-/// the validation split.
+/// Loads `data_path`, fits the chosen family on the training split, scores
+/// it on the validation split.
 pub fn train(
     data_path: &Path,
     registry: &FeatureRegistry,
-    params: &TrainParams,
+    spec: &TrainSpec,
     run_id: String,
 ) -> Result<(ModelArtifact, RunRecord), TrainError> {
     let started = Instant::now();
-    let started_ms = ml_shared::time::now_ms();
-    if !(0.0..1.0).contains(&params.validation_fraction) || params.validation_fraction <= 0.0 {
+    let data = data::load_csv(data_path, registry.raw_names())?;
+    train_dataset(data_path, &data, registry, spec, run_id, started)
+}
+
+/// Fits and scores on an already loaded dataset; `started` is when the run
+/// began (loading included).
+pub fn train_dataset(
+    data_path: &Path,
+    data: &Dataset,
+    registry: &FeatureRegistry,
+    spec: &TrainSpec,
+    run_id: String,
+    started: Instant,
+) -> Result<(ModelArtifact, RunRecord), TrainError> {
+    let started_ms = ml_shared::time::now_ms().saturating_sub(started.elapsed().as_millis() as u64);
+    if !(0.0..1.0).contains(&spec.validation_fraction) || spec.validation_fraction <= 0.0 {
         return Err(TrainError::Params(format!(
             "validation fraction {} is not in (0, 1)",
-            params.validation_fraction
+            spec.validation_fraction
         )));
     }
-    let data = data::load_csv(data_path, registry.raw_names())?;
     let targets = data
         .targets
         .as_ref()
@@ -141,41 +307,72 @@ pub fn train(
     if data.len() < 2 * MIN_ROWS {
         return Err(TrainError::TooFewRows { rows: data.len() });
     }
+    let kind = spec.model.resolve(targets)?;
     let names: Vec<String> = registry.names().map(str::to_owned).collect();
-    let (train_rows, val_rows) = split(data.len(), params.validation_fraction, params.seed);
+    let (train_rows, val_rows) = split(data.len(), spec.validation_fraction, spec.seed);
 
-    let x = design_matrix(&data, registry, &names, &train_rows)?;
+    let mut x = design_matrix(data, registry, &names, &train_rows)?;
+    let scaler = Scaler::fit(
+        names.len(),
+        x.rows().into_iter().map(|r| {
+            r.to_slice()
+                .expect("rows of a standard array are contiguous")
+        }),
+    );
+    for mut row in x.rows_mut() {
+        scaler.transform(row.as_slice_mut().expect("contiguous"));
+    }
     let y: Array1<f64> = train_rows.iter().map(|&r| targets[r]).collect();
-    let dataset = LinfaDataset::new(x, y);
-    let fitted = LinearRegression::new()
-        .fit(&dataset)
-        .map_err(|e| TrainError::Fit(e.to_string()))?;
+    let (coefficients, intercept) = match kind {
+        ModelKind::Linear => {
+            let fitted = LinearRegression::new()
+                .fit(&LinfaDataset::new(x, y))
+                .map_err(|e| TrainError::Fit(e.to_string()))?;
+            (fitted.params().to_vec(), fitted.intercept())
+        }
+        ModelKind::Logistic => fit_logistic(x, &y, spec.max_iterations)?,
+    };
     let mut artifact = ModelArtifact {
-        kind: ModelKind::Linear,
+        kind,
         feature_names: names.clone(),
-        coefficients: fitted.params().to_vec(),
-        intercept: fitted.intercept(),
+        coefficients,
+        intercept,
+        scaler: Some(scaler),
         profile: None,
     };
     artifact.validate()?;
-    artifact.profile = Some(reference_profile(&artifact, dataset.records()));
+    // The profile describes the features as the monitor sees them: raw,
+    // before the artifact's scaler.
+    let x_train = design_matrix(data, registry, &names, &train_rows)?;
+    artifact.profile = Some(reference_profile(&artifact, &x_train));
 
-    let x_val = design_matrix(&data, registry, &names, &val_rows)?;
+    // Scored through the artifact on raw features, as the predictors do.
+    let x_val = design_matrix(data, registry, &names, &val_rows)?;
     let predicted: Vec<f64> = x_val
         .rows()
         .into_iter()
         .map(|row| artifact.predict(row.as_slice().expect("contiguous")))
         .collect();
     let truth: Vec<f64> = val_rows.iter().map(|&r| targets[r]).collect();
-    let metrics = regression_metrics(&truth, &predicted);
-    if !(metrics.rmse.is_finite() && metrics.mae.is_finite() && metrics.r2.is_finite()) {
-        return Err(TrainError::Metrics(metrics));
+    let metrics = match kind {
+        ModelKind::Linear => regression_metrics(&truth, &predicted),
+        ModelKind::Logistic => classification_metrics(&truth, &predicted),
+    };
+    if !metrics.all_finite() {
+        return Err(TrainError::Metrics(
+            serde_json::to_string(&metrics.fields().map(|(n, v)| (n, v.map(|v| v.to_string()))))
+                .expect("serialisable"),
+        ));
     }
     let run = RunRecord {
         run_id,
         started_ms,
         duration_ms: started.elapsed().as_millis() as u64,
-        params: params.clone(),
+        params: TrainParams {
+            model: kind.as_str().into(),
+            seed: spec.seed,
+            validation_fraction: spec.validation_fraction,
+        },
         metrics,
         rows_train: train_rows.len(),
         rows_validation: val_rows.len(),
@@ -186,17 +383,83 @@ pub fn train(
     Ok((artifact, run))
 }
 
+/// Fits an L2-regularised logistic regression on standardised `x` and 0/1
+/// `y`; returns (coefficients, intercept), after checking that the solver
+/// reached the optimum.
+fn fit_logistic(
+    x: Array2<f64>,
+    y: &Array1<f64>,
+    max_iterations: u64,
+) -> Result<(Vec<f64>, f64), TrainError> {
+    let labels: Array1<usize> = y.iter().map(|&t| usize::from(t == 1.0)).collect();
+    let alpha = 1.0 / LOGISTIC_C;
+    let dataset = LinfaDataset::new(x, labels);
+    let fitted = LogisticRegression::default()
+        .alpha(alpha)
+        .max_iterations(max_iterations)
+        .fit(&dataset)
+        .map_err(|e| TrainError::Fit(e.to_string()))?;
+    // linfa-logistic models the probability of the more frequent class;
+    // the artifact gives that of class 1.
+    let sign = if fitted.labels().pos.class == 1 {
+        1.0
+    } else {
+        -1.0
+    };
+    let w: Vec<f64> = fitted.params().iter().map(|c| sign * c).collect();
+    let b = sign * fitted.intercept();
+    // linfa-logistic does not say whether the solver converged: check the
+    // gradient of the objective where it stopped.
+    let x = dataset.records();
+    let n = x.nrows() as f64;
+    let mut grad_w = vec![0.0; w.len()];
+    let mut grad_b = 0.0;
+    for (row, &t) in x.rows().into_iter().zip(y) {
+        let z = b + row.iter().zip(&w).map(|(a, c)| a * c).sum::<f64>();
+        let residual = sigmoid(z) - t;
+        grad_b += residual;
+        for (g, a) in grad_w.iter_mut().zip(row) {
+            *g += residual * a;
+        }
+    }
+    let norm = (grad_b * grad_b
+        + grad_w
+            .iter()
+            .zip(&w)
+            .map(|(g, c)| (g + alpha * c).powi(2))
+            .sum::<f64>())
+    .sqrt()
+        / n;
+    if !norm.is_finite() || norm > CONVERGENCE_TOLERANCE {
+        return Err(TrainError::NotConverged {
+            iterations: max_iterations,
+            gradient: norm,
+        });
+    }
+    Ok((w, b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use ml_shared::gen;
 
-    fn params() -> TrainParams {
-        TrainParams {
-            model: "linear".into(),
-            seed: 42,
-            validation_fraction: 0.2,
+    fn spec(model: ModelChoice) -> TrainSpec {
+        TrainSpec {
+            model,
+            ..TrainSpec::default()
         }
+    }
+
+    fn data(
+        rows: usize,
+        seed: u64,
+        target: gen::Target,
+    ) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.csv");
+        gen::write_csv_with(std::fs::File::create(&path).unwrap(), rows, seed, target).unwrap();
+        (dir, path)
     }
 
     #[test]
@@ -213,26 +476,32 @@ mod tests {
 
     #[test]
     fn recovers_the_generating_relation() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("d.csv");
-        gen::write_csv(std::fs::File::create(&path).unwrap(), 2000, 1).unwrap();
-        let (model, run) =
-            train(&path, &FeatureRegistry::default(), &params(), "r1".into()).unwrap();
+        let (_dir, path) = data(2000, 1, gen::Target::Regression);
+        let (model, run) = train(
+            &path,
+            &FeatureRegistry::default(),
+            &spec(ModelChoice::Auto),
+            "r1".into(),
+        )
+        .unwrap();
+        assert_eq!(model.kind, ModelKind::Linear);
         assert_eq!(model.feature_names, ["feature_1", "feature_2", "feature_3"]);
-        for (got, want) in model.coefficients.iter().zip(gen::TRUE_COEFFICIENTS) {
+        assert!(model.scaler.is_some(), "features are standardised");
+        let (coefficients, intercept) = model.unscaled();
+        for (got, want) in coefficients.iter().zip(gen::TRUE_COEFFICIENTS) {
             assert!((got - want).abs() < 0.02, "{got} vs {want}");
         }
-        assert!((model.intercept - gen::TRUE_INTERCEPT).abs() < 0.05);
-        assert!(run.metrics.r2 > 0.99, "{:?}", run.metrics);
-        assert!(
-            (run.metrics.rmse - gen::NOISE_SD).abs() < 0.02,
-            "{:?}",
-            run.metrics
-        );
+        assert!((intercept - gen::TRUE_INTERCEPT).abs() < 0.05);
+        let r2 = run.metrics.r2.unwrap();
+        let rmse = run.metrics.rmse.unwrap();
+        assert!(r2 > 0.99, "{:?}", run.metrics);
+        assert!((rmse - gen::NOISE_SD).abs() < 0.02, "{:?}", run.metrics);
+        assert_eq!(run.metrics.accuracy, None);
+        assert_eq!(run.params.model, "linear");
         assert_eq!(run.rows_train + run.rows_validation, 2000);
 
-        // The profile describes the training split: feature_1 ~ U[-2, 2)
-        // cut at its deciles, feature_3 = feature_1² in [0, 4].
+        // The profile describes the training split, unscaled: feature_1 ~
+        // U[-2, 2) cut at its deciles, feature_3 = feature_1² in [0, 4].
         let profile = model.profile.as_ref().expect("a reference profile");
         profile.validate(&model.feature_names).unwrap();
         assert_eq!(profile.rows, run.rows_train as u64);
@@ -248,6 +517,138 @@ mod tests {
     }
 
     #[test]
+    fn a_binary_target_gets_a_logistic_model_near_the_truth() {
+        let (_dir, path) = data(4000, 2, gen::Target::Binary);
+        let (model, run) = train(
+            &path,
+            &FeatureRegistry::default(),
+            &spec(ModelChoice::Auto),
+            "r".into(),
+        )
+        .unwrap();
+        assert_eq!(model.kind, ModelKind::Logistic);
+        assert_eq!(run.params.model, "logistic");
+        let (coefficients, intercept) = model.unscaled();
+        for (got, want) in coefficients.iter().zip(gen::LOGIT_COEFFICIENTS) {
+            assert!(
+                (got - want).abs() < 0.3,
+                "{coefficients:?} vs {:?}",
+                gen::LOGIT_COEFFICIENTS
+            );
+        }
+        assert!(
+            (intercept - gen::LOGIT_INTERCEPT).abs() < 0.5,
+            "{intercept}"
+        );
+        let m = run.metrics;
+        let accuracy = m.accuracy.unwrap();
+        assert!((0.7..0.95).contains(&accuracy), "{m:?}");
+        assert!(m.roc_auc.unwrap() > 0.8, "{m:?}");
+        assert!(m.log_loss.unwrap() < 0.6, "{m:?}");
+        assert_eq!(m.rmse, None);
+        let p = model.predict(&[1.0, 5.0, 1.0]);
+        assert!((0.0..=1.0).contains(&p));
+
+        // Whichever class is the more frequent, the model gives P(class 1):
+        // flipping the labels flips the function.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let flipped: String = text
+            .lines()
+            .enumerate()
+            .map(|(i, line)| {
+                if i == 0 {
+                    return format!("{line}\n");
+                }
+                let (head, t) = line.rsplit_once(',').unwrap();
+                format!("{head},{}\n", if t == "1" { 0 } else { 1 })
+            })
+            .collect();
+        let flipped_path = path.with_file_name("flipped.csv");
+        std::fs::write(&flipped_path, flipped).unwrap();
+        let (other, _) = train(
+            &flipped_path,
+            &FeatureRegistry::default(),
+            &spec(ModelChoice::Auto),
+            "r".into(),
+        )
+        .unwrap();
+        let (c2, b2) = other.unscaled();
+        for (a, b) in coefficients.iter().zip(&c2) {
+            assert!((a + b).abs() < 1e-3, "{coefficients:?} vs {c2:?}");
+        }
+        assert!((intercept + b2).abs() < 1e-3);
+
+        // The same data can be fitted as a regression when asked.
+        let (linear, _) = train(
+            &path,
+            &FeatureRegistry::default(),
+            &spec(ModelChoice::Linear),
+            "r".into(),
+        )
+        .unwrap();
+        assert_eq!(linear.kind, ModelKind::Linear);
+    }
+
+    #[test]
+    fn a_logistic_fit_that_does_not_converge_fails_the_run() {
+        let (_dir, path) = data(2000, 3, gen::Target::Binary);
+        let spec = TrainSpec {
+            max_iterations: 1,
+            ..spec(ModelChoice::Logistic)
+        };
+        let err = train(&path, &FeatureRegistry::default(), &spec, "r".into()).unwrap_err();
+        assert!(matches!(err, TrainError::NotConverged { .. }), "{err}");
+        assert!(err.to_string().contains("did not converge"), "{err}");
+    }
+
+    #[test]
+    fn logistic_needs_a_binary_target() {
+        let (_dir, path) = data(100, 3, gen::Target::Regression);
+        let err = train(
+            &path,
+            &FeatureRegistry::default(),
+            &spec(ModelChoice::Logistic),
+            "r".into(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, TrainError::Params(_)), "{err}");
+    }
+
+    #[test]
+    fn classification_metrics_match_hand_computed_values() {
+        let truth = [0.0, 0.0, 1.0, 1.0];
+        let p = [0.1, 0.6, 0.4, 0.9];
+        let m = classification_metrics(&truth, &p);
+        assert_eq!(m.accuracy, Some(0.5));
+        let ll = -(0.9f64.ln() + 0.4f64.ln() + 0.4f64.ln() + 0.9f64.ln()) / 4.0;
+        assert!((m.log_loss.unwrap() - ll).abs() < 1e-12);
+        // Pairs (pos, neg) ranked right: (0.4 > 0.1), (0.9 > 0.1), (0.9 > 0.6); wrong: (0.4 < 0.6).
+        assert_eq!(m.roc_auc, Some(0.75));
+        assert_eq!(roc_auc(&[0.0, 1.0], &[0.5, 0.5]), 0.5, "ties count half");
+        assert!(roc_auc(&[1.0, 1.0], &[0.2, 0.3]).is_nan());
+    }
+
+    #[test]
+    fn a_constant_target_gives_nan_metrics_and_fails_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.csv");
+        let mut text = String::from("user_id,feature_1,feature_2,target\n");
+        for i in 0..20 {
+            text.push_str(&format!("u{i},{},{},7\n", i % 5, i % 3));
+        }
+        std::fs::write(&path, text).unwrap();
+        let err = train(
+            &path,
+            &FeatureRegistry::default(),
+            &spec(ModelChoice::Auto),
+            "r".into(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, TrainError::Metrics(_)), "{err}");
+        assert!(err.to_string().contains("r2"), "{err}");
+    }
+
+    #[test]
     fn bad_data_fails_the_run_with_the_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.csv");
@@ -256,10 +657,26 @@ mod tests {
             "user_id,feature_1,feature_2,target\na,1,2,3\nb,1,oops,3\n",
         )
         .unwrap();
-        let err = train(&path, &FeatureRegistry::default(), &params(), "r".into()).unwrap_err();
+        let s = spec(ModelChoice::Auto);
+        let err = train(&path, &FeatureRegistry::default(), &s, "r".into()).unwrap_err();
         assert!(err.to_string().contains(":3:"), "{err}");
         std::fs::write(&path, "user_id,feature_1,feature_2\na,1,2\n").unwrap();
-        let err = train(&path, &FeatureRegistry::default(), &params(), "r".into()).unwrap_err();
+        let err = train(&path, &FeatureRegistry::default(), &s, "r".into()).unwrap_err();
         assert!(matches!(err, TrainError::NoTarget(_)), "{err}");
+    }
+
+    #[test]
+    fn model_choices_parse_and_resolve() {
+        assert_eq!("auto".parse::<ModelChoice>(), Ok(ModelChoice::Auto));
+        assert_eq!("logistic".parse::<ModelChoice>(), Ok(ModelChoice::Logistic));
+        assert!("forest".parse::<ModelChoice>().is_err());
+        assert_eq!(
+            ModelChoice::Auto.resolve(&[0.0, 1.0, 1.0]).unwrap(),
+            ModelKind::Logistic
+        );
+        assert_eq!(
+            ModelChoice::Auto.resolve(&[0.0, 2.0]).unwrap(),
+            ModelKind::Linear
+        );
     }
 }

@@ -3,6 +3,8 @@
 //! area, so the workspace builds it once.
 
 mod common;
+mod model_registry;
 mod monitoring;
 mod pipeline;
 mod processes;
+mod swaps;

@@ -98,6 +98,30 @@ async fn trains_registers_serves_monitors_and_retrains() {
     }
     assert_eq!(predict_version(&client, &body).await.map(|v| v.0), Some(1));
 
+    // A batch: one prediction per user, in order, null for unknown users.
+    let batch = format!(
+        r#"{{"user_ids":["{}","nobody","{}"]}}"#,
+        rows[17].0, rows[3].0
+    );
+    let reply = request_json(&client, PREDICT, &batch).await;
+    let predictions = reply["predictions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{reply}"));
+    assert_eq!(predictions.len(), 3);
+    assert_close(
+        predictions[0].as_f64().unwrap(),
+        predict(&beta, f1, f2),
+        1e-6,
+    );
+    assert!(predictions[1].is_null());
+    assert_close(
+        predictions[2].as_f64().unwrap(),
+        predict(&beta, rows[3].1, rows[3].2),
+        1e-6,
+    );
+    assert_eq!(reply["unknown_user_ids"], serde_json::json!(["nobody"]));
+    assert_eq!(reply["model_version"], 1);
+
     // The monitor saw the requests: successes on version 1, and the errors.
     let stats = wait_for("monitor totals", WAIT, || async {
         let s = request_json(&client, "ml.monitor.stats", "").await;
@@ -110,6 +134,10 @@ async fn trains_registers_serves_monitors_and_retrains() {
     );
     assert_eq!(stats["total"]["errors"]["unknown_user"], 1, "{stats}");
     assert_eq!(stats["total"]["errors"]["bad_request"], 4, "{stats}");
+    assert!(
+        stats["total"]["versions"]["1"].as_u64() >= Some(4),
+        "{stats}"
+    );
     assert!(
         stats["total"]["latency_ms"]["p99"]
             .as_f64()
@@ -254,6 +282,19 @@ async fn a_failed_run_registers_nothing_and_says_why() {
     let models = request_json(&client, "ml.registry.models", "").await;
     assert_eq!(models["models"].as_array().unwrap().len(), 0, "{models}");
     assert_eq!(models["production"], Value::Null);
+    // The experiments log has the failed run, with its reason.
+    let runs = wait_for("the failed run logged", WAIT, || async {
+        let r = request_json(&client, "ml.registry.runs", "").await;
+        (r["runs"].as_array()?.len() == 1).then_some(r)
+    })
+    .await;
+    let run = &runs["runs"][0];
+    assert_eq!(run["status"], "failed", "{runs}");
+    assert_eq!(run["version"], Value::Null, "{runs}");
+    assert!(
+        run["reason"].as_str().unwrap().contains("users.csv:4"),
+        "{runs}"
+    );
     for service in [trainer, registry] {
         service.stop().await;
     }

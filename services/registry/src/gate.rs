@@ -1,0 +1,189 @@
+//! The promotion gate: a new version becomes `production` only if its
+//! validation metric is no worse than the production version's by more than
+//! a relative tolerance (`PROMOTE_TOLERANCE`).
+//!
+//! The metric fits the family: RMSE (lower is better) for a linear model,
+//! accuracy (higher is better) for a logistic one. "Worse by" is relative to
+//! production's value: with a tolerance of 0.05, a regression model passes
+//! with an RMSE up to 1.05 × production's, a classifier with an accuracy down
+//! to 0.95 × production's. The first model always passes. A model of another
+//! family than production's is not comparable and stays a candidate; a person
+//! can promote it.
+
+use ml_shared::lifecycle::GateReport;
+use ml_shared::messages::Metrics;
+use ml_shared::model::ModelKind;
+
+/// Default of `PROMOTE_TOLERANCE`.
+pub const DEFAULT_TOLERANCE: f64 = 0.05;
+
+/// The metric the gate compares for a family, and whether higher is better.
+pub fn gate_metric(kind: ModelKind) -> (&'static str, bool) {
+    match kind {
+        ModelKind::Linear => ("rmse", false),
+        ModelKind::Logistic => ("accuracy", true),
+    }
+}
+
+/// What the gate knows of a version.
+#[derive(Debug, Clone, Copy)]
+pub struct Contender<'a> {
+    /// Its version.
+    pub version: u64,
+    /// Its family.
+    pub kind: ModelKind,
+    /// Its validation metrics.
+    pub metrics: &'a Metrics,
+}
+
+/// Decides whether `candidate` replaces `production` (none: the first model).
+/// The candidate's metric is known to be present and finite.
+pub fn decide(
+    candidate: Contender<'_>,
+    production: Option<Contender<'_>>,
+    tolerance: f64,
+) -> GateReport {
+    let (metric, higher_is_better) = gate_metric(candidate.kind);
+    let value = candidate.metrics.get(metric).unwrap_or(f64::NAN);
+    let report = |production_value: Option<f64>, promoted: bool, reason: String| GateReport {
+        metric: metric.to_owned(),
+        higher_is_better,
+        candidate: value,
+        production_version: production.map(|p| p.version),
+        production: production_value,
+        tolerance,
+        promoted,
+        reason,
+    };
+    let Some(prod) = production else {
+        return report(
+            None,
+            true,
+            format!("{metric} {value:.6}: first model, no production version to compare with"),
+        );
+    };
+    if prod.kind != candidate.kind {
+        return report(
+            None,
+            false,
+            format!(
+                "{metric} {value:.6} is not comparable: production v{} is {}, this model is {}; kept as candidate",
+                prod.version,
+                prod.kind.as_str(),
+                candidate.kind.as_str()
+            ),
+        );
+    }
+    let Some(base) = prod.metrics.get(metric).filter(|v| v.is_finite()) else {
+        return report(
+            None,
+            false,
+            format!(
+                "{metric} {value:.6}: production v{} has no {metric} to compare with; kept as candidate",
+                prod.version
+            ),
+        );
+    };
+    let worse_by = if higher_is_better {
+        base - value
+    } else {
+        value - base
+    };
+    let relative = if base == 0.0 {
+        if worse_by > 0.0 {
+            f64::INFINITY
+        } else {
+            0.0
+        }
+    } else {
+        worse_by / base.abs()
+    };
+    // A hair of slack so that the same model retrained (equal metric, up to
+    // rounding) always passes a zero tolerance.
+    let passed = relative <= tolerance + 1e-12;
+    let head = format!(
+        "{metric} {value:.6} vs production v{}'s {base:.6}",
+        prod.version
+    );
+    let pct = |x: f64| format!("{:.2}%", 100.0 * x);
+    let reason = if relative <= 0.0 {
+        format!("{head}: no worse; promoted")
+    } else if passed {
+        format!(
+            "{head}: {} worse, within the {} tolerance; promoted",
+            pct(relative),
+            pct(tolerance)
+        )
+    } else {
+        format!(
+            "{head}: {} worse, beyond the {} tolerance; kept as candidate",
+            pct(relative),
+            pct(tolerance)
+        )
+    };
+    report(Some(base), passed, reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(version: u64, kind: ModelKind, m: &Metrics) -> Contender<'_> {
+        Contender {
+            version,
+            kind,
+            metrics: m,
+        }
+    }
+
+    #[test]
+    fn regression_uses_rmse_lower_is_better() {
+        let prod = Metrics::regression(0.10, 0.08, 0.99);
+        let better = Metrics::regression(0.09, 0.07, 0.99);
+        let slightly = Metrics::regression(0.104, 0.08, 0.99);
+        let worse = Metrics::regression(0.2, 0.1, 0.9);
+        let p = Some(c(2, ModelKind::Linear, &prod));
+        let g = decide(c(3, ModelKind::Linear, &better), p, 0.05);
+        assert!(g.promoted, "{g:?}");
+        assert_eq!((g.metric.as_str(), g.production), ("rmse", Some(0.10)));
+        assert!(decide(c(3, ModelKind::Linear, &slightly), p, 0.05).promoted);
+        assert!(!decide(c(3, ModelKind::Linear, &slightly), p, 0.0).promoted);
+        let g = decide(c(3, ModelKind::Linear, &worse), p, 0.05);
+        assert!(!g.promoted);
+        assert!(
+            g.reason.contains("beyond the 5.00% tolerance"),
+            "{}",
+            g.reason
+        );
+        assert!(
+            decide(c(3, ModelKind::Linear, &prod), p, 0.0).promoted,
+            "equal passes"
+        );
+    }
+
+    #[test]
+    fn classification_uses_accuracy_higher_is_better() {
+        let prod = Metrics::classification(0.80, 0.4, 0.85);
+        let worse = Metrics::classification(0.70, 0.5, 0.8);
+        let near = Metrics::classification(0.79, 0.41, 0.85);
+        let p = Some(c(1, ModelKind::Logistic, &prod));
+        let g = decide(c(2, ModelKind::Logistic, &worse), p, 0.05);
+        assert_eq!((g.metric.as_str(), g.higher_is_better), ("accuracy", true));
+        assert!(!g.promoted);
+        assert!(decide(c(2, ModelKind::Logistic, &near), p, 0.05).promoted);
+    }
+
+    #[test]
+    fn first_models_pass_and_other_families_do_not() {
+        let m = Metrics::classification(0.5, 0.7, 0.5);
+        assert!(decide(c(1, ModelKind::Logistic, &m), None, 0.0).promoted);
+        let prod = Metrics::regression(0.1, 0.1, 0.9);
+        let g = decide(
+            c(2, ModelKind::Logistic, &m),
+            Some(c(1, ModelKind::Linear, &prod)),
+            1.0,
+        );
+        assert!(!g.promoted);
+        assert!(g.reason.contains("not comparable"), "{}", g.reason);
+    }
+}

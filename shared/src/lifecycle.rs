@@ -1,0 +1,228 @@
+//! A model's life in the registry, as JSON on NATS: aliases (`production`,
+//! `candidate`), the promotion gate's report, promotions, rollbacks, the
+//! history of every alias move, and failed runs.
+
+use serde::{Deserialize, Serialize};
+
+use crate::messages::TrainParams;
+
+/// A name for a version. The predictors serve `production`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Alias {
+    /// The version the predictors serve.
+    Production,
+    /// The newest registered version, whether or not the gate promoted it.
+    Candidate,
+}
+
+impl Alias {
+    /// Every alias.
+    pub const ALL: [Alias; 2] = [Alias::Production, Alias::Candidate];
+
+    /// The name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Alias::Production => "production",
+            Alias::Candidate => "candidate",
+        }
+    }
+}
+
+impl std::fmt::Display for Alias {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What moved an alias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveAction {
+    /// A new version was registered (`candidate`).
+    Register,
+    /// The promotion gate passed a new version (`production`).
+    Gate,
+    /// A person or a script promoted a version.
+    Promote,
+    /// Back to the previous production version.
+    Rollback,
+    /// The registry, at start-up, moved off a version it cannot serve.
+    Recovery,
+}
+
+impl MoveAction {
+    /// The name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveAction::Register => "register",
+            MoveAction::Gate => "gate",
+            MoveAction::Promote => "promote",
+            MoveAction::Rollback => "rollback",
+            MoveAction::Recovery => "recovery",
+        }
+    }
+}
+
+/// One alias move, as recorded in the registry's `history.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AliasMove {
+    /// Position in the history, from 1, without gaps.
+    pub seq: u64,
+    /// When (RFC 3339).
+    pub timestamp: String,
+    /// Which alias.
+    pub alias: Alias,
+    /// The version it named before (none if it named none).
+    pub from: Option<u64>,
+    /// The version it names now.
+    pub to: u64,
+    /// For `production`: the production epoch after the move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// What moved it.
+    pub action: MoveAction,
+    /// Which service or user (`trainer`, `registry`, `alice`).
+    pub actor: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// The promotion gate's decision on a new version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateReport {
+    /// The metric compared: `rmse` (lower is better) for a regression model,
+    /// `accuracy` (higher is better) for a classifier.
+    pub metric: String,
+    /// Whether a higher value of the metric is better.
+    pub higher_is_better: bool,
+    /// The new version's value.
+    pub candidate: f64,
+    /// The production version it was compared with, if any.
+    pub production_version: Option<u64>,
+    /// The production version's value, if comparable.
+    pub production: Option<f64>,
+    /// How much worse, relative to production's value, the new version may be.
+    pub tolerance: f64,
+    /// Whether the new version became production.
+    pub promoted: bool,
+    /// The decision in a sentence.
+    pub reason: String,
+}
+
+/// A request on `ml.registry.promote`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteRequest {
+    /// The version to serve.
+    pub version: u64,
+    /// Why (recorded in the history).
+    pub reason: String,
+    /// Who (recorded in the history).
+    pub actor: String,
+}
+
+/// A request on `ml.registry.rollback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// Why (recorded in the history).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Who (recorded in the history).
+    pub actor: String,
+}
+
+/// The reply to a promotion or a rollback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveReply {
+    /// The alias moved.
+    pub alias: Alias,
+    /// The version it named before.
+    pub from: Option<u64>,
+    /// The version it names now.
+    pub to: u64,
+    /// The production epoch now.
+    pub epoch: u64,
+    /// False when the version already held the alias (nothing recorded).
+    pub moved: bool,
+}
+
+/// A request on `ml.registry.history` (an empty payload means everything).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryRequest {
+    /// Only the most recent moves.
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// The alias history, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryReply {
+    /// The moves.
+    pub moves: Vec<AliasMove>,
+}
+
+/// A trainer's report of a run that produced no model (JSON on
+/// `ml.registry.run_failed`); the registry logs it with `status=failed`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailedRun {
+    /// Unique id of the run.
+    pub run_id: String,
+    /// When the run started, ms since the Unix epoch.
+    pub started_ms: u64,
+    /// How long it took until it failed.
+    pub duration_ms: u64,
+    /// The parameters.
+    pub params: TrainParams,
+    /// The data file.
+    pub data_path: String,
+    /// Fingerprint of the data file, when it could be read.
+    #[serde(default)]
+    pub data_fingerprint: Option<String>,
+    /// Why it failed.
+    pub reason: String,
+}
+
+/// The registry's reply to a [`FailedRun`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedReply {
+    /// Always true: the row is on disk.
+    pub recorded: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_the_documented_shape() {
+        let p: PromoteRequest =
+            serde_json::from_str(r#"{"version":3,"reason":"fixes #12","actor":"alice"}"#).unwrap();
+        assert_eq!((p.version, p.actor.as_str()), (3, "alice"));
+        assert!(serde_json::from_str::<PromoteRequest>(r#"{"version":3}"#).is_err());
+        let r: RollbackRequest = serde_json::from_str(r#"{"actor":"bob"}"#).unwrap();
+        assert_eq!(r.reason, None);
+        let h: HistoryRequest = serde_json::from_str("{}").unwrap();
+        assert_eq!(h.limit, None);
+        let m = AliasMove {
+            seq: 1,
+            timestamp: "2026-01-01T00:00:00.000Z".into(),
+            alias: Alias::Production,
+            from: None,
+            to: 1,
+            epoch: Some(1),
+            action: MoveAction::Gate,
+            actor: "registry".into(),
+            reason: "first model".into(),
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(
+            json.contains(r#""alias":"production","from":null,"to":1,"epoch":1,"action":"gate""#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<AliasMove>(&json).unwrap(), m);
+    }
+}

@@ -217,7 +217,8 @@ mod tests {
         let column: Vec<f64> = (0..50).map(f64::from).collect();
         let mut with = artifact();
         with.profile =
-            ReferenceProfile::from_columns(&names, &[column.clone(), column.clone()], &column, 10);
+            ReferenceProfile::from_columns(&names, &[column.clone(), column.clone()], &column, 10)
+                .map(Box::new);
         assert!(with.profile.is_some());
         let bytes = encode(&with);
         assert_eq!(decode::<ModelArtifact>(&bytes).unwrap(), with);

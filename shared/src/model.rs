@@ -128,9 +128,10 @@ pub struct ModelArtifact {
     /// any (the coefficients are then in standardised units).
     pub scaler: Option<Scaler>,
     /// The training data's reference profile, for drift monitoring (absent
-    /// from models trained without one).
+    /// from models trained without one). Boxed: it is large, and the
+    /// artifact travels inside enums.
     #[serde(default)]
-    pub profile: Option<ReferenceProfile>,
+    pub profile: Option<Box<ReferenceProfile>>,
 }
 
 impl ModelArtifact {

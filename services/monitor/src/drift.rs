@@ -37,7 +37,8 @@ impl DriftReference {
         let artifact = &release.artifact;
         let profile = artifact
             .profile
-            .clone()
+            .as_deref()
+            .cloned()
             .ok_or("the model carries no reference profile")?;
         profile
             .validate(&artifact.feature_names)
@@ -232,7 +233,8 @@ mod tests {
             .map(|j| rows.iter().map(|r| r[j]).collect())
             .collect();
         let predictions: Vec<f64> = rows.iter().map(|r| artifact.predict(r)).collect();
-        artifact.profile = ReferenceProfile::from_columns(&names, &columns, &predictions, 10);
+        artifact.profile =
+            ReferenceProfile::from_columns(&names, &columns, &predictions, 10).map(Box::new);
         (
             ModelRelease {
                 version: 4,

@@ -344,7 +344,7 @@ pub fn train_dataset(
     // The profile describes the features as the monitor sees them: raw,
     // before the artifact's scaler.
     let x_train = design_matrix(data, registry, &names, &train_rows)?;
-    artifact.profile = Some(reference_profile(&artifact, &x_train));
+    artifact.profile = Some(Box::new(reference_profile(&artifact, &x_train)));
 
     // Scored through the artifact on raw features, as the predictors do.
     let x_val = design_matrix(data, registry, &names, &val_rows)?;

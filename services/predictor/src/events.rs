@@ -1,14 +1,16 @@
 //! Latency events, off the reply path.
 //!
-//! The request loop hands each event to a bounded channel with `try_send`,
-//! which never waits: when the channel is full (the monitor path is slow or
-//! NATS is down) the event is dropped and counted, and the count travels in
-//! the next batch. A background task wakes every `EVENT_FLUSH`, takes what
-//! has queued and publishes it in batches of up to `EVENT_BATCH` events; the
-//! request loop never wakes it (a receiver waiting on the channel would be
-//! woken by every request's event, a cost per request). Each batch carries the
-//! number of its first event among all this predictor has sent, so the
-//! monitor can count the events lost between the two.
+//! The request loop pushes each event onto a buffer behind an uncontended
+//! lock, which never waits on the monitor: when the buffer holds
+//! `EVENT_BUFFER` events (the monitor path is slow or NATS is down) the event
+//! is dropped and counted, and the count travels in the next batch. A
+//! background task wakes every `EVENT_FLUSH`, swaps the buffer for an empty
+//! one, and publishes what it took in batches of up to `EVENT_BATCH` events,
+//! serialised straight from the buffer. The request loop never wakes it (a
+//! task waiting on a channel would be woken by every request's event, a cost
+//! per request). Each batch carries the number of its first event among all
+//! this predictor has sent, so the monitor can count the events lost between
+//! the two.
 //!
 //! A share `EVENT_SAMPLE` of the requests also carries its raw features and
 //! prediction (a fixed-size copy, no allocation), for the monitor's drift
@@ -22,10 +24,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::Mutex;
+
 use async_nats::Client;
-use ml_shared::messages::{EventBatch, LatencyEvent};
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TryRecvError;
+use ml_shared::messages::LatencyEvent;
+use serde::Serialize;
 use tokio::task::JoinHandle;
 
 /// 2⁶⁴/φ: multiplying a counter by it spreads consecutive values evenly
@@ -69,41 +72,50 @@ impl Sampler {
     }
 }
 
+/// What the request loop and the publishing task share.
+#[derive(Debug)]
+struct Shared {
+    queue: Mutex<Vec<LatencyEvent>>,
+    capacity: usize,
+    dropped: AtomicU64,
+    sampler: Sampler,
+}
+
 /// The request loop's handle on the event path.
 #[derive(Debug, Clone)]
 pub struct EventSink {
-    tx: Option<mpsc::Sender<LatencyEvent>>,
-    dropped: Arc<AtomicU64>,
-    sampler: Arc<Sampler>,
+    shared: Option<Arc<Shared>>,
 }
 
 impl EventSink {
     /// A sink that records nothing (`EVENTS=off`).
     pub fn disabled() -> Self {
-        Self {
-            tx: None,
-            dropped: Arc::new(AtomicU64::new(0)),
-            sampler: Arc::new(Sampler::new(0.0)),
-        }
+        Self { shared: None }
     }
 
     /// Whether events are recorded at all.
     #[inline]
     pub fn is_enabled(&self) -> bool {
-        self.tx.is_some()
+        self.shared.is_some()
     }
 
     /// Whether the next request should carry a feature sample.
     #[inline]
     pub fn sample_next(&self) -> bool {
-        self.tx.is_some() && self.sampler.next()
+        self.shared.as_ref().is_some_and(|s| s.sampler.next())
     }
 
-    /// Queues an event, or counts it as dropped. Never waits.
+    /// Queues an event, or counts it as dropped. Never waits for the monitor.
     pub fn record(&self, event: LatencyEvent) {
-        if let Some(tx) = &self.tx {
-            if tx.try_send(event).is_err() {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+        if let Some(shared) = &self.shared {
+            // A poisoned lock only means a panic elsewhere mid-push; the
+            // buffer is still a valid Vec.
+            let mut queue = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if queue.len() < shared.capacity {
+                queue.push(event);
+            } else {
+                drop(queue);
+                shared.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -116,7 +128,7 @@ pub struct EventSettings {
     pub subject: String,
     /// This predictor's id, sent with every batch.
     pub predictor: String,
-    /// Events the channel holds before dropping.
+    /// Events the buffer holds before dropping.
     pub capacity: usize,
     /// Most events in one batch.
     pub batch: usize,
@@ -132,34 +144,47 @@ pub struct EventSettings {
     pub sample_max_per_s: u64,
 }
 
+/// An [`ml_shared::messages::EventBatch`] serialised from borrowed parts
+/// (the same JSON), so events go out without being moved or copied.
+#[derive(Serialize)]
+struct BatchRef<'a> {
+    predictor: &'a str,
+    seq: u64,
+    dropped: u64,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    raw_features: &'a [String],
+    events: &'a [LatencyEvent],
+}
+
 /// Sends batches for the publishing task, numbering their events.
 struct Publisher {
     client: Client,
     subject: String,
     predictor: String,
     raw_features: Vec<String>,
-    dropped: Arc<AtomicU64>,
+    shared: Arc<Shared>,
     /// Number of the next event to send.
     seq: u64,
 }
 
 impl Publisher {
-    async fn send(&mut self, events: Vec<LatencyEvent>) {
-        let batch = EventBatch {
-            predictor: self.predictor.clone(),
+    async fn send(&mut self, events: &[LatencyEvent]) {
+        let batch = BatchRef {
+            predictor: &self.predictor,
             seq: self.seq,
-            dropped: self.dropped.swap(0, Ordering::Relaxed),
-            raw_features: self.raw_features.clone(),
+            dropped: self.shared.dropped.swap(0, Ordering::Relaxed),
+            raw_features: &self.raw_features,
             events,
         };
-        let n = batch.events.len() as u64;
-        let body = serde_json::to_vec(&batch).expect("events serialise");
+        let n = events.len() as u64;
+        let mut body = Vec::with_capacity(128 + events.len() * 96);
+        serde_json::to_writer(&mut body, &batch).expect("events serialise");
         match self.client.publish(self.subject.clone(), body.into()).await {
             // Numbered only once handed to the client: what is lost after
             // that shows as a gap at the monitor.
             Ok(()) => self.seq += n,
             Err(error) => {
-                self.dropped.fetch_add(n, Ordering::Relaxed);
+                self.shared.dropped.fetch_add(n, Ordering::Relaxed);
                 tracing::debug!(%error, events = n, "latency events not sent");
             }
         }
@@ -169,67 +194,73 @@ impl Publisher {
 /// Starts the publishing task. It ends, after sending what it holds, when
 /// every [`EventSink`] clone has been dropped.
 pub fn spawn(client: Client, settings: EventSettings) -> (EventSink, JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::channel(settings.capacity.max(1));
-    let dropped = Arc::new(AtomicU64::new(0));
+    let capacity = settings.capacity.max(1);
+    let shared = Arc::new(Shared {
+        queue: Mutex::new(Vec::new()),
+        capacity,
+        dropped: AtomicU64::new(0),
+        sampler: Sampler::new(settings.sample_rate),
+    });
     let sink = EventSink {
-        tx: Some(tx),
-        dropped: dropped.clone(),
-        sampler: Arc::new(Sampler::new(settings.sample_rate)),
+        shared: Some(shared.clone()),
     };
     let raw_features = if settings.sample_rate > 0.0 {
         settings.raw_features.clone()
     } else {
         Vec::new()
     };
+    let batch_max = settings.batch.max(1);
+    let flush = settings.flush.max(Duration::from_millis(1));
+    // Every tick gets the same share of the per-second sample budget.
+    let per_tick = match settings.sample_max_per_s {
+        0 => u64::MAX,
+        n => ((n as f64) * flush.as_secs_f64()).ceil().max(1.0) as u64,
+    };
     let mut publisher = Publisher {
         client,
         subject: settings.subject.clone(),
         predictor: settings.predictor.clone(),
         raw_features,
-        dropped,
+        shared,
         seq: 0,
     };
     let task = tokio::spawn(async move {
-        let batch_max = settings.batch.max(1);
-        let mut events: Vec<LatencyEvent> = Vec::with_capacity(batch_max);
-        let flush = settings.flush.max(Duration::from_millis(1));
-        // Every tick gets the same share of the per-second sample budget.
-        let per_tick = match settings.sample_max_per_s {
-            0 => u64::MAX,
-            n => ((n as f64) * flush.as_secs_f64()).ceil().max(1.0) as u64,
-        };
-        // The channel is drained on a timer, never awaited: a receiver
-        // waiting on it would be woken by every request's event.
+        // Two buffers, swapped: the request loop fills one while this task
+        // sends the other; neither grows beyond `capacity`, and neither is
+        // reallocated once grown.
+        let mut taken: Vec<LatencyEvent> = Vec::new();
         let mut ticker = tokio::time::interval(flush);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            let mut budget = per_tick;
-            let closed = loop {
-                match rx.try_recv() {
-                    Ok(mut event) => {
-                        if event.sample.is_some() {
-                            if budget == 0 {
-                                event.sample = None;
-                            } else {
-                                budget -= 1;
-                            }
-                        }
-                        events.push(event);
-                        if events.len() >= batch_max {
-                            let full =
-                                std::mem::replace(&mut events, Vec::with_capacity(batch_max));
-                            publisher.send(full).await;
-                        }
-                    }
-                    Err(TryRecvError::Empty) => break false,
-                    Err(TryRecvError::Disconnected) => break true,
-                }
-            };
-            if !events.is_empty() {
-                let rest = std::mem::replace(&mut events, Vec::with_capacity(batch_max));
-                publisher.send(rest).await;
+            // Only this task's handle left: every sink is gone.
+            let closed = Arc::strong_count(&publisher.shared) == 1;
+            {
+                let mut queue = publisher
+                    .shared
+                    .queue
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                std::mem::swap(&mut *queue, &mut taken);
             }
+            let mut budget = per_tick;
+            for event in &mut taken {
+                if event.sample.is_some() {
+                    if budget == 0 {
+                        event.sample = None;
+                    } else {
+                        budget -= 1;
+                    }
+                }
+            }
+            for batch in taken.chunks(batch_max) {
+                publisher.send(batch).await;
+                // On the single-threaded runtime this task shares the
+                // thread with the request loop: let requests in between
+                // batches rather than after the whole tick's worth.
+                tokio::task::yield_now().await;
+            }
+            taken.clear();
             if closed {
                 break;
             }
@@ -241,6 +272,7 @@ pub fn spawn(client: Client, settings: EventSettings) -> (EventSink, JoinHandle<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ml_shared::profile::FeatureSample;
 
     #[test]
     fn the_sampler_takes_the_requested_share_evenly() {
@@ -267,13 +299,62 @@ mod tests {
         let sink = EventSink::disabled();
         assert!(!sink.is_enabled());
         assert!(!sink.sample_next());
-        sink.record(LatencyEvent {
-            ts_ms: 0,
-            duration_ns: 1,
-            model_version: None,
+        sink.record(event(None));
+    }
+
+    fn event(sample: Option<FeatureSample>) -> LatencyEvent {
+        LatencyEvent {
+            ts_ms: 1_795_799_152_733,
+            duration_ns: 6783,
+            model_version: Some(2),
             outcome: ml_shared::messages::Outcome::Ok,
-            sample: None,
+            sample,
+        }
+    }
+
+    #[test]
+    fn a_full_buffer_drops_and_counts() {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Vec::new()),
+            capacity: 3,
+            dropped: AtomicU64::new(0),
+            sampler: Sampler::new(1.0),
         });
-        assert_eq!(sink.dropped.load(Ordering::Relaxed), 0);
+        let sink = EventSink {
+            shared: Some(shared.clone()),
+        };
+        for _ in 0..5 {
+            sink.record(event(None));
+        }
+        assert_eq!(shared.queue.lock().unwrap().len(), 3);
+        assert_eq!(shared.dropped.load(Ordering::Relaxed), 2);
+        assert!(sink.sample_next());
+    }
+
+    #[test]
+    fn borrowed_batches_serialise_as_event_batches() {
+        let events = vec![event(FeatureSample::new(&[0.3, 1.5], 1.94)), event(None)];
+        let names = ["feature_1".to_owned(), "feature_2".to_owned()];
+        for raw_features in [&names[..], &[]] {
+            let by_ref = serde_json::to_string(&BatchRef {
+                predictor: "host-42",
+                seq: 1024,
+                dropped: 3,
+                raw_features,
+                events: &events,
+            })
+            .unwrap();
+            let owned = serde_json::to_string(&ml_shared::messages::EventBatch {
+                predictor: "host-42".into(),
+                seq: 1024,
+                dropped: 3,
+                raw_features: raw_features.to_vec(),
+                events: events.clone(),
+            })
+            .unwrap();
+            assert_eq!(by_ref, owned);
+            let back: ml_shared::messages::EventBatch = serde_json::from_str(&by_ref).unwrap();
+            assert_eq!(back.events, events);
+        }
     }
 }

@@ -71,7 +71,9 @@ async fn traffic_until_alert(
             out.text()
         );
         send_all(client, feature_requests(rng, 300, f1, f2)).await;
-        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), alerts.next()).await {
+        // A short look only: the traffic should not pause, or windows may
+        // hold too few samples to judge.
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(20), alerts.next()).await {
             return serde_json::from_slice(&m.payload).expect("a JSON notice");
         }
     }

@@ -196,9 +196,8 @@ fn gen_data(rows: usize, seed: u64, out: Option<PathBuf>) -> anyhow::Result<()> 
 
 /// Connects to NATS, failing fast when no server answers.
 pub async fn connect(nats: &NatsSettings) -> anyhow::Result<Client> {
-    async_nats::ConnectOptions::new()
-        .name("mlctl")
-        .request_timeout(Some(nats.request_timeout))
+    ml_shared::nats::options(nats, "mlctl")
+        .await?
         .connection_timeout(Duration::from_secs(3))
         .connect(nats.nats_url.as_str())
         .await

@@ -14,7 +14,10 @@
 //! temporary files are removed, a torn last log line (a crash mid-append) is
 //! cut, and an artifact that fails its checksum is reported and never served.
 //! Version numbers are never reused: the next one is above every number seen
-//! in the artifact files and the log, corrupt ones included.
+//! in the artifact files and the log, corrupt ones included. A write that
+//! fails (disk full, file-size limit) leaves the earlier state as it was: a
+//! partial log line is cut at once and an artifact whose run could not be
+//! logged is removed.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -247,9 +250,16 @@ impl Store {
             artifact,
         };
         let file = model_file(version);
-        write_atomically(&self.dir.join(&file), &codec::encode(&model))?;
+        let path = self.dir.join(&file);
+        write_atomically(&path, &codec::encode(&model))?;
         self.next_version = version + 1;
-        self.append_log(&experiment_row(&model, &file))?;
+        if let Err(e) = self.append_log(&experiment_row(&model, &file)) {
+            // Unacknowledged and unlogged: do not let a restart list it.
+            if let Err(error) = fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), %error, "cannot remove an unregistered artifact");
+            }
+            return Err(e);
+        }
         let production = Production {
             version,
             epoch: self.production.map_or(0, |p| p.epoch) + 1,
@@ -270,19 +280,27 @@ impl Store {
             .append(true)
             .open(&path)
             .map_err(io_err("opening", &path))?;
-        let empty = file
+        let before = file
             .seek(SeekFrom::End(0))
-            .map_err(io_err("seeking", &path))?
-            == 0;
+            .map_err(io_err("seeking", &path))?;
+        let empty = before == 0;
         let mut line = csv::WriterBuilder::new()
             .has_headers(empty)
             .from_writer(Vec::new());
         line.serialize(row).expect("a flat row serialises");
         let line = line.into_inner().expect("writing to memory");
-        file.write_all(&line)
-            .map_err(io_err("appending to", &path))?;
-        file.sync_data().map_err(io_err("syncing", &path))?;
-        Ok(())
+        let written = file
+            .write_all(&line)
+            .map_err(io_err("appending to", &path))
+            .and_then(|()| file.sync_data().map_err(io_err("syncing", &path)));
+        if written.is_err() {
+            // A partial line (disk full, file-size limit) would glue itself
+            // to the next one: cut it now rather than at the next start.
+            if let Err(error) = file.set_len(before).and_then(|()| file.sync_data()) {
+                tracing::warn!(path = %path.display(), %error, "cannot cut a partial log line; it is cut at the next start");
+            }
+        }
+        written
     }
 
     /// The production model, ready to publish.

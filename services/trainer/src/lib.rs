@@ -180,6 +180,13 @@ impl Trainer {
     }
 
     async fn train_and_submit(&self) -> Result<TrainReply, RunError> {
+        // A request sent while disconnected would only time out, holding up
+        // the loop (and `ml.train`) for SUBMIT_TIMEOUT: fail now and retry.
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(RunError::RegistryUnavailable(
+                "not connected to NATS".into(),
+            ));
+        }
         let params = TrainParams {
             model: "linear".into(),
             seed: self.config.seed,

@@ -3,5 +3,7 @@
 //! area, so the workspace builds it once.
 
 mod common;
+mod faults;
+mod load;
 mod pipeline;
 mod processes;

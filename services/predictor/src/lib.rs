@@ -164,6 +164,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         events: events.clone(),
         permits: Arc::new(Semaphore::new(config.max_in_flight as usize)),
         max_bytes: config.predict_max_bytes,
+        busy: Arc::new(error_reply(&ErrorReply::new(
+            ErrorCode::Busy,
+            "too many requests in flight; retry shortly",
+        ))),
     };
     tokio::pin!(shutdown);
     loop {
@@ -218,6 +222,8 @@ struct Admission {
     events: EventSink,
     permits: Arc<Semaphore>,
     max_bytes: usize,
+    /// The `busy` reply, encoded once: refusing must cost less than answering.
+    busy: Arc<(bytes::Bytes, HeaderMap)>,
 }
 
 /// Admits a request when fewer than `MAX_IN_FLIGHT` are being answered
@@ -236,11 +242,13 @@ async fn admit(admission: &Admission, request: Request) {
         }
         Err(_) => {
             let started = Instant::now();
-            let error = ErrorReply::new(
-                ErrorCode::Busy,
-                "too many requests in flight; retry shortly",
-            );
-            send(request, Err(&error)).await;
+            let (body, headers) = &*admission.busy;
+            if let Err(error) = request
+                .respond_with_headers(Ok(body.clone()), headers.clone())
+                .await
+            {
+                tracing::debug!(%error, "busy reply not sent");
+            }
             admission.events.record(LatencyEvent {
                 ts_ms: ml_shared::time::now_ms(),
                 duration_ns: started.elapsed().as_nanos() as u64,
@@ -284,6 +292,19 @@ async fn handle(admission: &Admission, request: Request) {
     });
 }
 
+/// The body and micro-service error headers of an error reply.
+fn error_reply(error: &ErrorReply) -> (bytes::Bytes, HeaderMap) {
+    let body = serde_json::to_vec(error).expect("replies serialise");
+    let code = error.error.code;
+    let mut headers = HeaderMap::new();
+    headers.insert(SERVICE_ERROR_HEADER, code.as_str());
+    headers.insert(
+        SERVICE_ERROR_CODE_HEADER,
+        code.status().to_string().as_str(),
+    );
+    (body.into(), headers)
+}
+
 /// Sends a reply, or an error reply with the micro-service error headers.
 async fn send(request: Request, reply: Result<&PredictReply, &ErrorReply>) {
     let sent = match reply {
@@ -292,15 +313,8 @@ async fn send(request: Request, reply: Result<&PredictReply, &ErrorReply>) {
             request.respond(Ok(body.into())).await
         }
         Err(error) => {
-            let body = serde_json::to_vec(error).expect("replies serialise");
-            let code = error.error.code;
-            let mut headers = HeaderMap::new();
-            headers.insert(SERVICE_ERROR_HEADER, code.as_str());
-            headers.insert(
-                SERVICE_ERROR_CODE_HEADER,
-                code.status().to_string().as_str(),
-            );
-            request.respond_with_headers(Ok(body.into()), headers).await
+            let (body, headers) = error_reply(error);
+            request.respond_with_headers(Ok(body), headers).await
         }
     };
     if let Err(error) = sent {

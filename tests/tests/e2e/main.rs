@@ -3,6 +3,7 @@
 //! area, so the workspace builds it once.
 
 mod bad_input;
+mod bounded;
 mod common;
 mod faults;
 mod load;

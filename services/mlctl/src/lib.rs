@@ -201,7 +201,14 @@ pub async fn connect(nats: &NatsSettings) -> anyhow::Result<Client> {
         .connection_timeout(Duration::from_secs(3))
         .connect(nats.nats_url.as_str())
         .await
-        .with_context(|| format!("cannot connect to NATS at {}", nats.nats_url))
+        .with_context(|| {
+            let tls = if nats.nats_tls_required || nats.nats_tls_ca.is_some() {
+                " with TLS"
+            } else {
+                ""
+            };
+            format!("cannot connect to NATS at {}{tls}", nats.nats_url)
+        })
 }
 
 fn unavailable(error: async_nats::RequestError, service: &str, subject: &str) -> anyhow::Error {

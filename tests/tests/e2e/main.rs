@@ -2,6 +2,7 @@
 //! talked to over NATS exactly as users do. One test binary, one module per
 //! area, so the workspace builds it once.
 
+mod access;
 mod bad_input;
 mod bounded;
 mod common;

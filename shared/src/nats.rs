@@ -79,7 +79,9 @@ fn log_event(service: &str, event: Event) {
             "NATS refused the credentials (authorization violation); check NATS_USER/NATS_PASSWORD, NATS_TOKEN, NATS_NKEY_SEED_FILE or NATS_CREDS"
         ),
         Event::ServerError(ServerError::Other(message))
-            if message.to_ascii_lowercase().contains("permissions violation") =>
+            if message
+                .to_ascii_lowercase()
+                .contains("permissions violation") =>
         {
             tracing::error!(%service, %message, "NATS permission violation: this user may not use that subject")
         }

@@ -316,10 +316,7 @@ mod tests {
             }
         );
         std::fs::write(&file, "\n").unwrap();
-        assert!(matches!(
-            s.credentials(),
-            Err(SettingsError::EmptyFile(_))
-        ));
+        assert!(matches!(s.credentials(), Err(SettingsError::EmptyFile(_))));
         let missing = parse(&["--nats-token-file", "/nonexistent/token"]).unwrap();
         assert!(matches!(
             missing.credentials(),
@@ -333,9 +330,23 @@ mod tests {
         assert!(matches!(s.credentials(), Err(SettingsError::Incomplete)));
         let s = parse(&["--nats-password", "p"]).unwrap();
         assert!(matches!(s.credentials(), Err(SettingsError::Incomplete)));
-        let s = parse(&["--nats-user", "u", "--nats-password", "p", "--nats-token", "t"]).unwrap();
+        let s = parse(&[
+            "--nats-user",
+            "u",
+            "--nats-password",
+            "p",
+            "--nats-token",
+            "t",
+        ])
+        .unwrap();
         assert!(matches!(s.credentials(), Err(SettingsError::Ambiguous(_))));
-        assert!(parse(&["--nats-tls-cert", "c.pem"]).is_err(), "a cert needs its key");
-        assert_eq!(parse(&[]).unwrap().credentials().unwrap(), Credentials::None);
+        assert!(
+            parse(&["--nats-tls-cert", "c.pem"]).is_err(),
+            "a cert needs its key"
+        );
+        assert_eq!(
+            parse(&[]).unwrap().credentials().unwrap(),
+            Credentials::None
+        );
     }
 }

@@ -33,7 +33,8 @@ use clap::Parser;
 use futures::StreamExt;
 use ml_shared::features::{FeatureRegistry, FeatureStore};
 use ml_shared::messages::{
-    ErrorCode, ErrorReply, LatencyEvent, PredictReply, Outcome, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER,
+    ErrorCode, ErrorReply, LatencyEvent, Outcome, PredictReply, SERVICE_ERROR_CODE_HEADER,
+    SERVICE_ERROR_HEADER,
 };
 use ml_shared::settings::{parse_duration, NatsSettings};
 use tokio::sync::Semaphore;

@@ -28,7 +28,14 @@ const WAIT: Duration = Duration::from_secs(15);
 /// How long a message that must not arrive is waited for.
 const QUIET: Duration = Duration::from_millis(500);
 
-const USERS: [&str; 6] = ["registry", "trainer", "predictor", "monitor", "client", "admin"];
+const USERS: [&str; 6] = [
+    "registry",
+    "trainer",
+    "predictor",
+    "monitor",
+    "client",
+    "admin",
+];
 
 /// A fresh random secret.
 fn secret(tag: &str) -> String {
@@ -44,7 +51,11 @@ fn shipped_conf() -> String {
 /// A client of `user`, reading replies under its own inbox prefix, whose
 /// connection events (permission violations among them) arrive on the
 /// returned channel.
-async fn connect_as(url: &str, user: &str, password: &str) -> (Client, mpsc::UnboundedReceiver<Event>) {
+async fn connect_as(
+    url: &str,
+    user: &str,
+    password: &str,
+) -> (Client, mpsc::UnboundedReceiver<Event>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let client = ConnectOptions::with_user_and_password(user.into(), password.into())
         .custom_inbox_prefix(format!("_INBOX_{user}"))
@@ -91,7 +102,9 @@ async fn quiet(sub: &mut async_nats::Subscriber, what: &str) {
 fn artifact() -> ModelArtifact {
     ModelArtifact {
         kind: ModelKind::Linear,
-        feature_names: ["feature_1", "feature_2", "feature_3"].map(String::from).into(),
+        feature_names: ["feature_1", "feature_2", "feature_3"]
+            .map(String::from)
+            .into(),
         coefficients: vec![1.0, 2.0, 3.0],
         intercept: 0.5,
     }
@@ -103,10 +116,20 @@ fn assert_no_secret_in_logs(dir: &Path, secrets: &[String], extra: &[String]) {
         .unwrap()
         .filter_map(|e| {
             let p = e.ok()?.path();
-            (p.extension()? == "log").then(|| (p.display().to_string(), std::fs::read_to_string(&p).unwrap_or_default()))
+            (p.extension()? == "log").then(|| {
+                (
+                    p.display().to_string(),
+                    std::fs::read_to_string(&p).unwrap_or_default(),
+                )
+            })
         })
         .collect();
-    texts.extend(extra.iter().enumerate().map(|(i, t)| (format!("output {i}"), t.clone())));
+    texts.extend(
+        extra
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("output {i}"), t.clone())),
+    );
     assert!(texts.len() > 1, "logs to search");
     for (name, text) in &texts {
         for s in secrets {
@@ -118,11 +141,12 @@ fn assert_no_secret_in_logs(dir: &Path, secrets: &[String], extra: &[String]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more() {
     ml_tests::init_logging();
-    let passwords: Vec<(String, String)> = USERS.iter().map(|u| (u.to_string(), secret(u))).collect();
+    let passwords: Vec<(String, String)> =
+        USERS.iter().map(|u| (u.to_string(), secret(u))).collect();
     let password = |user: &str| passwords.iter().find(|(u, _)| u == user).unwrap().1.clone();
     let mut conf = shipped_conf();
     for (user, pw) in &passwords {
-        let var = format!("${}", format!("NATS_{}_PASSWORD", user.to_uppercase()));
+        let var = format!("$NATS_{}_PASSWORD", user.to_uppercase());
         assert!(conf.contains(&var), "{var} in nats.conf");
         conf = conf.replace(&var, &format!("\"{pw}\""));
     }
@@ -146,13 +170,19 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
             ("NATS_INBOX_PREFIX".to_owned(), format!("_INBOX_{user}")),
             ("RUST_LOG".to_owned(), trace.to_owned()),
             ("DATA_PATH".to_owned(), data.to_str().unwrap().to_owned()),
-            ("REGISTRY_DIR".to_owned(), registry_dir.to_str().unwrap().to_owned()),
+            (
+                "REGISTRY_DIR".to_owned(),
+                registry_dir.to_str().unwrap().to_owned(),
+            ),
             ("TRAIN_INTERVAL".to_owned(), "1h".to_owned()),
             ("MODEL_POLL".to_owned(), "200ms".to_owned()),
             ("MONITOR_INTERVAL".to_owned(), "500ms".to_owned()),
         ];
         if user == "predictor" {
-            env.push(("NATS_PASSWORD_FILE".into(), predictor_pw.to_str().unwrap().into()));
+            env.push((
+                "NATS_PASSWORD_FILE".into(),
+                predictor_pw.to_str().unwrap().into(),
+            ));
         } else {
             env.push(("NATS_PASSWORD".into(), password(user)));
         }
@@ -162,7 +192,8 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
         .into_iter()
         .map(|name| {
             let env = service_env(name);
-            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             Process::start(name, &[], &env, &log(name))
         })
         .collect();
@@ -172,11 +203,17 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
     let (admin, _admin_events) = connect_as(&url, "admin", &password("admin")).await;
     let body = user_body(&data, 0);
     let served = || async {
-        let m = client.request("ml.predict", body.clone().into()).await.ok()?;
+        let m = client
+            .request("ml.predict", body.clone().into())
+            .await
+            .ok()?;
         let v: Value = serde_json::from_slice(&m.payload).ok()?;
         v["model_version"].as_u64()
     };
-    wait_for("version 1 served", WAIT, || async { served().await.filter(|&v| v == 1) }).await;
+    wait_for("version 1 served", WAIT, || async {
+        served().await.filter(|&v| v == 1)
+    })
+    .await;
     let mut outputs = Vec::new();
     let mlctl = |args: &[&str], env: &[(&str, &str)]| {
         let out = Command::new(binary("mlctl"))
@@ -186,12 +223,23 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
             .envs(env.iter().copied())
             .output()
             .expect("run mlctl");
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
     };
     let admin_pw = password("admin");
     let (ok, text) = mlctl(
         &["models"],
-        &[("NATS_USER", "admin"), ("NATS_PASSWORD", &admin_pw), ("NATS_INBOX_PREFIX", "_INBOX_admin")],
+        &[
+            ("NATS_USER", "admin"),
+            ("NATS_PASSWORD", &admin_pw),
+            ("NATS_INBOX_PREFIX", "_INBOX_admin"),
+        ],
     );
     assert!(ok && text.contains("prod"), "{text}");
     outputs.push(text);
@@ -203,7 +251,10 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
     })
     .await;
     assert!(stats["total"].is_object(), "{stats}");
-    let ping = admin.request("$SRV.PING.predictor", "".into()).await.unwrap();
+    let ping = admin
+        .request("$SRV.PING.predictor", "".into())
+        .await
+        .unwrap();
     let ping: Value = serde_json::from_slice(&ping.payload).unwrap();
     assert_eq!(ping["name"], "predictor", "{ping}");
 
@@ -218,7 +269,10 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
         .await;
     assert!(refused.is_err(), "a wrong password got in");
     let (ok, text) = mlctl(&["models"], &[]);
-    assert!(!ok && text.to_lowercase().contains("authorization"), "{text}");
+    assert!(
+        !ok && text.to_lowercase().contains("authorization"),
+        "{text}"
+    );
     outputs.push(text);
 
     // Only the trainer may submit: the predictor's attempt never reaches
@@ -236,7 +290,11 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
                 seed: 1,
                 validation_fraction: 0.2,
             },
-            metrics: ml_shared::messages::Metrics { rmse: 0.1, mae: 0.1, r2: 0.9 },
+            metrics: ml_shared::messages::Metrics {
+                rmse: 0.1,
+                mae: 0.1,
+                r2: 0.9,
+            },
             rows_train: 8,
             rows_validation: 2,
             data_path: "d.csv".into(),
@@ -245,7 +303,8 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
         },
         artifact: artifact(),
     });
-    let (intruder, mut intruder_events) = connect_as(&url, "predictor", &password("predictor")).await;
+    let (intruder, mut intruder_events) =
+        connect_as(&url, "predictor", &password("predictor")).await;
     let attempt = intruder
         .request("ml.registry.submit", submission.clone().into())
         .await;
@@ -254,18 +313,29 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
     quiet(&mut submissions, "the predictor's submission").await;
     for user in ["client", "monitor", "admin"] {
         let (c, mut events) = connect_as(&url, user, &password(user)).await;
-        c.publish("ml.registry.submit", submission.clone().into()).await.unwrap();
+        c.publish("ml.registry.submit", submission.clone().into())
+            .await
+            .unwrap();
         violation(&mut events, "ml.registry.submit").await;
     }
     quiet(&mut submissions, "others' submissions").await;
     // ...while the trainer's does (the check above could fail).
     let (trainer, _) = connect_as(&url, "trainer", &password("trainer")).await;
-    let m = trainer.request("ml.registry.submit", submission.clone().into()).await.unwrap();
+    let m = trainer
+        .request("ml.registry.submit", submission.clone().into())
+        .await
+        .unwrap();
     let ack: Value = serde_json::from_slice(&m.payload).unwrap();
     assert_eq!(ack["version"], 2, "{ack}");
-    tokio::time::timeout(WAIT, submissions.next()).await.expect("the trainer's submission is seen");
+    tokio::time::timeout(WAIT, submissions.next())
+        .await
+        .expect("the trainer's submission is seen");
     let models = serde_json::from_slice::<Value>(
-        &admin.request("ml.registry.models", "".into()).await.unwrap().payload,
+        &admin
+            .request("ml.registry.models", "".into())
+            .await
+            .unwrap()
+            .payload,
     )
     .unwrap();
     let runs: Vec<&str> = models["models"]
@@ -275,13 +345,22 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
         .map(|m| m["run_id"].as_str().unwrap())
         .collect();
     assert_eq!(runs.len(), 2, "{models}");
-    wait_for("version 2 served", WAIT, || async { served().await.filter(|&v| v == 2) }).await;
+    wait_for("version 2 served", WAIT, || async {
+        served().await.filter(|&v| v == 2)
+    })
+    .await;
 
     // Only the registry may publish production models.
-    let fake = codec::encode(&ModelRelease { version: 999, epoch: 1000, artifact: artifact() });
+    let fake = codec::encode(&ModelRelease {
+        version: 999,
+        epoch: 1000,
+        artifact: artifact(),
+    });
     for user in ["predictor", "trainer", "client", "admin", "monitor"] {
         let (c, mut events) = connect_as(&url, user, &password(user)).await;
-        c.publish("ml.model.production", fake.clone().into()).await.unwrap();
+        c.publish("ml.model.production", fake.clone().into())
+            .await
+            .unwrap();
         violation(&mut events, "ml.model.production").await;
     }
     assert_eq!(served().await, Some(2));
@@ -296,12 +375,22 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
     violation(&mut client_events, "_INBOX_admin.>").await;
     let mut everything = client.subscribe(">").await.unwrap();
     violation(&mut client_events, ">").await;
-    let m = admin.request("ml.registry.models", "".into()).await.unwrap();
+    let m = admin
+        .request("ml.registry.models", "".into())
+        .await
+        .unwrap();
     assert!(!m.payload.is_empty());
-    admin.request("ml.predict", body.clone().into()).await.unwrap();
+    admin
+        .request("ml.predict", body.clone().into())
+        .await
+        .unwrap();
     quiet(&mut snoop, "a client reading the admin's replies").await;
     quiet(&mut everything, "a client reading everything").await;
-    assert_eq!(served().await, Some(2), "the client still gets its own replies");
+    assert_eq!(
+        served().await,
+        Some(2),
+        "the client still gets its own replies"
+    );
 
     // No secret in any log line of the run, at trace level for the client.
     for p in procs.iter_mut() {
@@ -322,7 +411,8 @@ fn certificates(dir: &Path) -> [PathBuf; 5] {
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = ca.self_signed(&ca_key).unwrap();
     let server_key = KeyPair::generate().unwrap();
-    let mut server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    let mut server =
+        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let server = server.signed_by(&server_key, &ca, &ca_key).unwrap();
     let client_key = KeyPair::generate().unwrap();
@@ -384,19 +474,33 @@ async fn tls_is_required_and_client_certificates_verified() {
         .expect("TLS client with a certificate connects");
     let mut sub = client.subscribe("tls.check").await.unwrap();
     client.publish("tls.check", "ok".into()).await.unwrap();
-    let m = tokio::time::timeout(WAIT, sub.next()).await.unwrap().unwrap();
+    let m = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(m.payload, "ok");
 
     // Without a client certificate, or without the CA: refused.
     let mut no_cert = settings.clone();
     no_cert.nats_tls_cert = None;
     no_cert.nats_tls_key = None;
-    let refused = ml_shared::nats::options(&no_cert, "test").await.unwrap().connect(url.as_str()).await;
+    let refused = ml_shared::nats::options(&no_cert, "test")
+        .await
+        .unwrap()
+        .connect(url.as_str())
+        .await;
     assert!(refused.is_err(), "a client without a certificate got in");
     let mut no_ca = settings.clone();
     no_ca.nats_tls_ca = None;
-    let refused = ml_shared::nats::options(&no_ca, "test").await.unwrap().connect(url.as_str()).await;
-    assert!(refused.is_err(), "a client that cannot verify the server connected");
+    let refused = ml_shared::nats::options(&no_ca, "test")
+        .await
+        .unwrap()
+        .connect(url.as_str())
+        .await;
+    assert!(
+        refused.is_err(),
+        "a client that cannot verify the server connected"
+    );
 
     // A service configured by environment variables connects and serves.
     let data = dir.path().join("users.csv");

@@ -45,7 +45,10 @@ async fn every_bad_predict_request_gets_a_structured_error_and_the_next_succeeds
     let client = client(&url).await;
     let good = user_body(&data, 0);
     wait_for("version 1 served", WAIT, || async {
-        let m = client.request("ml.predict", good.clone().into()).await.ok()?;
+        let m = client
+            .request("ml.predict", good.clone().into())
+            .await
+            .ok()?;
         let v: Value = serde_json::from_slice(&m.payload).ok()?;
         v["model_version"].as_u64()
     })
@@ -55,39 +58,162 @@ async fn every_bad_predict_request_gets_a_structured_error_and_the_next_succeeds
     over_limit.extend(std::iter::repeat_n(b'a', 300_000));
     over_limit.extend(br#""}"#);
     let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
-        ("invalid JSON", b"{not json".to_vec(), "bad_request", "invalid request"),
+        (
+            "invalid JSON",
+            b"{not json".to_vec(),
+            "bad_request",
+            "invalid request",
+        ),
         ("empty", Vec::new(), "bad_request", "empty request"),
         ("blank", b" \n ".to_vec(), "bad_request", "empty request"),
-        ("non-UTF-8", b"{\"user_id\":\"\xff\xfe\"}".to_vec(), "bad_request", "invalid request"),
-        ("raw non-UTF-8", b"\xc3\x28\xa0\xa1".to_vec(), "bad_request", "invalid request"),
-        ("missing fields", b"{}".to_vec(), "bad_request", "exactly one"),
-        ("both forms", br#"{"user_id":"a","features":{}}"#.to_vec(), "bad_request", "exactly one"),
-        ("extra field", br#"{"user_id":"a","x":1}"#.to_vec(), "bad_request", "unknown field"),
-        ("wrong type of user_id", br#"{"user_id":5}"#.to_vec(), "bad_request", "invalid type"),
-        ("wrong type of features", br#"{"features":[1,2]}"#.to_vec(), "bad_request", "invalid type"),
-        ("string feature", br#"{"features":{"feature_1":"1","feature_2":2}}"#.to_vec(), "bad_request", "invalid type"),
+        (
+            "non-UTF-8",
+            b"{\"user_id\":\"\xff\xfe\"}".to_vec(),
+            "bad_request",
+            "invalid request",
+        ),
+        (
+            "raw non-UTF-8",
+            b"\xc3\x28\xa0\xa1".to_vec(),
+            "bad_request",
+            "invalid request",
+        ),
+        (
+            "missing fields",
+            b"{}".to_vec(),
+            "bad_request",
+            "exactly one",
+        ),
+        (
+            "both forms",
+            br#"{"user_id":"a","features":{}}"#.to_vec(),
+            "bad_request",
+            "exactly one",
+        ),
+        (
+            "extra field",
+            br#"{"user_id":"a","x":1}"#.to_vec(),
+            "bad_request",
+            "unknown field",
+        ),
+        (
+            "wrong type of user_id",
+            br#"{"user_id":5}"#.to_vec(),
+            "bad_request",
+            "invalid type",
+        ),
+        (
+            "wrong type of features",
+            br#"{"features":[1,2]}"#.to_vec(),
+            "bad_request",
+            "invalid type",
+        ),
+        (
+            "string feature",
+            br#"{"features":{"feature_1":"1","feature_2":2}}"#.to_vec(),
+            "bad_request",
+            "invalid type",
+        ),
         ("array body", b"[]".to_vec(), "bad_request", "exactly one"),
-        ("array of values", br#"["a", 1]"#.to_vec(), "bad_request", "invalid"),
-        ("missing feature", br#"{"features":{"feature_1":1}}"#.to_vec(), "bad_request", "missing feature"),
-        ("unknown feature", br#"{"features":{"feature_1":1,"feature_2":2,"zzz":3}}"#.to_vec(), "bad_request", "unknown feature"),
-        ("derived feature", br#"{"features":{"feature_1":1,"feature_2":2,"feature_3":1}}"#.to_vec(), "bad_request", "derived"),
-        ("NaN as a string", br#"{"features":{"feature_1":"NaN","feature_2":2}}"#.to_vec(), "bad_request", "invalid type"),
-        ("NaN bare", br#"{"features":{"feature_1":NaN,"feature_2":2}}"#.to_vec(), "bad_request", "invalid request"),
-        ("infinity as a string", br#"{"features":{"feature_1":"inf","feature_2":2}}"#.to_vec(), "bad_request", "invalid type"),
-        ("huge number", br#"{"features":{"feature_1":1e999,"feature_2":2}}"#.to_vec(), "bad_request", ""),
-        ("huge negative number", br#"{"features":{"feature_1":-1e999,"feature_2":2}}"#.to_vec(), "bad_request", ""),
-        ("overflowing prediction", br#"{"features":{"feature_1":1e300,"feature_2":2}}"#.to_vec(), "bad_request", "non-finite"),
-        ("unknown user", br#"{"user_id":"nobody"}"#.to_vec(), "unknown_user", "nobody"),
-        ("deeply nested JSON", nested(100_000), "bad_request", "invalid"),
-        ("deeply nested top level", "[".repeat(100_000).into_bytes(), "bad_request", "invalid"),
-        ("nested under an unknown key", format!(r#"{{"x":{}1{}}}"#, "[".repeat(10_000), "]".repeat(10_000)).into_bytes(), "bad_request", "invalid request"),
-        ("payload over the predictor's limit", over_limit, "bad_request", "exceeds the limit"),
+        (
+            "array of values",
+            br#"["a", 1]"#.to_vec(),
+            "bad_request",
+            "invalid",
+        ),
+        (
+            "missing feature",
+            br#"{"features":{"feature_1":1}}"#.to_vec(),
+            "bad_request",
+            "missing feature",
+        ),
+        (
+            "unknown feature",
+            br#"{"features":{"feature_1":1,"feature_2":2,"zzz":3}}"#.to_vec(),
+            "bad_request",
+            "unknown feature",
+        ),
+        (
+            "derived feature",
+            br#"{"features":{"feature_1":1,"feature_2":2,"feature_3":1}}"#.to_vec(),
+            "bad_request",
+            "derived",
+        ),
+        (
+            "NaN as a string",
+            br#"{"features":{"feature_1":"NaN","feature_2":2}}"#.to_vec(),
+            "bad_request",
+            "invalid type",
+        ),
+        (
+            "NaN bare",
+            br#"{"features":{"feature_1":NaN,"feature_2":2}}"#.to_vec(),
+            "bad_request",
+            "invalid request",
+        ),
+        (
+            "infinity as a string",
+            br#"{"features":{"feature_1":"inf","feature_2":2}}"#.to_vec(),
+            "bad_request",
+            "invalid type",
+        ),
+        (
+            "huge number",
+            br#"{"features":{"feature_1":1e999,"feature_2":2}}"#.to_vec(),
+            "bad_request",
+            "",
+        ),
+        (
+            "huge negative number",
+            br#"{"features":{"feature_1":-1e999,"feature_2":2}}"#.to_vec(),
+            "bad_request",
+            "",
+        ),
+        (
+            "overflowing prediction",
+            br#"{"features":{"feature_1":1e300,"feature_2":2}}"#.to_vec(),
+            "bad_request",
+            "non-finite",
+        ),
+        (
+            "unknown user",
+            br#"{"user_id":"nobody"}"#.to_vec(),
+            "unknown_user",
+            "nobody",
+        ),
+        (
+            "deeply nested JSON",
+            nested(100_000),
+            "bad_request",
+            "invalid",
+        ),
+        (
+            "deeply nested top level",
+            "[".repeat(100_000).into_bytes(),
+            "bad_request",
+            "invalid",
+        ),
+        (
+            "nested under an unknown key",
+            format!(r#"{{"x":{}1{}}}"#, "[".repeat(10_000), "]".repeat(10_000)).into_bytes(),
+            "bad_request",
+            "invalid request",
+        ),
+        (
+            "payload over the predictor's limit",
+            over_limit,
+            "bad_request",
+            "exceeds the limit",
+        ),
     ];
     for (what, body, code, reason) in cases {
         let reply = ask(&client, body).await;
         assert_eq!(reply["error"]["code"], code, "{what}: {reply}");
         let message = reply["error"]["message"].as_str().unwrap_or_default();
-        assert!(message.contains(reason), "{what}: {message:?} lacks {reason:?}");
+        assert!(
+            message.contains(reason),
+            "{what}: {message:?} lacks {reason:?}"
+        );
         let next = ask(&client, good.clone().into_bytes()).await;
         assert_eq!(next["model_version"], 1, "after {what}: {next}");
     }
@@ -118,8 +244,13 @@ fn raw_publish_over_limit(url: &str, size: usize) -> String {
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = vec![0u8; 4096];
     let n = tcp.read(&mut buf).expect("INFO");
-    assert!(buf[..n].starts_with(b"INFO"), "{:?}", String::from_utf8_lossy(&buf[..n]));
-    let mut out = format!("CONNECT {{\"verbose\":false}}\r\nPUB ml.predict {size}\r\n").into_bytes();
+    assert!(
+        buf[..n].starts_with(b"INFO"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let mut out =
+        format!("CONNECT {{\"verbose\":false}}\r\nPUB ml.predict {size}\r\n").into_bytes();
     out.extend(std::iter::repeat_n(b'x', size));
     out.extend(b"\r\n");
     // The server may close the connection before it has read everything.
@@ -132,7 +263,9 @@ fn raw_publish_over_limit(url: &str, size: usize) -> String {
 fn artifact() -> ModelArtifact {
     ModelArtifact {
         kind: ModelKind::Linear,
-        feature_names: ["feature_1", "feature_2", "feature_3"].map(String::from).into(),
+        feature_names: ["feature_1", "feature_2", "feature_3"]
+            .map(String::from)
+            .into(),
         coefficients: vec![1.0, 2.0, 3.0],
         intercept: 0.5,
     }
@@ -158,11 +291,31 @@ fn bad_encodings(
     vec![
         ("truncated", good[..good.len() - 5].to_vec(), "truncated"),
         ("bit-flipped", flipped, "checksum mismatch"),
-        ("unknown format version", version, "unsupported format version 7"),
-        ("foreign bytes", b"definitely not a model".to_vec(), "truncated"),
-        ("wrong feature count", encode(wrong_count), "2 coefficients for 3 features"),
-        ("NaN weight", encode(nan), "coefficient of feature_2 is not finite"),
-        ("infinite intercept", encode(infinite), "intercept is not finite"),
+        (
+            "unknown format version",
+            version,
+            "unsupported format version 7",
+        ),
+        (
+            "foreign bytes",
+            b"definitely not a model".to_vec(),
+            "truncated",
+        ),
+        (
+            "wrong feature count",
+            encode(wrong_count),
+            "2 coefficients for 3 features",
+        ),
+        (
+            "NaN weight",
+            encode(nan),
+            "coefficient of feature_2 is not finite",
+        ),
+        (
+            "infinite intercept",
+            encode(infinite),
+            "intercept is not finite",
+        ),
     ]
 }
 
@@ -190,11 +343,17 @@ async fn bad_model_artifacts_are_refused_by_the_registry_and_by_predictors() {
     let client = client(&url).await;
     let body = user_body(&data, 0);
     let served = || async {
-        let m = client.request("ml.predict", body.clone().into()).await.ok()?;
+        let m = client
+            .request("ml.predict", body.clone().into())
+            .await
+            .ok()?;
         let v: Value = serde_json::from_slice(&m.payload).ok()?;
         v["model_version"].as_u64()
     };
-    wait_for("version 1 served", WAIT, || async { served().await.filter(|&v| v == 1) }).await;
+    wait_for("version 1 served", WAIT, || async {
+        served().await.filter(|&v| v == 1)
+    })
+    .await;
     let run = request_json(&client, "ml.registry.runs", "").await;
     assert_eq!(run["runs"].as_array().unwrap().len(), 1);
 
@@ -209,7 +368,10 @@ async fn bad_model_artifacts_are_refused_by_the_registry_and_by_predictors() {
         let reply: Value = serde_json::from_slice(&m.payload).unwrap();
         assert_eq!(reply["error"]["code"], "bad_request", "{what}: {reply}");
         let message = reply["error"]["message"].as_str().unwrap();
-        assert!(message.contains(reason), "{what}: {message:?} lacks {reason:?}");
+        assert!(
+            message.contains(reason),
+            "{what}: {message:?} lacks {reason:?}"
+        );
     }
     let models = request_json(&client, "ml.registry.models", "").await;
     assert_eq!(models["models"].as_array().unwrap().len(), 1, "{models}");
@@ -223,7 +385,10 @@ async fn bad_model_artifacts_are_refused_by_the_registry_and_by_predictors() {
         artifact,
     };
     for (_, bytes, _) in bad_encodings(|a| codec::encode(&release(a))) {
-        client.publish("ml.model.production", bytes.into()).await.unwrap();
+        client
+            .publish("ml.model.production", bytes.into())
+            .await
+            .unwrap();
     }
     // A good release with a lower epoch than the bad ones: served only if
     // none of them was installed, and, being later on the same subject, it
@@ -251,7 +416,10 @@ async fn bad_model_artifacts_are_refused_by_the_registry_and_by_predictors() {
         "coefficient of feature_2 is not finite",
         "intercept is not finite",
     ] {
-        assert!(text.contains(reason), "predictor log lacks {reason:?}:\n{text}");
+        assert!(
+            text.contains(reason),
+            "predictor log lacks {reason:?}:\n{text}"
+        );
     }
     drop(predictor);
     for service in [trainer, registry] {
@@ -297,12 +465,32 @@ async fn a_bad_data_file_fails_the_run_with_line_and_reason_and_promotes_nothing
     let client = client(&url).await;
     let header = "user_id,feature_1,feature_2,target\n";
     let cases: Vec<(&str, String, &[&str])> = vec![
-        ("missing column", "user_id,feature_1,target\na,1,2\n".into(), &["users.csv", "missing column \"feature_2\""]),
-        ("bad number", format!("{header}a,1,2,3\nb,1,x2,4\n"), &["users.csv:3", "feature_2"]),
-        ("duplicate user id", format!("{header}a,1,2,3\nb,1,2,4\na,2,2,2\n"), &["users.csv:4", "duplicate", "line 2"]),
-        ("empty file", String::new(), &["users.csv", "missing column \"user_id\""]),
+        (
+            "missing column",
+            "user_id,feature_1,target\na,1,2\n".into(),
+            &["users.csv", "missing column \"feature_2\""],
+        ),
+        (
+            "bad number",
+            format!("{header}a,1,2,3\nb,1,x2,4\n"),
+            &["users.csv:3", "feature_2"],
+        ),
+        (
+            "duplicate user id",
+            format!("{header}a,1,2,3\nb,1,2,4\na,2,2,2\n"),
+            &["users.csv:4", "duplicate", "line 2"],
+        ),
+        (
+            "empty file",
+            String::new(),
+            &["users.csv", "missing column \"user_id\""],
+        ),
         ("header only", header.into(), &["users.csv", "no data rows"]),
-        ("NaN feature", format!("{header}a,NaN,2,3\nb,1,2,4\n"), &["users.csv:2", "feature_1"]),
+        (
+            "NaN feature",
+            format!("{header}a,NaN,2,3\nb,1,2,4\n"),
+            &["users.csv:2", "feature_1"],
+        ),
     ];
     wait_for("trainer subscribed", WAIT, || async {
         client.request("ml.train", "".into()).await.ok()

@@ -46,7 +46,10 @@ async fn ten_thousand_requests_in_flight_get_answers_or_busy_in_bounded_memory()
     let client = resilient_client(&url, Duration::from_secs(20)).await;
     let body = user_body(&data, 0);
     wait_for("version 1 served", WAIT, || async {
-        let m = client.request("ml.predict", body.clone().into()).await.ok()?;
+        let m = client
+            .request("ml.predict", body.clone().into())
+            .await
+            .ok()?;
         let v: Value = serde_json::from_slice(&m.payload).ok()?;
         v["model_version"].as_u64()
     })

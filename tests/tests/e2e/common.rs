@@ -120,8 +120,7 @@ pub async fn resilient_client(url: &str, timeout: Duration) -> Client {
         .await
         .expect("client options");
     ml_tests::wait_for("test client connected", Duration::from_secs(10), || {
-        let connected =
-            client.connection_state() == async_nats::connection::State::Connected;
+        let connected = client.connection_state() == async_nats::connection::State::Connected;
         async move { connected.then_some(()) }
     })
     .await;

@@ -26,7 +26,10 @@ const SLACK: Duration = Duration::from_secs(1);
 /// Waits until `client` gets a prediction from version `version`.
 async fn wait_served(client: &async_nats::Client, body: &str, version: u64, what: &str) {
     wait_for(what, WAIT, || async {
-        let m = client.request("ml.predict", body.to_owned().into()).await.ok()?;
+        let m = client
+            .request("ml.predict", body.to_owned().into())
+            .await
+            .ok()?;
         let v: Value = serde_json::from_slice(&m.payload).ok()?;
         (v["model_version"].as_u64() == Some(version)).then_some(())
     })
@@ -115,10 +118,17 @@ async fn nats_killed_and_restarted_under_load_every_service_recovers() {
     let train = request_json(&client, "ml.train", "").await;
     assert_eq!(train["version"], 2, "{train}");
     let before = predictor_request_counts(&client).await;
-    assert_eq!(before.len(), 2, "both predictors answer $SRV after the restart");
+    assert_eq!(
+        before.len(),
+        2,
+        "both predictors answer $SRV after the restart"
+    );
     wait_for("both predictors serve version 2", WAIT, || async {
         for _ in 0..40 {
-            let m = client.request("ml.predict", body.clone().into()).await.ok()?;
+            let m = client
+                .request("ml.predict", body.clone().into())
+                .await
+                .ok()?;
             let v: Value = serde_json::from_slice(&m.payload).ok()?;
             if v["model_version"] != 2 {
                 return None;
@@ -250,7 +260,10 @@ async fn a_predictor_stopped_with_sigterm_under_load_loses_no_request() {
     wait_served(&client, &body, 1, "version 1 served").await;
     wait_for("both predictors serve", WAIT, || async {
         for _ in 0..20 {
-            client.request("ml.predict", body.clone().into()).await.ok()?;
+            client
+                .request("ml.predict", body.clone().into())
+                .await
+                .ok()?;
         }
         let counts = predictor_request_counts(&client).await;
         (counts.len() == 2 && counts.values().all(|&n| n > 0)).then_some(())
@@ -411,7 +424,10 @@ async fn predictors_outlive_the_registry_and_a_late_one_serves_when_it_returns()
     let late = services::predictor(&url, &data);
     early.stop().await;
     let reply = wait_for("late predictor answers", WAIT, || async {
-        let m = client.request("ml.predict", body.clone().into()).await.ok()?;
+        let m = client
+            .request("ml.predict", body.clone().into())
+            .await
+            .ok()?;
         serde_json::from_slice::<Value>(&m.payload).ok()
     })
     .await;
@@ -420,7 +436,10 @@ async fn predictors_outlive_the_registry_and_a_late_one_serves_when_it_returns()
     let registry = services::registry(&url, &registry_dir);
     let back = Instant::now();
     wait_served(&client, &body, 1, "late predictor serves version 1").await;
-    eprintln!("registry back: late predictor served after {:?}", back.elapsed());
+    eprintln!(
+        "registry back: late predictor served after {:?}",
+        back.elapsed()
+    );
     for service in [late, trainer, registry] {
         service.stop().await;
     }
@@ -428,7 +447,9 @@ async fn predictors_outlive_the_registry_and_a_late_one_serves_when_it_returns()
 
 /// A valid submission whose intercept tells it apart.
 fn submission(intercept: f64) -> Submission {
-    let names: Vec<String> = ["feature_1", "feature_2", "feature_3"].map(String::from).into();
+    let names: Vec<String> = ["feature_1", "feature_2", "feature_3"]
+        .map(String::from)
+        .into();
     Submission {
         run: RunRecord {
             run_id: format!("run-{intercept}"),
@@ -468,7 +489,11 @@ async fn submit(client: &async_nats::Client, s: &Submission) -> Value {
 /// Sets the soft file-size limit (bytes) of a running process.
 fn set_file_size_limit(pid: u32, soft: &str) {
     let status = Command::new("prlimit")
-        .args(["--pid", &pid.to_string(), &format!("--fsize={soft}:unlimited")])
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--fsize={soft}:unlimited"),
+        ])
         .status()
         .expect("run prlimit (util-linux)");
     assert!(status.success(), "prlimit failed");
@@ -490,7 +515,10 @@ async fn a_full_disk_refuses_the_submission_keeps_earlier_versions_and_recovers(
     let url = nats.url();
     let dir = ml_tests::temp_dir();
     let store = dir.path().join("registry");
-    let env = [("NATS_URL", url.as_str()), ("REGISTRY_DIR", store.to_str().unwrap())];
+    let env = [
+        ("NATS_URL", url.as_str()),
+        ("REGISTRY_DIR", store.to_str().unwrap()),
+    ];
     let log = dir.path().join("registry.log");
     let mut registry = Process::start("registry", &[], &env, &log);
     let client = client(&url).await;
@@ -529,7 +557,10 @@ async fn a_full_disk_refuses_the_submission_keeps_earlier_versions_and_recovers(
     };
     assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
     assert!(
-        reply["error"]["message"].as_str().unwrap().contains("File too large"),
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("File too large"),
         "{reply}"
     );
     assert!(reply.get("version").is_none());
@@ -539,8 +570,14 @@ async fn a_full_disk_refuses_the_submission_keeps_earlier_versions_and_recovers(
     // is cut and the artifact removed.
     let artifact_len = std::fs::metadata(&artifact).unwrap().len();
     let log_len = before.0.len() as u64;
-    assert!(artifact_len + 64 < log_len + 100, "sizes {artifact_len}, {log_len}");
-    set_file_size_limit(registry.pid(), &(log_len.max(artifact_len + 64) + 20).to_string());
+    assert!(
+        artifact_len + 64 < log_len + 100,
+        "sizes {artifact_len}, {log_len}"
+    );
+    set_file_size_limit(
+        registry.pid(),
+        &(log_len.max(artifact_len + 64) + 20).to_string(),
+    );
     let reply = submit(&client, &submission(3.0)).await;
     assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
     assert_eq!(snapshot(), before, "log cut back, production unchanged");
@@ -548,15 +585,27 @@ async fn a_full_disk_refuses_the_submission_keeps_earlier_versions_and_recovers(
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(files, ["model-00000001.bin"], "no orphan, no temporary file");
+    assert_eq!(
+        files,
+        ["model-00000001.bin"],
+        "no orphan, no temporary file"
+    );
     let models = request_json(&client, "ml.registry.models", "").await;
-    assert_eq!((versions(&models), models["production"].clone()), (vec![1], 1.into()));
-    assert!(registry.child.try_wait().unwrap().is_none(), "SIGXFSZ did not kill it");
+    assert_eq!(
+        (versions(&models), models["production"].clone()),
+        (vec![1], 1.into())
+    );
+    assert!(
+        registry.child.try_wait().unwrap().is_none(),
+        "SIGXFSZ did not kill it"
+    );
 
     // 3. Space returns: the next submission is stored and acknowledged.
     set_file_size_limit(registry.pid(), "unlimited");
     let reply = submit(&client, &submission(4.0)).await;
-    let version = reply["version"].as_u64().unwrap_or_else(|| panic!("{reply}"));
+    let version = reply["version"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{reply}"));
     assert!(version >= 2, "{reply}");
     let models = request_json(&client, "ml.registry.models", "").await;
     assert_eq!(versions(&models), [1, version], "{models}");

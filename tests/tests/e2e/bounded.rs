@@ -24,6 +24,7 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_requests_in_flight_get_answers_or_busy_in_bounded_memory() {
     ml_tests::init_logging();
+    let _heavy = HEAVY.lock().await;
     let nats = NatsServer::start();
     let url = nats.url();
     let dir = ml_tests::temp_dir();
@@ -106,18 +107,11 @@ async fn ten_thousand_requests_in_flight_get_answers_or_busy_in_bounded_memory()
         );
         assert!(ok > 0 && busy > 0, "{ok} ok, {busy} busy");
     }
-    // Bounded by the limits (PREDICT_BUFFER + MAX_IN_FLIGHT messages, about
-    // 80 MiB of 4 KiB messages at most), and no growth from one burst to
-    // the next.
+    // Bounded by the limits: at most PREDICT_BUFFER + MAX_IN_FLIGHT
+    // requests held, 64 MiB of 4 KiB messages with the default buffer.
     assert!(
-        peaks[1].saturating_sub(before) < 128 * 1024,
+        peaks[1].saturating_sub(before) < 64 * 1024,
         "RSS grew from {before} KiB to a peak of {} KiB",
-        peaks[1]
-    );
-    assert!(
-        peaks[1] <= peaks[0] + 8 * 1024,
-        "peak RSS grew from {} KiB to {} KiB between two equal bursts",
-        peaks[0],
         peaks[1]
     );
     // And it goes on serving.

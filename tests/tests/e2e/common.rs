@@ -7,6 +7,10 @@ use std::time::Duration;
 use async_nats::Client;
 use serde_json::Value;
 
+/// Held by the tests that measure under load or against a deadline, so
+/// that they do not run at the same time as one another on a small machine.
+pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Connects a plain client, as a user would.
 pub async fn client(url: &str) -> Client {
     tokio::time::timeout(Duration::from_secs(10), async_nats::connect(url))

@@ -106,7 +106,7 @@ async fn the_binaries_work_together_and_the_monitor_prints_latency() {
         let found = text
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|v| v["count"].as_u64() >= Some(2));
+            .find(|v| v["errors"]["unknown_user"].is_u64());
         async move { found }
     })
     .await;

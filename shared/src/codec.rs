@@ -338,3 +338,91 @@ mod tests {
         );
     }
 }
+
+/// Property tests (a bounded fuzz run in every `cargo test`): whatever the
+/// bytes, decoding returns an error or a value, never panics; and no
+/// truncation or single-byte corruption of a valid encoding gets through.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::messages::{ModelRelease, Submission};
+    use crate::model::{ModelArtifact, ModelKind};
+    use proptest::prelude::*;
+
+    fn artifacts() -> impl Strategy<Value = ModelArtifact> {
+        (
+            prop_oneof![Just(ModelKind::Linear), Just(ModelKind::Logistic)],
+            proptest::collection::vec("[a-z_0-9]{1,12}", 0..8),
+            proptest::collection::vec(any::<f64>(), 0..8),
+            any::<f64>(),
+            proptest::option::of((
+                proptest::collection::vec(any::<f64>(), 0..8),
+                proptest::collection::vec(any::<f64>(), 0..8),
+            )),
+        )
+            .prop_map(|(kind, feature_names, coefficients, intercept, scaler)| {
+                ModelArtifact {
+                    kind,
+                    feature_names,
+                    coefficients,
+                    intercept,
+                    scaler: scaler.map(|(mean, scale)| crate::model::Scaler { mean, scale }),
+                    profile: None,
+                }
+            })
+    }
+
+    /// An envelope with a correct header and checksum around `payload`, so
+    /// that the payload decoder itself is exercised.
+    fn envelope(payload: &[u8]) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        out.extend_from_slice(&Sha256::digest(payload));
+        out.extend_from_slice(payload);
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<ModelArtifact>(&bytes);
+            let _ = decode::<ModelRelease>(&bytes);
+            let _ = decode::<Submission>(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_payloads_with_a_valid_checksum_never_panic(
+            payload in proptest::collection::vec(any::<u8>(), 0..512)
+        ) {
+            let bytes = envelope(&payload);
+            if let Ok(artifact) = decode::<ModelArtifact>(&bytes) {
+                let _ = artifact.validate();
+            }
+            if let Ok(release) = decode::<ModelRelease>(&bytes) {
+                let _ = release.artifact.validate();
+            }
+            let _ = decode::<Submission>(&bytes);
+        }
+
+        #[test]
+        fn artifacts_round_trip_bit_for_bit(artifact in artifacts()) {
+            let back: ModelArtifact = decode(&encode(&artifact)).unwrap();
+            prop_assert_eq!(encode(&back), encode(&artifact));
+        }
+
+        #[test]
+        fn any_corruption_or_truncation_is_an_error(
+            artifact in artifacts(),
+            at in any::<prop::sample::Index>(),
+            xor in 1u8..=255,
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let good = encode(&artifact);
+            let mut bad = good.clone();
+            bad[at.index(good.len())] ^= xor;
+            prop_assert!(decode::<ModelArtifact>(&bad).is_err());
+            prop_assert!(decode::<ModelArtifact>(&good[..cut.index(good.len())]).is_err());
+        }
+    }
+}

@@ -79,6 +79,9 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug or an unexpected failure.
     Internal,
+    /// Too many requests in flight: this one was refused unread; retry,
+    /// preferably after a short pause (another replica may take it).
+    Busy,
 }
 
 impl ErrorCode {
@@ -90,6 +93,7 @@ impl ErrorCode {
             ErrorCode::NoModel => "no_model",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::Busy => "busy",
         }
     }
 
@@ -98,7 +102,7 @@ impl ErrorCode {
         match self {
             ErrorCode::BadRequest => 400,
             ErrorCode::UnknownUser => 404,
-            ErrorCode::NoModel | ErrorCode::Unavailable => 503,
+            ErrorCode::NoModel | ErrorCode::Unavailable | ErrorCode::Busy => 503,
             ErrorCode::Internal => 500,
         }
     }

@@ -1,35 +1,130 @@
-//! Connecting to NATS the same way in every service.
+//! Connecting to NATS the same way in every service: credentials and TLS
+//! from [`NatsSettings`], a bounded reconnect delay, and connection events
+//! (including permission violations, which NATS reports as events rather
+//! than as errors of the call that caused them) logged.
 
-use async_nats::{Client, ConnectOptions, Event};
+use std::time::Duration;
 
-use crate::settings::NatsSettings;
+use async_nats::{Client, ConnectOptions, Event, ServerError};
+
+use crate::settings::{Credentials, NatsSettings};
+
+/// The longest pause between two reconnection attempts, so a service is
+/// back within about this long of the server's return.
+pub const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+/// Delay before reconnection attempt `attempts` (1-based): 0 for the first,
+/// then 100 ms more per attempt up to [`MAX_RECONNECT_DELAY`], plus up to
+/// 10% jitter so that many clients do not reconnect in lockstep.
+pub fn reconnect_delay(attempts: usize) -> Duration {
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let base = Duration::from_millis(100)
+        .saturating_mul(u32::try_from(attempts - 1).unwrap_or(u32::MAX))
+        .min(MAX_RECONNECT_DELAY);
+    base + base.mul_f64(rand::random::<f64>() * 0.1)
+}
+
+/// The client options for `settings`: name, request timeout, inbox prefix,
+/// credentials, TLS, reconnect delay and event logging. Reading a secret
+/// file or a `.creds` file may fail; the error names the file, never its
+/// contents.
+pub async fn options(settings: &NatsSettings, name: &str) -> anyhow::Result<ConnectOptions> {
+    let service = name.to_owned();
+    let mut options = ConnectOptions::new()
+        .name(name)
+        .request_timeout(Some(settings.request_timeout))
+        .custom_inbox_prefix(&settings.nats_inbox_prefix)
+        .reconnect_delay_callback(reconnect_delay)
+        .event_callback(move |event| {
+            let service = service.clone();
+            async move { log_event(&service, event) }
+        });
+    options = match settings.credentials()? {
+        Credentials::None => options,
+        Credentials::UserPassword { user, password } => {
+            options.user_and_password(user, password.expose().to_owned())
+        }
+        Credentials::Token(token) => options.token(token.expose().to_owned()),
+        Credentials::NKey(seed) => options.nkey(seed.expose().to_owned()),
+        Credentials::CredsFile(path) => options.credentials_file(&path).await.map_err(|e| {
+            anyhow::anyhow!("cannot use the creds file {}: {}", path.display(), e.kind())
+        })?,
+    };
+    if let Some(ca) = &settings.nats_tls_ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&settings.nats_tls_cert, &settings.nats_tls_key) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    let tls = settings.nats_tls_required
+        || settings.nats_tls_ca.is_some()
+        || settings.nats_tls_cert.is_some();
+    Ok(options.require_tls(tls))
+}
+
+fn log_event(service: &str, event: Event) {
+    match event {
+        Event::Connected => tracing::info!(%service, "connected to NATS"),
+        Event::Disconnected => tracing::warn!(%service, "disconnected from NATS"),
+        Event::Draining | Event::Closed => {
+            tracing::debug!(%service, event = %event, "NATS connection closing")
+        }
+        Event::SlowConsumer(sid) => {
+            tracing::warn!(%service, sid, "slow consumer: NATS dropped messages")
+        }
+        Event::ServerError(ServerError::AuthorizationViolation) => tracing::error!(
+            %service,
+            "NATS refused the credentials (authorization violation); check NATS_USER/NATS_PASSWORD, NATS_TOKEN, NATS_NKEY_SEED_FILE or NATS_CREDS"
+        ),
+        Event::ServerError(ServerError::Other(message))
+            if message
+                .to_ascii_lowercase()
+                .contains("permissions violation") =>
+        {
+            tracing::error!(%service, %message, "NATS permission violation: this user may not use that subject")
+        }
+        Event::ServerError(error) => tracing::error!(%service, %error, "NATS server error"),
+        Event::ClientError(error) => tracing::warn!(%service, %error, "NATS client error"),
+        other => tracing::warn!(%service, event = %other, "NATS event"),
+    }
+}
 
 /// Connects with `retry_on_initial_connect`, so a service may start before the
 /// server: the call returns at once and the client connects (and reconnects,
-/// resubscribing) in the background. Connection events are logged.
+/// resubscribing) in the background, retrying at least every
+/// [`MAX_RECONNECT_DELAY`]. Connection events are logged.
 pub async fn connect(settings: &NatsSettings, name: &str) -> anyhow::Result<Client> {
-    let service = name.to_owned();
-    let client = ConnectOptions::new()
-        .name(name)
-        .retry_on_initial_connect()
-        .request_timeout(Some(settings.request_timeout))
-        .event_callback(move |event| {
-            let service = service.clone();
-            async move {
-                match event {
-                    Event::Connected => tracing::info!(%service, "connected to NATS"),
-                    Event::Disconnected => tracing::warn!(%service, "disconnected from NATS"),
-                    Event::Draining | Event::Closed => {
-                        tracing::debug!(%service, event = %event, "NATS connection closing")
-                    }
-                    Event::SlowConsumer(sid) => {
-                        tracing::warn!(%service, sid, "slow consumer: NATS dropped messages")
-                    }
-                    other => tracing::warn!(%service, event = %other, "NATS event"),
-                }
-            }
-        })
-        .connect(settings.nats_url.as_str())
-        .await?;
-    Ok(client)
+    connect_with(settings, name, |o| o).await
+}
+
+/// As [`connect`], with further options (e.g. a subscription capacity).
+pub async fn connect_with(
+    settings: &NatsSettings,
+    name: &str,
+    customise: impl FnOnce(ConnectOptions) -> ConnectOptions,
+) -> anyhow::Result<Client> {
+    let options = customise(options(settings, name).await?.retry_on_initial_connect());
+    Ok(options.connect(settings.nats_url.as_str()).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delays_grow_and_stay_bounded() {
+        assert_eq!(reconnect_delay(0), Duration::ZERO);
+        assert_eq!(reconnect_delay(1), Duration::ZERO);
+        let second = reconnect_delay(2);
+        assert!(second >= Duration::from_millis(100) && second <= Duration::from_millis(110));
+        for attempts in [11, 50, usize::MAX] {
+            let d = reconnect_delay(attempts);
+            assert!(
+                d >= MAX_RECONNECT_DELAY && d <= MAX_RECONNECT_DELAY.mul_f64(1.1),
+                "{attempts}: {d:?}"
+            );
+        }
+    }
 }

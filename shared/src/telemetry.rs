@@ -17,8 +17,12 @@ pub fn init() {
 pub fn init_with_default(default_filter: &str) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // A log line that cannot be written (stderr on a full disk or past a
+    // file-size limit) is lost; reporting it with `eprintln!` would panic
+    // and take the service down with its logs.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .try_init();
 }

@@ -199,19 +199,34 @@ pub struct Process {
 }
 
 impl Process {
-    /// Starts workspace binary `name` with `env`, output to `log`.
+    /// Starts workspace binary `name` with `env` (`RUST_LOG` defaults to
+    /// `info`), output to `log`.
     pub fn start(name: &str, args: &[&str], env: &[(&str, &str)], log: &Path) -> Self {
         let out = std::fs::File::create(log).expect("log file");
         let child = Command::new(binary(name))
             .args(args)
-            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log handle"))
             .stderr(out)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
         Self { child }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, `KILL`, …) with `kill(1)`.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
     }
 
     /// Sends SIGTERM and waits (at most `timeout`) for the exit status.

@@ -329,13 +329,19 @@ fn gen_data(rows: usize, seed: u64, out: Option<PathBuf>, target: Target) -> any
 
 /// Connects to NATS, failing fast when no server answers.
 pub async fn connect(nats: &NatsSettings) -> anyhow::Result<Client> {
-    async_nats::ConnectOptions::new()
-        .name("mlctl")
-        .request_timeout(Some(nats.request_timeout))
+    ml_shared::nats::options(nats, "mlctl")
+        .await?
         .connection_timeout(Duration::from_secs(3))
         .connect(nats.nats_url.as_str())
         .await
-        .with_context(|| format!("cannot connect to NATS at {}", nats.nats_url))
+        .with_context(|| {
+            let tls = if nats.nats_tls_required || nats.nats_tls_ca.is_some() {
+                " with TLS"
+            } else {
+                ""
+            };
+            format!("cannot connect to NATS at {}{tls}", nats.nats_url)
+        })
 }
 
 fn unavailable(error: async_nats::RequestError, service: &str, subject: &str) -> anyhow::Error {

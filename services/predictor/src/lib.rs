@@ -4,10 +4,16 @@
 //! It holds the production model in memory ([`serving`]), swaps it when the
 //! registry publishes a new one ([`updates`]), and reports every request's
 //! latency to the monitor without making the reply wait ([`events`]), with a
-//! sample of the features it saw and the predictions it made, for drift. Until a
-//! model arrives it answers `no_model`. Every error reply carries the JSON
+//! sample of the features it saw and the predictions it made, for drift.
+//! Until a model arrives it answers `no_model`. Every error reply carries the JSON
 //! body `{"error": {"code", "message"}}` and the micro-service headers
 //! `Nats-Service-Error` and `Nats-Service-Error-Code`.
+//!
+//! At most `MAX_IN_FLIGHT` requests are being answered at once; a request
+//! that arrives past that limit is answered `busy` at once, unread, so
+//! memory stays bounded whatever the load (see [`admit`]). NATS itself holds
+//! at most `PREDICT_BUFFER` requests for this predictor before dropping them
+//! as a slow consumer.
 //!
 //! On SIGTERM it unsubscribes, answers every request already delivered to it
 //! (the other replicas take new ones), flushes its events and leaves.
@@ -27,9 +33,12 @@ use async_nats::HeaderMap;
 use clap::Parser;
 use futures::StreamExt;
 use ml_shared::features::{FeatureRegistry, FeatureStore};
-use ml_shared::messages::{LatencyEvent, Outcome, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER};
+use ml_shared::messages::{
+    ErrorCode, ErrorReply, LatencyEvent, Outcome, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER,
+};
 use ml_shared::profile::{FeatureSample, SAMPLE_WIDTH};
 use ml_shared::settings::{parse_duration, NatsSettings};
+use tokio::sync::Semaphore;
 
 use crate::events::{EventSettings, EventSink};
 use crate::serving::ServingState;
@@ -106,6 +115,19 @@ pub struct Config {
     /// Most feature samples sent per second (0: no limit).
     #[arg(long, env = "EVENT_SAMPLE_MAX", default_value_t = 1000)]
     pub event_sample_max: u64,
+
+    /// Most requests being answered at once; past it, requests get `busy`.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+
+    /// Requests the NATS client buffers for this predictor; beyond it NATS
+    /// drops them (slow consumer) and their senders time out.
+    #[arg(long, env = "PREDICT_BUFFER", default_value_t = 16_384)]
+    pub predict_buffer: usize,
+
+    /// Largest request payload answered, in bytes; larger ones get `bad_request`.
+    #[arg(long, env = "PREDICT_MAX_BYTES", default_value_t = 64 * 1024)]
+    pub predict_max_bytes: usize,
 }
 
 /// On or off.
@@ -141,7 +163,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         config.max_batch,
     ));
 
-    let client = ml_shared::nats::connect(&config.nats, SERVICE_NAME).await?;
+    let buffer = config.predict_buffer.max(1);
+    let client = ml_shared::nats::connect_with(&config.nats, SERVICE_NAME, |o| {
+        o.subscription_capacity(buffer)
+    })
+    .await?;
     let subjects = config.nats.subjects();
     let predictor_id = config.predictor_id.clone().unwrap_or_else(default_id);
     let service = client
@@ -205,13 +231,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     ));
     tracing::info!(id = %predictor_id, subject = %subjects.predict, queue = QUEUE_GROUP, "predictor serving");
 
+    let admission = Admission {
+        state: state.clone(),
+        events: events.clone(),
+        permits: Arc::new(Semaphore::new(config.max_in_flight as usize)),
+        max_bytes: config.predict_max_bytes,
+        busy: Arc::new(error_reply(&ErrorReply::new(
+            ErrorCode::Busy,
+            "too many requests in flight; retry shortly",
+        ))),
+    };
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             biased;
             () = &mut shutdown => break,
             request = endpoint.next() => match request {
-                Some(request) => handle(&state, &events, request).await,
+                Some(request) => admit(&admission, request).await,
                 None => break,
             },
         }
@@ -222,20 +258,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tracing::warn!(%error, "cannot unsubscribe the predict endpoint");
     }
     let drained = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut answered = 0u64;
+        let mut received = 0u64;
         while let Some(request) = endpoint.next().await {
-            handle(&state, &events, request).await;
-            answered += 1;
+            admit(&admission, request).await;
+            received += 1;
         }
-        answered
+        // Every permit back means every admitted request has been answered.
+        let _all = admission
+            .permits
+            .acquire_many(config.max_in_flight)
+            .await
+            .expect("the semaphore is never closed");
+        received
     })
     .await;
-    tracing::info!(answered = ?drained.ok(), "in-flight requests answered");
+    tracing::info!(received_after_stop = ?drained.ok(), "in-flight requests answered");
     follower.abort();
     refresher.abort();
     drop(events);
+    drop(admission);
+    // Ends once the last sender is gone; bounded in case a request task
+    // outlived the drain above.
     if let Some(task) = events_task {
-        let _ = task.await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     }
     if let Err(error) = service.stop().await {
         tracing::warn!(%error, "cannot stop the micro-service cleanly");
@@ -244,41 +289,98 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
-/// Answers one request and records its latency.
-async fn handle(state: &ServingState, events: &EventSink, request: Request) {
-    let started = Instant::now();
-    let mut sample = events.sample_next().then(FeatureSample::default);
-    let (body, version, outcome) =
-        match state.predict_sampled(&request.message.payload, sample.as_mut()) {
-            Ok(answer) => (
-                serde_json::to_vec(&answer),
-                Some(answer.model_version()),
-                Outcome::Ok,
-            ),
-            Err((error, version)) => (
-                serde_json::to_vec(&error),
-                version,
-                Outcome::Error(error.error.code),
-            ),
-        };
-    let body = body.expect("replies serialise");
-    let sent = match outcome {
-        Outcome::Ok => request.respond(Ok(body.into())).await,
-        Outcome::Error(code) => {
-            let mut headers = HeaderMap::new();
-            headers.insert(SERVICE_ERROR_HEADER, code.as_str());
-            headers.insert(
-                SERVICE_ERROR_CODE_HEADER,
-                code.status().to_string().as_str(),
-            );
-            request.respond_with_headers(Ok(body.into()), headers).await
+/// What admitting and answering a request needs.
+#[derive(Clone)]
+struct Admission {
+    state: Arc<ServingState>,
+    events: EventSink,
+    permits: Arc<Semaphore>,
+    max_bytes: usize,
+    /// The `busy` reply, encoded once: refusing must cost less than answering.
+    busy: Arc<(bytes::Bytes, HeaderMap)>,
+}
+
+/// Admits a request when fewer than `MAX_IN_FLIGHT` are being answered
+/// (it is then answered on its own task), and otherwise answers `busy` at
+/// once without reading it. The request loop never waits for a prediction,
+/// so it keeps taking requests off the NATS buffer as fast as they come,
+/// and what it holds is bounded by the permits.
+async fn admit(admission: &Admission, request: Request) {
+    match admission.permits.clone().try_acquire_owned() {
+        Ok(permit) => {
+            let admission = admission.clone();
+            tokio::spawn(async move {
+                handle(&admission, request).await;
+                drop(permit);
+            });
         }
+        Err(_) => {
+            let started = Instant::now();
+            let (body, headers) = &*admission.busy;
+            if let Err(error) = request
+                .respond_with_headers(Ok(body.clone()), headers.clone())
+                .await
+            {
+                tracing::debug!(%error, "busy reply not sent");
+            }
+            if admission.events.is_enabled() {
+                admission.events.record(LatencyEvent {
+                    ts_ms: ml_shared::time::now_ms(),
+                    duration_ns: started.elapsed().as_nanos() as u64,
+                    model_version: admission.state.model().map(|m| m.version),
+                    outcome: Outcome::Error(ErrorCode::Busy),
+                    sample: None,
+                });
+            }
+        }
+    }
+}
+
+/// Answers one request and records its latency.
+async fn handle(admission: &Admission, request: Request) {
+    let started = Instant::now();
+    let mut sample = admission.events.sample_next().then(FeatureSample::default);
+    // The answer borrows the payload: encode it before the request is consumed.
+    let (body, headers, version, outcome) = {
+        let payload = &request.message.payload;
+        let result = if payload.len() > admission.max_bytes {
+            let error = ErrorReply::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "request of {} bytes exceeds the limit of {} bytes",
+                    payload.len(),
+                    admission.max_bytes
+                ),
+            );
+            Err((error, admission.state.model().map(|m| m.version)))
+        } else {
+            admission.state.predict_sampled(payload, sample.as_mut())
+        };
+        match result {
+            Ok(answer) => {
+                let body = serde_json::to_vec(&answer).expect("replies serialise");
+                (body.into(), None, Some(answer.model_version()), Outcome::Ok)
+            }
+            Err((error, version)) => {
+                let (body, headers) = error_reply(&error);
+                (
+                    body,
+                    Some(headers),
+                    version,
+                    Outcome::Error(error.error.code),
+                )
+            }
+        }
+    };
+    let sent = match headers {
+        None => request.respond(Ok(body)).await,
+        Some(headers) => request.respond_with_headers(Ok(body), headers).await,
     };
     if let Err(error) = sent {
         tracing::debug!(%error, "reply not sent");
     }
-    if events.is_enabled() {
-        events.record(LatencyEvent {
+    if admission.events.is_enabled() {
+        admission.events.record(LatencyEvent {
             ts_ms: ml_shared::time::now_ms(),
             duration_ns: started.elapsed().as_nanos() as u64,
             model_version: version,
@@ -286,6 +388,19 @@ async fn handle(state: &ServingState, events: &EventSink, request: Request) {
             sample: sample.filter(|s| outcome == Outcome::Ok && !s.is_empty()),
         });
     }
+}
+
+/// The body and micro-service error headers of an error reply.
+fn error_reply(error: &ErrorReply) -> (bytes::Bytes, HeaderMap) {
+    let body = serde_json::to_vec(error).expect("replies serialise");
+    let code = error.error.code;
+    let mut headers = HeaderMap::new();
+    headers.insert(SERVICE_ERROR_HEADER, code.as_str());
+    headers.insert(
+        SERVICE_ERROR_CODE_HEADER,
+        code.status().to_string().as_str(),
+    );
+    (body.into(), headers)
 }
 
 fn default_id() -> String {

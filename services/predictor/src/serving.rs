@@ -508,3 +508,123 @@ mod tests {
         assert!(matches!(s.prepare(r), Err(LoadError::Feature(_))));
     }
 }
+
+/// Property tests of the request decoder (a bounded fuzz run in every
+/// `cargo test`): whatever the payload, the answer is a prediction or a
+/// structured error, never a panic.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use ml_shared::data::parse_csv;
+    use ml_shared::model::ModelKind;
+    use proptest::prelude::*;
+
+    fn state() -> ServingState {
+        let registry = FeatureRegistry::default();
+        let data = parse_csv(
+            std::path::Path::new("t.csv"),
+            b"user_id,feature_1,feature_2\nu1,2,3\n",
+            registry.raw_names(),
+        )
+        .unwrap();
+        let s = ServingState::new(registry, FeatureStore::from_dataset(&data));
+        let release = ModelRelease {
+            version: 1,
+            epoch: 1,
+            artifact: ModelArtifact {
+                kind: ModelKind::Linear,
+                feature_names: vec!["feature_1".into(), "feature_2".into(), "feature_3".into()],
+                coefficients: vec![1.0, 10.0, 100.0],
+                intercept: 0.5,
+                scaler: None,
+                profile: None,
+            },
+        };
+        s.install(s.prepare(release).unwrap());
+        s
+    }
+
+    /// Whether every prediction of an answer is a finite number.
+    fn finite(answer: &Answer<'_>) -> bool {
+        match answer {
+            Answer::One { prediction, .. } => prediction.is_finite(),
+            Answer::Many { predictions, .. } => predictions.iter().flatten().all(|p| p.is_finite()),
+        }
+    }
+
+    fn check(s: &ServingState, payload: &[u8]) -> Result<(), TestCaseError> {
+        match s.predict(payload) {
+            Ok(reply) => prop_assert!(finite(&reply)),
+            Err((error, version)) => {
+                prop_assert_eq!(version, Some(1));
+                prop_assert!(matches!(
+                    error.error.code,
+                    ErrorCode::BadRequest | ErrorCode::UnknownUser
+                ));
+                prop_assert!(!error.error.message.is_empty());
+                let json: serde_json::Value = serde_json::to_value(&error).unwrap();
+                prop_assert!(json["error"]["code"].is_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// A number as a JSON client might write it, NaN and infinities included.
+    fn number() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<f64>().prop_map(|v| format!("{v:?}")),
+            Just("NaN".to_owned()),
+            Just("\"NaN\"".to_owned()),
+            Just("1e999".to_owned()),
+            Just("-1e999".to_owned()),
+            Just("\"inf\"".to_owned()),
+            "-?[0-9]{1,30}(\\.[0-9]{0,30})?([eE][+-]?[0-9]{1,4})?",
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_get_a_reply_or_an_error(
+            payload in proptest::collection::vec(any::<u8>(), 0..256)
+        ) {
+            check(&state(), &payload)?;
+        }
+
+        #[test]
+        fn json_like_text_gets_a_reply_or_an_error(
+            payload in "[{}\\[\\]\":,0-9a-z_.eE+ -]{0,96}"
+        ) {
+            check(&state(), payload.as_bytes())?;
+        }
+
+        #[test]
+        fn feature_maps_get_a_reply_or_an_error(
+            features in proptest::collection::vec(
+                (prop_oneof![
+                    Just("feature_1".to_owned()),
+                    Just("feature_2".to_owned()),
+                    Just("feature_3".to_owned()),
+                    "[a-z_0-9]{0,10}",
+                ], number()),
+                0..5,
+            ),
+            user in proptest::option::of("[a-z0-9\\\\\"]{0,8}"),
+        ) {
+            let fields: Vec<String> = features
+                .iter()
+                .map(|(k, v)| format!("{k:?}:{v}"))
+                .collect();
+            let mut body = format!("{{\"features\":{{{}}}", fields.join(","));
+            if let Some(user) = user {
+                body.push_str(&format!(",\"user_id\":\"{user}\""));
+            }
+            body.push('}');
+            let s = state();
+            check(&s, body.as_bytes())?;
+            // Three finite raw features: exactly then is it a prediction.
+            if let Ok(reply) = s.predict(body.as_bytes()) {
+                prop_assert!(finite(&reply));
+            }
+        }
+    }
+}

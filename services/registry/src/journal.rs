@@ -62,6 +62,7 @@ pub fn cut_torn_tail(path: &Path) -> Result<Vec<u8>, IoError> {
 
 /// Appends `lines` (complete lines, newline-terminated) with one write, then
 /// fsyncs. When the file is empty, `header` goes first, in the same write.
+/// When the write or the fsync fails, the file is cut back to its old length.
 /// The directory is fsynced when the file was created.
 pub fn append(path: &Path, header: Option<&[u8]>, lines: &[u8]) -> Result<(), IoError> {
     debug_assert!(lines.ends_with(b"\n"));
@@ -71,17 +72,26 @@ pub fn append(path: &Path, header: Option<&[u8]>, lines: &[u8]) -> Result<(), Io
         .append(true)
         .open(path)
         .map_err(io_err("opening", path))?;
-    let empty = file
+    let before = file
         .seek(SeekFrom::End(0))
-        .map_err(io_err("seeking", path))?
-        == 0;
+        .map_err(io_err("seeking", path))?;
     let mut buf = Vec::with_capacity(lines.len() + header.map_or(0, <[u8]>::len));
-    if let (true, Some(h)) = (empty, header) {
+    if let (0, Some(h)) = (before, header) {
         buf.extend_from_slice(h);
     }
     buf.extend_from_slice(lines);
-    file.write_all(&buf).map_err(io_err("appending to", path))?;
-    file.sync_data().map_err(io_err("syncing", path))?;
+    let written = file
+        .write_all(&buf)
+        .map_err(io_err("appending to", path))
+        .and_then(|()| file.sync_data().map_err(io_err("syncing", path)));
+    if written.is_err() {
+        // A partial line (disk full, file-size limit) would glue itself to
+        // the next one: cut it now rather than at the next start.
+        if let Err(error) = file.set_len(before).and_then(|()| file.sync_data()) {
+            tracing::warn!(path = %path.display(), %error, "cannot cut a partial line; it is cut at the next start");
+        }
+    }
+    written?;
     if !existed {
         sync_dir(path)?;
     }

@@ -81,6 +81,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tolerance = config.promote_tolerance,
         "registry opened"
     );
+    // Under a file-size limit (RLIMIT_FSIZE) the kernel sends SIGXFSZ, whose
+    // default action kills the process; handled, the write fails with EFBIG
+    // instead and the submission gets `unavailable`, like on a full disk.
+    let file_size_signal = watch_file_size_signal();
     let client = ml_shared::nats::connect(&config.nats, "registry").await?;
     let subjects = config.nats.subjects();
     let registry = Registry {
@@ -120,8 +124,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     }
     tracing::info!("registry stopping");
+    if let Some(task) = file_size_signal {
+        task.abort();
+    }
     client.drain().await.context("draining the NATS client")?;
     Ok(())
+}
+
+fn watch_file_size_signal() -> Option<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let kind = SignalKind::from_raw(nix::sys::signal::Signal::SIGXFSZ as i32);
+    match signal(kind) {
+        Ok(mut signals) => Some(tokio::spawn(async move {
+            while signals.recv().await.is_some() {
+                tracing::error!("a write went past the file-size limit (RLIMIT_FSIZE); it failed");
+            }
+        })),
+        Err(error) => {
+            tracing::warn!(%error, "cannot handle SIGXFSZ; a file-size limit would stop the registry");
+            None
+        }
+    }
 }
 
 struct Registry {

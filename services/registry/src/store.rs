@@ -26,6 +26,10 @@
 //! reused: the next one is above every number seen in the artifact files,
 //! the log and the history, corrupt ones included.
 //!
+//! A write that fails (disk full, a file-size limit) leaves the earlier state
+//! as it was: a partial log line is cut at once, and an artifact whose alias
+//! moves could not be committed is removed.
+//!
 //! A directory written by an older build (format-1 artifacts, the old
 //! experiments columns, a `production.json` with only `version` and `epoch`,
 //! no history) opens: artifacts are read through [`crate::legacy`], and the
@@ -559,7 +563,19 @@ impl Store {
             });
         }
         self.models.insert(version, model);
-        self.commit(&drafts)?;
+        let committed_before = self.pointer.seq;
+        if let Err(e) = self.commit(&drafts) {
+            if self.pointer.seq == committed_before {
+                // Not committed (the history append failed): unacknowledged,
+                // unrecorded; do not let a restart list it.
+                self.models.remove(&version);
+                let path = self.path(&file);
+                if let Err(error) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), %error, "cannot remove an uncommitted artifact");
+                }
+            }
+            return Err(e);
+        }
         journal::append(
             &self.path(EXPERIMENTS),
             Some(&csv_header()),

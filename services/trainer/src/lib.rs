@@ -167,9 +167,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     } else {
         Duration::from_secs(3600)
     };
+    tokio::pin!(shutdown);
+    // The first scheduled run is due at once; started before NATS, it would
+    // only fail (a run needs the registry). A flush completes once the
+    // connection is up, so wait for that first.
+    tokio::select! {
+        () = &mut shutdown => {
+            client.drain().await.ok();
+            return Ok(());
+        }
+        flushed = client.flush() => {
+            if let Err(error) = flushed {
+                tracing::warn!(%error, "cannot reach NATS yet; runs are retried");
+            }
+        }
+    }
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
@@ -267,6 +281,13 @@ impl Trainer {
     }
 
     async fn train_and_submit(&self, may_skip: bool) -> Result<Outcome, RunError> {
+        // A request sent while disconnected would only time out, holding up
+        // the loop (and `ml.train`) for SUBMIT_TIMEOUT: fail now and retry.
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(RunError::RegistryUnavailable(
+                "not connected to NATS".into(),
+            ));
+        }
         let spec = self.config.spec();
         let run_id = format!("run-{:016x}", rand::random::<u64>());
         let started_ms = ml_shared::time::now_ms();

@@ -7,6 +7,10 @@ use std::time::Duration;
 use async_nats::Client;
 use serde_json::Value;
 
+/// Held by the tests that measure under load or against a deadline, so
+/// that they do not run at the same time as one another on a small machine.
+pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Connects a plain client, as a user would.
 pub async fn client(url: &str) -> Client {
     tokio::time::timeout(Duration::from_secs(10), async_nats::connect(url))
@@ -109,4 +113,48 @@ pub fn assert_close(got: f64, want: f64, rel: f64) {
         err <= rel,
         "got {got}, want {want} (relative error {err:e} > {rel:e})"
     );
+}
+
+/// A client that reconnects by itself (as the services do) and gives up on
+/// a request after `timeout`.
+pub async fn resilient_client(url: &str, timeout: Duration) -> Client {
+    let mut settings = ml_shared::settings::NatsSettings::for_url(url);
+    settings.request_timeout = timeout;
+    let client = ml_shared::nats::connect(&settings, "test-client")
+        .await
+        .expect("client options");
+    ml_tests::wait_for("test client connected", Duration::from_secs(10), || {
+        let connected = client.connection_state() == async_nats::connection::State::Connected;
+        async move { connected.then_some(()) }
+    })
+    .await;
+    client
+}
+
+/// The predict endpoint's request count of every running predictor, by
+/// micro-service instance id, gathered from `$SRV.STATS.predictor` for
+/// 300 ms.
+pub async fn predictor_request_counts(client: &Client) -> std::collections::BTreeMap<String, u64> {
+    use futures::StreamExt;
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.expect("subscribe");
+    client
+        .publish_with_reply("$SRV.STATS.predictor", inbox, "".into())
+        .await
+        .expect("publish");
+    let mut counts = std::collections::BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, replies.next()).await {
+        let v: Value = serde_json::from_slice(&m.payload).expect("stats JSON");
+        let id = v["id"].as_str().expect("id").to_owned();
+        let n = v["endpoints"][0]["num_requests"].as_u64().unwrap_or(0);
+        counts.insert(id, n);
+    }
+    counts
+}
+
+/// A request for user `row` of the data file.
+pub fn user_body(data: &Path, row: usize) -> String {
+    let rows = read_rows(data);
+    format!(r#"{{"user_id":"{}"}}"#, rows[row].0)
 }

@@ -2,7 +2,12 @@
 //! talked to over NATS exactly as users do. One test binary, one module per
 //! area, so the workspace builds it once.
 
+mod access;
+mod bad_input;
+mod bounded;
 mod common;
+mod faults;
+mod load;
 mod model_registry;
 mod monitoring;
 mod pipeline;

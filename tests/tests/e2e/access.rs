@@ -1,0 +1,584 @@
+//! Access control against a real `nats-server`: the shipped
+//! `deploy/nats/nats.conf` (one user per service, per-subject permissions),
+//! TLS with certificates made for the test, tokens and nkeys. No secret may
+//! appear in any log of the run.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use async_nats::{Client, ConnectOptions, Event};
+use futures::StreamExt;
+use ml_shared::codec;
+use ml_shared::messages::{ModelRelease, Submission};
+use ml_shared::model::{ModelArtifact, ModelKind};
+use ml_shared::settings::{NatsSettings, Secret};
+use ml_tests::services::{binary, Process};
+use ml_tests::{wait_for, NatsServer};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::common::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+/// How long a message that must not arrive is waited for.
+const QUIET: Duration = Duration::from_millis(500);
+
+const USERS: [&str; 6] = [
+    "registry",
+    "trainer",
+    "predictor",
+    "monitor",
+    "client",
+    "admin",
+];
+
+/// A fresh random secret.
+fn secret(tag: &str) -> String {
+    let s = RandomState::new();
+    format!("{tag}-{:016x}{:016x}", s.hash_one(1u8), s.hash_one(2u8))
+}
+
+fn shipped_conf() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/nats.conf");
+    std::fs::read_to_string(path).expect("deploy/nats/nats.conf")
+}
+
+/// A client of `user`, reading replies under its own inbox prefix, whose
+/// connection events (permission violations among them) arrive on the
+/// returned channel.
+async fn connect_as(
+    url: &str,
+    user: &str,
+    password: &str,
+) -> (Client, mpsc::UnboundedReceiver<Event>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let client = ConnectOptions::with_user_and_password(user.into(), password.into())
+        .custom_inbox_prefix(format!("_INBOX_{user}"))
+        .request_timeout(Some(Duration::from_secs(2)))
+        .event_callback(move |e| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(e);
+            }
+        })
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("{user} connects: {e}"));
+    (client, rx)
+}
+
+/// Waits for a permission violation naming `subject`.
+async fn violation(events: &mut mpsc::UnboundedReceiver<Event>, subject: &str) {
+    let found = tokio::time::timeout(WAIT, async {
+        while let Some(event) = events.recv().await {
+            if let Event::ServerError(e) = &event {
+                let text = e.to_string();
+                if text.to_lowercase().contains("permissions violation") && text.contains(subject) {
+                    return text;
+                }
+            }
+        }
+        String::new()
+    })
+    .await;
+    assert!(
+        found.is_ok_and(|t| !t.is_empty()),
+        "no permission violation for {subject}"
+    );
+}
+
+/// Asserts nothing arrives on `sub` for a while.
+async fn quiet(sub: &mut async_nats::Subscriber, what: &str) {
+    if let Ok(Some(m)) = tokio::time::timeout(QUIET, sub.next()).await {
+        panic!("{what}: got a message on {}", m.subject);
+    }
+}
+
+fn artifact() -> ModelArtifact {
+    ModelArtifact {
+        kind: ModelKind::Linear,
+        feature_names: ["feature_1", "feature_2", "feature_3"]
+            .map(String::from)
+            .into(),
+        coefficients: vec![1.0, 2.0, 3.0],
+        intercept: 0.5,
+        scaler: None,
+        profile: None,
+    }
+}
+
+/// Every secret absent from every file in `dir` and from `extra` output.
+fn assert_no_secret_in_logs(dir: &Path, secrets: &[String], extra: &[String]) {
+    let mut texts: Vec<(String, String)> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            (p.extension()? == "log").then(|| {
+                (
+                    p.display().to_string(),
+                    std::fs::read_to_string(&p).unwrap_or_default(),
+                )
+            })
+        })
+        .collect();
+    texts.extend(
+        extra
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("output {i}"), t.clone())),
+    );
+    assert!(texts.len() > 1, "logs to search");
+    for (name, text) in &texts {
+        for s in secrets {
+            assert!(!text.contains(s.as_str()), "a secret appears in {name}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more() {
+    ml_tests::init_logging();
+    let passwords: Vec<(String, String)> =
+        USERS.iter().map(|u| (u.to_string(), secret(u))).collect();
+    let password = |user: &str| passwords.iter().find(|(u, _)| u == user).unwrap().1.clone();
+    let mut conf = shipped_conf();
+    for (user, pw) in &passwords {
+        let var = format!("$NATS_{}_PASSWORD", user.to_uppercase());
+        assert!(conf.contains(&var), "{var} in nats.conf");
+        conf = conf.replace(&var, &format!("\"{pw}\""));
+    }
+    let nats = NatsServer::start_with_config(&conf);
+    let url = nats.url();
+    let dir = ml_tests::temp_dir();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let data = dir.path().join("users.csv");
+    write_data(&data, 200, 41);
+    // The predictor reads its password from a file, the others from a variable.
+    let predictor_pw = dir.path().join("predictor.password");
+    std::fs::write(&predictor_pw, format!("{}\n", password("predictor"))).unwrap();
+    let registry_dir = dir.path().join("registry");
+    let log = |name: &str| logs.join(format!("{name}.log"));
+    let trace = "debug,async_nats=trace";
+    let service_env = |user: &'static str| -> Vec<(String, String)> {
+        let mut env = vec![
+            ("NATS_URL".to_owned(), url.clone()),
+            ("NATS_USER".to_owned(), user.to_owned()),
+            ("NATS_INBOX_PREFIX".to_owned(), format!("_INBOX_{user}")),
+            ("RUST_LOG".to_owned(), trace.to_owned()),
+            ("DATA_PATH".to_owned(), data.to_str().unwrap().to_owned()),
+            (
+                "REGISTRY_DIR".to_owned(),
+                registry_dir.to_str().unwrap().to_owned(),
+            ),
+            ("TRAIN_INTERVAL".to_owned(), "1h".to_owned()),
+            ("MODEL_POLL".to_owned(), "200ms".to_owned()),
+            ("MONITOR_INTERVAL".to_owned(), "500ms".to_owned()),
+        ];
+        if user == "predictor" {
+            env.push((
+                "NATS_PASSWORD_FILE".into(),
+                predictor_pw.to_str().unwrap().into(),
+            ));
+        } else {
+            env.push(("NATS_PASSWORD".into(), password(user)));
+        }
+        env
+    };
+    let mut procs: Vec<Process> = ["registry", "predictor", "monitor", "trainer"]
+        .into_iter()
+        .map(|name| {
+            let env = service_env(name);
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            Process::start(name, &[], &env, &log(name))
+        })
+        .collect();
+
+    // The pipeline works with each service under its own user.
+    let (client, mut client_events) = connect_as(&url, "client", &password("client")).await;
+    let (admin, _admin_events) = connect_as(&url, "admin", &password("admin")).await;
+    let body = user_body(&data, 0);
+    let served = || async {
+        let m = client
+            .request("ml.predict", body.clone().into())
+            .await
+            .ok()?;
+        let v: Value = serde_json::from_slice(&m.payload).ok()?;
+        v["model_version"].as_u64()
+    };
+    wait_for("version 1 served", WAIT, || async {
+        served().await.filter(|&v| v == 1)
+    })
+    .await;
+    let mut outputs = Vec::new();
+    let mlctl = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(binary("mlctl"))
+            .args(args)
+            .env("NATS_URL", &url)
+            .env("RUST_LOG", trace)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run mlctl");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let admin_pw = password("admin");
+    let (ok, text) = mlctl(
+        &["models"],
+        &[
+            ("NATS_USER", "admin"),
+            ("NATS_PASSWORD", &admin_pw),
+            ("NATS_INBOX_PREFIX", "_INBOX_admin"),
+        ],
+    );
+    assert!(ok && text.contains("prod"), "{text}");
+    outputs.push(text);
+    // The operator reaches every service: the monitor and the predictors'
+    // discovery answer too.
+    let stats = wait_for("monitor answers the admin", WAIT, || async {
+        let m = admin.request("ml.monitor.stats", "".into()).await.ok()?;
+        serde_json::from_slice::<Value>(&m.payload).ok()
+    })
+    .await;
+    assert!(stats["total"].is_object(), "{stats}");
+    let ping = admin
+        .request("$SRV.PING.predictor", "".into())
+        .await
+        .unwrap();
+    let ping: Value = serde_json::from_slice(&ping.payload).unwrap();
+    assert_eq!(ping["name"], "predictor", "{ping}");
+
+    // Without credentials, or with a wrong password: refused.
+    let refused = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url.as_str())
+        .await;
+    assert!(refused.is_err(), "a client without credentials got in");
+    let refused = ConnectOptions::with_user_and_password("client".into(), "wrong".into())
+        .connect(url.as_str())
+        .await;
+    assert!(refused.is_err(), "a wrong password got in");
+    let (ok, text) = mlctl(&["models"], &[]);
+    assert!(
+        !ok && text.to_lowercase().contains("authorization"),
+        "{text}"
+    );
+    outputs.push(text);
+
+    // Only the trainer may submit: the predictor's attempt never reaches
+    // the registry (a second registry-side subscriber sees nothing of it)...
+    let (observer, _) = connect_as(&url, "registry", &password("registry")).await;
+    let mut submissions = observer.subscribe("ml.registry.submit").await.unwrap();
+    observer.flush().await.unwrap();
+    let submission = codec::encode(&Submission {
+        run: ml_shared::messages::RunRecord {
+            run_id: "run-intruder".into(),
+            started_ms: 0,
+            duration_ms: 1,
+            params: ml_shared::messages::TrainParams {
+                model: "linear".into(),
+                seed: 1,
+                validation_fraction: 0.2,
+            },
+            metrics: ml_shared::messages::Metrics::regression(0.1, 0.1, 0.9),
+            rows_train: 8,
+            rows_validation: 2,
+            data_path: "d.csv".into(),
+            data_fingerprint: "sha256:00".into(),
+            feature_names: artifact().feature_names,
+        },
+        artifact: artifact(),
+    });
+    let (intruder, mut intruder_events) =
+        connect_as(&url, "predictor", &password("predictor")).await;
+    let attempt = intruder
+        .request("ml.registry.submit", submission.clone().into())
+        .await;
+    assert!(attempt.is_err(), "the predictor's submission was answered");
+    violation(&mut intruder_events, "ml.registry.submit").await;
+    quiet(&mut submissions, "the predictor's submission").await;
+    for user in ["client", "monitor", "admin"] {
+        let (c, mut events) = connect_as(&url, user, &password(user)).await;
+        c.publish("ml.registry.submit", submission.clone().into())
+            .await
+            .unwrap();
+        violation(&mut events, "ml.registry.submit").await;
+    }
+    quiet(&mut submissions, "others' submissions").await;
+    // ...while the trainer's does (the check above could fail).
+    let (trainer, _) = connect_as(&url, "trainer", &password("trainer")).await;
+    let m = trainer
+        .request("ml.registry.submit", submission.clone().into())
+        .await
+        .unwrap();
+    let ack: Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(ack["version"], 2, "{ack}");
+    tokio::time::timeout(WAIT, submissions.next())
+        .await
+        .expect("the trainer's submission is seen");
+    let models = serde_json::from_slice::<Value>(
+        &admin
+            .request("ml.registry.models", "".into())
+            .await
+            .unwrap()
+            .payload,
+    )
+    .unwrap();
+    let runs: Vec<&str> = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["run_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(runs.len(), 2, "{models}");
+    wait_for("version 2 served", WAIT, || async {
+        served().await.filter(|&v| v == 2)
+    })
+    .await;
+
+    // Only the registry may publish production models.
+    let fake = codec::encode(&ModelRelease {
+        version: 999,
+        epoch: 1000,
+        artifact: artifact(),
+    });
+    for user in ["predictor", "trainer", "client", "admin", "monitor"] {
+        let (c, mut events) = connect_as(&url, user, &password(user)).await;
+        c.publish("ml.model.production", fake.clone().into())
+            .await
+            .unwrap();
+        violation(&mut events, "ml.model.production").await;
+    }
+    assert_eq!(served().await, Some(2));
+
+    // A client may only ask for predictions...
+    for subject in ["ml.train", "ml.registry.models", "ml.monitor.stats"] {
+        client.publish(subject, "".into()).await.unwrap();
+        violation(&mut client_events, subject).await;
+    }
+    // ...and read no one else's replies.
+    let mut snoop = client.subscribe("_INBOX_admin.>").await.unwrap();
+    violation(&mut client_events, "_INBOX_admin.>").await;
+    let mut everything = client.subscribe(">").await.unwrap();
+    violation(&mut client_events, ">").await;
+    let m = admin
+        .request("ml.registry.models", "".into())
+        .await
+        .unwrap();
+    assert!(!m.payload.is_empty());
+    admin
+        .request("ml.predict", body.clone().into())
+        .await
+        .unwrap();
+    quiet(&mut snoop, "a client reading the admin's replies").await;
+    quiet(&mut everything, "a client reading everything").await;
+    assert_eq!(
+        served().await,
+        Some(2),
+        "the client still gets its own replies"
+    );
+
+    // No secret in any log line of the run, at trace level for the client.
+    for p in procs.iter_mut() {
+        assert!(p.terminate(WAIT).is_some_and(|s| s.success()));
+    }
+    // The monitor did its job under its user: it followed the production
+    // model (for drift) without a permission violation.
+    let monitor_log = std::fs::read_to_string(log("monitor")).unwrap();
+    assert!(
+        monitor_log.contains("drift measured against this production model"),
+        "{monitor_log}"
+    );
+    assert!(
+        !monitor_log.to_lowercase().contains("permission"),
+        "{monitor_log}"
+    );
+    std::fs::copy(nats.dir().join("nats.log"), logs.join("nats-server.log")).unwrap();
+    let secrets: Vec<String> = passwords.iter().map(|(_, p)| p.clone()).collect();
+    assert!(secrets.iter().all(|s| conf.contains(s.as_str())));
+    assert_no_secret_in_logs(&logs, &secrets, &outputs);
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as
+/// PEM files in `dir`: (ca, server cert, server key, client cert, client key).
+fn certificates(dir: &Path) -> [PathBuf; 5] {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let mut server =
+        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server = server.signed_by(&server_key, &ca, &ca_key).unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let mut client = CertificateParams::new(vec!["ml-client".to_owned()]).unwrap();
+    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client.signed_by(&client_key, &ca, &ca_key).unwrap();
+    let files = [
+        ("ca.pem", ca.pem()),
+        ("server.pem", server.pem()),
+        ("server-key.pem", server_key.serialize_pem()),
+        ("client.pem", client.pem()),
+        ("client-key.pem", client_key.serialize_pem()),
+    ];
+    files.map(|(name, text)| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_required_and_client_certificates_verified() {
+    ml_tests::init_logging();
+    let dir = ml_tests::temp_dir();
+    let [ca, cert, key, client_cert, client_key] = certificates(dir.path());
+    let token = secret("token");
+    let conf = format!(
+        "tls {{\n  cert_file: {cert:?}\n  key_file: {key:?}\n  ca_file: {ca:?}\n  verify: true\n  timeout: 2\n}}\nauthorization {{ token: {token:?} }}\n"
+    );
+    let nats = NatsServer::start_with_config(&conf);
+    let url = nats.url();
+
+    // A plaintext client is refused: the server wants a TLS handshake.
+    let mut tcp = TcpStream::connect(url.trim_start_matches("nats://")).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut info = vec![0u8; 4096];
+    let n = tcp.read(&mut info).unwrap();
+    let info = String::from_utf8_lossy(&info[..n]).into_owned();
+    assert!(info.contains("\"tls_required\":true"), "{info}");
+    let _ = tcp.write_all(format!("CONNECT {{\"auth_token\":\"{token}\"}}\r\nPING\r\n").as_bytes());
+    let mut rest = Vec::new();
+    let _ = tcp.read_to_end(&mut rest);
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("PONG"),
+        "a plaintext client was answered"
+    );
+
+    // Through the platform's settings: CA, client certificate, token.
+    let mut settings = NatsSettings::for_url(&url);
+    settings.nats_token = Some(Secret::new(token.clone()));
+    settings.nats_tls_ca = Some(ca.clone());
+    settings.nats_tls_cert = Some(client_cert.clone());
+    settings.nats_tls_key = Some(client_key.clone());
+    let client = ml_shared::nats::options(&settings, "test")
+        .await
+        .unwrap()
+        .connect(url.as_str())
+        .await
+        .expect("TLS client with a certificate connects");
+    let mut sub = client.subscribe("tls.check").await.unwrap();
+    client.publish("tls.check", "ok".into()).await.unwrap();
+    let m = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.payload, "ok");
+
+    // Without a client certificate, or without the CA: refused.
+    let mut no_cert = settings.clone();
+    no_cert.nats_tls_cert = None;
+    no_cert.nats_tls_key = None;
+    let refused = ml_shared::nats::options(&no_cert, "test")
+        .await
+        .unwrap()
+        .connect(url.as_str())
+        .await;
+    assert!(refused.is_err(), "a client without a certificate got in");
+    let mut no_ca = settings.clone();
+    no_ca.nats_tls_ca = None;
+    let refused = ml_shared::nats::options(&no_ca, "test")
+        .await
+        .unwrap()
+        .connect(url.as_str())
+        .await;
+    assert!(
+        refused.is_err(),
+        "a client that cannot verify the server connected"
+    );
+
+    // A service configured by environment variables connects and serves.
+    let data = dir.path().join("users.csv");
+    write_data(&data, 50, 42);
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &token).unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let env = [
+        ("NATS_URL", url.as_str()),
+        ("DATA_PATH", data.to_str().unwrap()),
+        ("NATS_TOKEN_FILE", token_file.to_str().unwrap()),
+        ("NATS_TLS_CA", ca.to_str().unwrap()),
+        ("NATS_TLS_CERT", client_cert.to_str().unwrap()),
+        ("NATS_TLS_KEY", client_key.to_str().unwrap()),
+        ("RUST_LOG", "debug,async_nats=trace"),
+    ];
+    let mut predictor = Process::start("predictor", &[], &env, &logs.join("predictor.log"));
+    let reply = wait_for("predictor answers over TLS", WAIT, || async {
+        let m = client.request("ml.predict", "{}".into()).await.ok()?;
+        serde_json::from_slice::<Value>(&m.payload).ok()
+    })
+    .await;
+    assert_eq!(reply["error"]["code"], "no_model", "{reply}");
+    assert!(predictor.terminate(WAIT).is_some_and(|s| s.success()));
+
+    // NATS_TLS_REQUIRED: a client refuses a server without TLS.
+    let plain = NatsServer::start();
+    let out = Command::new(binary("mlctl"))
+        .args(["models"])
+        .env("NATS_URL", plain.url())
+        .env("NATS_TLS_REQUIRED", "true")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("TLS"), "{stderr}");
+
+    std::fs::copy(nats.dir().join("nats.log"), logs.join("nats-server.log")).unwrap();
+    assert_no_secret_in_logs(&logs, &[token], &[stderr.into_owned()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nkey_users_sign_in_with_their_seed_only() {
+    ml_tests::init_logging();
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().unwrap();
+    let nats = NatsServer::start_with_config(&format!(
+        "authorization {{ users = [ {{ nkey: {} }} ] }}\n",
+        user.public_key()
+    ));
+    let url = nats.url();
+    let dir = ml_tests::temp_dir();
+    let seed_file = dir.path().join("user.nk");
+    std::fs::write(&seed_file, format!("{seed}\n")).unwrap();
+    let mut settings = NatsSettings::for_url(&url);
+    settings.nats_nkey_seed_file = Some(seed_file);
+    let client = ml_shared::nats::options(&settings, "test")
+        .await
+        .unwrap()
+        .connect(url.as_str())
+        .await
+        .expect("the nkey user connects");
+    client.flush().await.unwrap();
+    let other = nkeys::KeyPair::new_user();
+    let refused = ConnectOptions::with_nkey(other.seed().unwrap())
+        .connect(url.as_str())
+        .await;
+    assert!(refused.is_err(), "an unknown nkey got in");
+    let refused = async_nats::connect(url.as_str()).await;
+    assert!(refused.is_err(), "a client without credentials got in");
+    assert!(!format!("{settings:?}").contains(&seed));
+}

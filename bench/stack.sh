@@ -47,6 +47,7 @@ predictors() {
         stop_proc "${BENCH_DIR}/predictor-${have}.pid"
         have=$((have - 1))
     done
+    [ "${want}" -gt 0 ] || return 0
     # Wait until the replicas answer with a model.
     for _ in $(seq 100); do
         if "${BIN}/mlctl" predict --features feature_1=1,feature_2=1 >/dev/null 2>&1; then

@@ -124,6 +124,8 @@ fn bucket_around(seconds: f64) -> (f64, f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_the_monitor_and_agrees_on_p99() {
     ml_tests::init_logging();
+    // Load with timing-dependent windows: not alongside the other heavy tests.
+    let _heavy = HEAVY.lock().await;
     let nats = NatsServer::start();
     let url = nats.url();
     let dir = ml_tests::temp_dir();
@@ -265,6 +267,8 @@ async fn prometheus_scrapes_the_monitor_and_agrees_on_p99() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shifted_traffic_fires_the_drift_alert_and_unshifted_does_not() {
     ml_tests::init_logging();
+    // Load with timing-dependent windows: not alongside the other heavy tests.
+    let _heavy = HEAVY.lock().await;
     let nats = NatsServer::start();
     let url = nats.url();
     let dir = ml_tests::temp_dir();

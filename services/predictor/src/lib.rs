@@ -168,6 +168,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         o.subscription_capacity(buffer)
     })
     .await?;
+    // A second connection carries everything but the endpoint: latency
+    // events, model updates, and the replies sent while the service's own
+    // connection drains at shutdown (see the end of this function).
+    let aux = ml_shared::nats::connect(&config.nats, &format!("{SERVICE_NAME}-aux")).await?;
     let subjects = config.nats.subjects();
     let predictor_id = config.predictor_id.clone().unwrap_or_else(default_id);
     let service = client
@@ -197,7 +201,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (events, events_task) = match config.events {
         Switch::On => {
             let (sink, task) = events::spawn(
-                client.clone(),
+                aux.clone(),
                 EventSettings {
                     subject: subjects.monitor_events.clone(),
                     predictor: predictor_id.clone(),
@@ -217,7 +221,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     };
     let follower = tokio::spawn(updates::follow_models(
-        client.clone(),
+        aux.clone(),
         subjects.clone(),
         state.clone(),
         config.model_poll,
@@ -253,22 +257,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     }
 
+    // Graceful stop without losing a request that NATS already routed here.
+    // Unsubscribing the endpoint would make the client library drop the
+    // messages still in flight to it; draining the connection instead sends
+    // the unsubscribe and a ping, and delivers everything that arrives before
+    // the pong. So: let the admitted requests finish (they reply through the
+    // service's connection), drain that connection, and answer what is still
+    // delivered through the second connection. The other replicas take every
+    // request routed after the unsubscribe.
     tracing::info!("predictor stopping: answering requests already received");
-    if let Err(error) = endpoint.stop().await {
-        tracing::warn!(%error, "cannot unsubscribe the predict endpoint");
+    let permits = admission.permits.clone();
+    let admitted = tokio::time::timeout(
+        Duration::from_secs(5),
+        permits.acquire_many(config.max_in_flight),
+    )
+    .await;
+    drop(admitted);
+    if let Err(error) = client.drain().await {
+        tracing::warn!(%error, "cannot drain the service connection");
     }
     let drained = tokio::time::timeout(Duration::from_secs(5), async {
         let mut received = 0u64;
         while let Some(request) = endpoint.next().await {
-            admit(&admission, request).await;
+            handle(&admission, request, Some(&aux)).await;
             received += 1;
         }
-        // Every permit back means every admitted request has been answered.
-        let _all = admission
-            .permits
-            .acquire_many(config.max_in_flight)
-            .await
-            .expect("the semaphore is never closed");
         received
     })
     .await;
@@ -277,15 +290,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     refresher.abort();
     drop(events);
     drop(admission);
-    // Ends once the last sender is gone; bounded in case a request task
-    // outlived the drain above.
+    drop(service);
     if let Some(task) = events_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     }
-    if let Err(error) = service.stop().await {
-        tracing::warn!(%error, "cannot stop the micro-service cleanly");
-    }
-    client.drain().await.context("draining the NATS client")?;
+    aux.drain().await.context("draining the NATS client")?;
     Ok(())
 }
 
@@ -310,7 +319,7 @@ async fn admit(admission: &Admission, request: Request) {
         Ok(permit) => {
             let admission = admission.clone();
             tokio::spawn(async move {
-                handle(&admission, request).await;
+                handle(&admission, request, None).await;
                 drop(permit);
             });
         }
@@ -337,7 +346,9 @@ async fn admit(admission: &Admission, request: Request) {
 }
 
 /// Answers one request and records its latency.
-async fn handle(admission: &Admission, request: Request) {
+/// With `via`, the reply goes through that connection instead of the
+/// service's own (which is closing during shutdown).
+async fn handle(admission: &Admission, request: Request, via: Option<&async_nats::Client>) {
     let started = Instant::now();
     let mut sample = admission.events.sample_next().then(FeatureSample::default);
     // The answer borrows the payload: encode it before the request is consumed.
@@ -372,9 +383,18 @@ async fn handle(admission: &Admission, request: Request) {
             }
         }
     };
-    let sent = match headers {
-        None => request.respond(Ok(body)).await,
-        Some(headers) => request.respond_with_headers(Ok(body), headers).await,
+    let sent = match (via, request.message.reply.clone(), headers) {
+        (Some(client), Some(to), Some(headers)) => client
+            .publish_with_headers(to, headers, body)
+            .await
+            .map_err(|e| e.to_string()),
+        (Some(client), Some(to), None) => client.publish(to, body).await.map_err(|e| e.to_string()),
+        (Some(_), None, _) => Err("request without a reply subject".into()),
+        (None, _, None) => request.respond(Ok(body)).await.map_err(|e| e.to_string()),
+        (None, _, Some(headers)) => request
+            .respond_with_headers(Ok(body), headers)
+            .await
+            .map_err(|e| e.to_string()),
     };
     if let Err(error) = sent {
         tracing::debug!(%error, "reply not sent");

@@ -460,8 +460,9 @@ pub struct CorruptVersion {
 }
 
 /// One row of the experiments log (`experiments.csv`), also sent as JSON.
-/// Empty cells (absent values) are `null` in JSON.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Empty cells (absent values) are `null` in JSON. The default is a row of
+/// empty cells (its header is the log's header).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ExperimentRow {
     /// When the registry recorded it (RFC 3339).
     pub timestamp: String,

@@ -43,35 +43,9 @@ impl Op {
 
 /// The columns of the experiments log, as `--where` and `--sort` name them.
 pub fn columns() -> Vec<String> {
-    match serde_json::to_value(blank_row()) {
+    match serde_json::to_value(ExperimentRow::default()) {
         Ok(Value::Object(map)) => map.keys().cloned().collect(),
         _ => Vec::new(),
-    }
-}
-
-fn blank_row() -> ExperimentRow {
-    ExperimentRow {
-        timestamp: String::new(),
-        version: None,
-        run_id: String::new(),
-        status: String::new(),
-        model: String::new(),
-        seed: 0,
-        validation_fraction: 0.0,
-        rmse: None,
-        mae: None,
-        r2: None,
-        accuracy: None,
-        log_loss: None,
-        roc_auc: None,
-        rows_train: None,
-        rows_validation: None,
-        data_fingerprint: String::new(),
-        features: String::new(),
-        duration_ms: 0,
-        artifact: String::new(),
-        parent: None,
-        reason: String::new(),
     }
 }
 
@@ -354,7 +328,7 @@ mod tests {
             r2,
             rmse: r2.map(|r| 1.0 - r),
             model: "linear".into(),
-            ..blank_row()
+            ..ExperimentRow::default()
         }
     }
 

@@ -869,29 +869,7 @@ fn experiment_row(model: &StoredModel, status: &str, reason: &str) -> Experiment
 
 /// The CSV header line of the experiments log.
 fn csv_header() -> Vec<u8> {
-    let sample = ExperimentRow {
-        timestamp: String::new(),
-        version: None,
-        run_id: String::new(),
-        status: String::new(),
-        model: String::new(),
-        seed: 0,
-        validation_fraction: 0.0,
-        rmse: None,
-        mae: None,
-        r2: None,
-        accuracy: None,
-        log_loss: None,
-        roc_auc: None,
-        rows_train: None,
-        rows_validation: None,
-        data_fingerprint: String::new(),
-        features: String::new(),
-        duration_ms: 0,
-        artifact: String::new(),
-        parent: None,
-        reason: String::new(),
-    };
+    let sample = ExperimentRow::default();
     let mut w = csv::WriterBuilder::new().from_writer(Vec::new());
     w.serialize(&sample).expect("a flat row serialises");
     let text = w.into_inner().expect("writing to memory");

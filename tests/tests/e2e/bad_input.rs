@@ -34,11 +34,12 @@ fn nested(depth: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_predict_request_gets_a_structured_error_and_the_next_succeeds() {
     ml_tests::init_logging();
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = ml_tests::temp_dir();
-    let data = dir.path().join("users.csv");
-    write_data(&data, 200, 21);
+    let Bed {
+        nats: _nats,
+        url,
+        dir,
+        data,
+    } = Bed::new(200, 21);
     let registry = services::registry(&url, &dir.path().join("registry"));
     let trainer = services::trainer(&url, &data, "1h");
     let predictor = services::predictor_with(&url, &data, &["--predict-max-bytes", "262144"]);
@@ -324,11 +325,12 @@ fn bad_encodings(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_model_artifacts_are_refused_by_the_registry_and_by_predictors() {
     ml_tests::init_logging();
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = ml_tests::temp_dir();
-    let data = dir.path().join("users.csv");
-    write_data(&data, 200, 22);
+    let Bed {
+        nats: _nats,
+        url,
+        dir,
+        data,
+    } = Bed::new(200, 22);
     let registry = services::registry(&url, &dir.path().join("registry"));
     let trainer = services::trainer(&url, &data, "1h");
     let log = dir.path().join("predictor.log");

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use ml_tests::services::{self, Process};
-use ml_tests::{wait_for, NatsServer};
+use ml_tests::wait_for;
 use serde_json::Value;
 
 use crate::common::*;
@@ -25,11 +25,12 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 async fn ten_thousand_requests_in_flight_get_answers_or_busy_in_bounded_memory() {
     ml_tests::init_logging();
     let _heavy = HEAVY.lock().await;
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = ml_tests::temp_dir();
-    let data = dir.path().join("users.csv");
-    write_data(&data, 200, 31);
+    let Bed {
+        nats: _nats,
+        url,
+        dir,
+        data,
+    } = Bed::new(200, 31);
     let registry = services::registry(&url, &dir.path().join("registry"));
     let trainer = services::trainer(&url, &data, "1h");
     let log = dir.path().join("predictor.log");

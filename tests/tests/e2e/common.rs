@@ -40,6 +40,36 @@ pub async fn request_json(client: &Client, subject: &str, body: &str) -> Value {
     serde_json::from_slice(&reply.payload).expect("JSON reply")
 }
 
+/// What most tests start from: a private `nats-server`, a temporary
+/// directory, and generated sample data in it (`users.csv`).
+pub struct Bed {
+    /// The server; dropping it stops the server.
+    pub nats: ml_tests::NatsServer,
+    /// Its client URL.
+    pub url: String,
+    /// The test's directory.
+    pub dir: tempfile::TempDir,
+    /// The data file.
+    pub data: std::path::PathBuf,
+}
+
+impl Bed {
+    /// Starts the server and writes `rows` rows generated from `seed`.
+    pub fn new(rows: usize, seed: u64) -> Self {
+        let nats = ml_tests::NatsServer::start();
+        let url = nats.url();
+        let dir = ml_tests::temp_dir();
+        let data = dir.path().join("users.csv");
+        write_data(&data, rows, seed);
+        Self {
+            nats,
+            url,
+            dir,
+            data,
+        }
+    }
+}
+
 /// Writes generated sample data.
 pub fn write_data(path: &Path, rows: usize, seed: u64) {
     let file = std::fs::File::create(path).expect("data file");

@@ -52,11 +52,12 @@ fn assert_all_ok(samples: &[load::Sample], what: &str) {
 async fn nats_killed_and_restarted_under_load_every_service_recovers() {
     ml_tests::init_logging();
     let _heavy = HEAVY.lock().await;
-    let mut nats = NatsServer::start();
-    let url = nats.url();
-    let dir = ml_tests::temp_dir();
-    let data = dir.path().join("users.csv");
-    write_data(&data, 500, 11);
+    let Bed {
+        mut nats,
+        url,
+        dir,
+        data,
+    } = Bed::new(500, 11);
     let registry = services::registry(&url, &dir.path().join("registry"));
     let predictors = [
         services::predictor(&url, &data),
@@ -251,11 +252,12 @@ fn predictor_env<'a>(url: &'a str, data: &'a Path) -> Vec<(&'a str, &'a str)> {
 async fn a_predictor_stopped_with_sigterm_under_load_loses_no_request() {
     ml_tests::init_logging();
     let _heavy = HEAVY.lock().await;
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = ml_tests::temp_dir();
-    let data = dir.path().join("users.csv");
-    write_data(&data, 300, 13);
+    let Bed {
+        nats: _nats,
+        url,
+        dir,
+        data,
+    } = Bed::new(300, 13);
     let registry = services::registry(&url, &dir.path().join("registry"));
     let trainer = services::trainer(&url, &data, "1h");
     let log = |n: usize| dir.path().join(format!("predictor-{n}.log"));
@@ -311,11 +313,12 @@ async fn a_predictor_stopped_with_sigterm_under_load_loses_no_request() {
 async fn predictions_are_unaffected_by_a_slow_or_dead_monitor_which_then_resumes() {
     ml_tests::init_logging();
     let _heavy = HEAVY.lock().await;
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = ml_tests::temp_dir();
-    let data = dir.path().join("users.csv");
-    write_data(&data, 300, 14);
+    let Bed {
+        nats: _nats,
+        url,
+        dir,
+        data,
+    } = Bed::new(300, 14);
     let registry = services::registry(&url, &dir.path().join("registry"));
     let trainer = services::trainer(&url, &data, "1h");
     let predictor = services::predictor(&url, &data);

@@ -260,11 +260,12 @@ async fn kill_9_of_the_registry_loses_no_acknowledged_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_trainer_processes_submitting_at_once_get_distinct_versions() {
     ml_tests::init_logging();
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = ml_tests::temp_dir();
-    let data = dir.path().join("users.csv");
-    write_data(&data, 400, 3);
+    let Bed {
+        nats: _nats,
+        url,
+        dir,
+        data,
+    } = Bed::new(400, 3);
     let registry_dir = dir.path().join("registry");
     let _registry = start_registry(&url, &registry_dir, &dir.path().join("registry.log"));
     let client = client(&url).await;
@@ -333,11 +334,12 @@ async fn two_trainer_processes_submitting_at_once_get_distinct_versions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_artifact_is_reported_and_never_served_and_torn_lines_are_cut() {
     ml_tests::init_logging();
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = ml_tests::temp_dir();
-    let data = dir.path().join("users.csv");
-    write_data(&data, 100, 1);
+    let Bed {
+        nats: _nats,
+        url,
+        dir,
+        data,
+    } = Bed::new(100, 1);
     let registry_dir = dir.path().join("registry");
     let client = client(&url).await;
     let mut registry = start_registry(&url, &registry_dir, &dir.path().join("registry-1.log"));
@@ -511,11 +513,12 @@ impl Load {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gate_holds_a_worse_model_and_promotion_and_rollback_switch_predictors_under_load() {
     ml_tests::init_logging();
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = ml_tests::temp_dir();
-    let data = dir.path().join("users.csv");
-    write_data(&data, 100, 1);
+    let Bed {
+        nats: _nats,
+        url,
+        dir,
+        data,
+    } = Bed::new(100, 1);
     let registry_dir = dir.path().join("registry");
     let client = client(&url).await;
     let _registry = start_registry(&url, &registry_dir, &dir.path().join("registry.log"));
@@ -846,11 +849,12 @@ async fn the_reference_classifier_workload_trains_serves_and_reports_accuracy() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduled_runs_skip_unchanged_data_and_failed_runs_are_logged_once() {
     ml_tests::init_logging();
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = ml_tests::temp_dir();
-    let data = dir.path().join("users.csv");
-    write_data(&data, 300, 1);
+    let Bed {
+        nats: _nats,
+        url,
+        dir,
+        data,
+    } = Bed::new(300, 1);
     let registry_dir = dir.path().join("registry");
     let client = client(&url).await;
     let _registry = start_registry(&url, &registry_dir, &dir.path().join("registry.log"));

@@ -126,11 +126,12 @@ async fn prometheus_scrapes_the_monitor_and_agrees_on_p99() {
     ml_tests::init_logging();
     // Load with timing-dependent windows: not alongside the other heavy tests.
     let _heavy = HEAVY.lock().await;
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = ml_tests::temp_dir();
-    let data = dir.path().join("users.csv");
-    write_data(&data, 1000, 3);
+    let Bed {
+        nats: _nats,
+        url,
+        dir,
+        data,
+    } = Bed::new(1000, 3);
 
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     let mut prometheus = Prometheus::start(std::slice::from_ref(&metrics_addr));
@@ -269,11 +270,12 @@ async fn shifted_traffic_fires_the_drift_alert_and_unshifted_does_not() {
     ml_tests::init_logging();
     // Load with timing-dependent windows: not alongside the other heavy tests.
     let _heavy = HEAVY.lock().await;
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = ml_tests::temp_dir();
-    let data = dir.path().join("users.csv");
-    write_data(&data, 3000, 7);
+    let Bed {
+        nats: _nats,
+        url,
+        dir,
+        data,
+    } = Bed::new(3000, 7);
     let rules = dir.path().join("alerts.toml");
     std::fs::write(
         &rules,

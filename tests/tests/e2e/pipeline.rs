@@ -217,11 +217,12 @@ async fn trains_registers_serves_monitors_and_retrains() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_predictor_without_a_model_answers_no_model_then_serves() {
     ml_tests::init_logging();
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = ml_tests::temp_dir();
-    let data = dir.path().join("users.csv");
-    write_data(&data, 200, 1);
+    let Bed {
+        nats: _nats,
+        url,
+        dir,
+        data,
+    } = Bed::new(200, 1);
     let predictor = services::predictor(&url, &data);
     let client = client(&url).await;
 
@@ -308,11 +309,12 @@ async fn a_failed_run_registers_nothing_and_says_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_trainers_submitting_at_once_get_distinct_versions() {
     ml_tests::init_logging();
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = ml_tests::temp_dir();
-    let data = dir.path().join("users.csv");
-    write_data(&data, 500, 3);
+    let Bed {
+        nats: _nats,
+        url,
+        dir,
+        data,
+    } = Bed::new(500, 3);
     let registry = services::registry(&url, &dir.path().join("registry"));
     let trainers: Vec<Service> = (0..2)
         .map(|_| services::trainer(&url, &data, "0"))

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ml_tests::{services, wait_for, NatsServer};
+use ml_tests::{services, wait_for};
 use serde_json::Value;
 
 use crate::common::*;
@@ -13,11 +13,12 @@ use crate::common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_promotions_under_load_fail_no_request() {
     ml_tests::init_logging();
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = ml_tests::temp_dir();
-    let data = dir.path().join("users.csv");
-    write_data(&data, 400, 11);
+    let Bed {
+        nats: _nats,
+        url,
+        dir,
+        data,
+    } = Bed::new(400, 11);
     let rows = read_rows(&data);
     let registry = services::registry(&url, &dir.path().join("registry"));
     let predictor = services::predictor(&url, &data);

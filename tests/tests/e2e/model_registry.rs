@@ -167,6 +167,9 @@ fn model_path(dir: &Path, version: u64) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_registry_loses_no_acknowledged_version() {
     ml_tests::init_logging();
+    // Eleven registry process starts, each awaited within WAIT: not alongside
+    // the load-generating tests, which can starve them on a 2-core machine.
+    let _heavy = HEAVY.lock().await;
     let nats = NatsServer::start();
     let url = nats.url();
     let dir = ml_tests::temp_dir();

@@ -10,6 +10,7 @@ pub mod codec;
 pub mod data;
 pub mod features;
 pub mod gen;
+pub mod holdout;
 pub mod lifecycle;
 pub mod messages;
 pub mod model;

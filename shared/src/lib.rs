@@ -8,6 +8,7 @@
 
 pub mod codec;
 pub mod data;
+pub mod evaluation;
 pub mod features;
 pub mod gen;
 pub mod holdout;

@@ -148,20 +148,37 @@ pub struct MoveReply {
     pub moved: bool,
 }
 
-/// A request on `ml.registry.history` (an empty payload means everything).
+/// A request on `ml.registry.history` (an empty payload means the newest
+/// [`crate::messages::Page::DEFAULT_LIMIT`] moves).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HistoryRequest {
-    /// Only the most recent moves.
+    /// Only the most recent moves (at most [`crate::messages::Page::MAX_LIMIT`]).
     #[serde(default)]
     pub limit: Option<usize>,
+    /// Skip this many of the most recent moves first (to page back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<usize>,
+}
+
+impl HistoryRequest {
+    /// The page this request asks for.
+    pub fn page(&self) -> crate::messages::Page {
+        crate::messages::Page {
+            limit: self.limit,
+            offset: self.offset,
+        }
+    }
 }
 
 /// The alias history, oldest first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryReply {
-    /// The moves.
+    /// The moves of the page asked for, oldest first.
     pub moves: Vec<AliasMove>,
+    /// How many moves the history holds in all.
+    #[serde(default)]
+    pub total: usize,
 }
 
 /// A trainer's report of a run that produced no model (JSON on

@@ -306,6 +306,22 @@ impl Metrics {
         let present: Vec<f64> = self.fields().into_iter().filter_map(|(_, v)| v).collect();
         !present.is_empty() && present.iter().all(|v| v.is_finite())
     }
+
+    /// The first metric outside its range of possible values, described:
+    /// an error or a loss below 0, an R² above 1, an accuracy or AUC outside
+    /// [0, 1]. NaN is out of range too (use [`Metrics::all_finite`] to
+    /// require every metric).
+    pub fn range_error(&self) -> Option<String> {
+        self.fields().into_iter().find_map(|(name, value)| {
+            let v = value?;
+            let ok = match name {
+                "rmse" | "mae" | "log_loss" => v >= 0.0,
+                "r2" => v <= 1.0,
+                _ => (0.0..=1.0).contains(&v),
+            };
+            (!ok || v.is_nan()).then(|| format!("{name} {v} is outside its possible range"))
+        })
+    }
 }
 
 impl Serialize for Metrics {
@@ -383,6 +399,10 @@ pub struct ModelRelease {
     /// Number of production changes so far; a predictor never goes back to
     /// a smaller epoch, whatever order messages arrive in.
     pub epoch: u64,
+    /// The identity of the registry directory that published it: epochs
+    /// compare only between releases of one registry (see
+    /// [`crate::production::compare`]).
+    pub registry_id: String,
     /// The model.
     pub artifact: ModelArtifact,
 }
@@ -399,10 +419,18 @@ pub enum ProductionReply {
 }
 
 /// A predictor's question: "the production model, if newer than this epoch".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ProductionQuery {
     /// The epoch the predictor holds (0 when it holds none).
     pub after_epoch: u64,
+    /// The registry whose model the asker holds, if any: a registry that
+    /// hears of another registry's model, or of a later epoch of its own,
+    /// knows its state is not what is being served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_id: Option<String>,
+    /// The version the asker holds, if any (for the registry's log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 /// One stored model version, as listed by the registry.
@@ -442,8 +470,11 @@ pub struct ModelsReply {
     /// Every alias and the version it names.
     #[serde(default)]
     pub aliases: BTreeMap<String, u64>,
-    /// Every stored version, oldest first.
+    /// The stored versions of the page asked for, oldest first.
     pub models: Vec<ModelSummary>,
+    /// How many versions the registry stores in all.
+    #[serde(default)]
+    pub total: usize,
     /// Versions whose artifact file is unreadable or fails its checksum:
     /// never served.
     #[serde(default)]
@@ -534,11 +565,54 @@ impl ExperimentRow {
     }
 }
 
-/// The registry's experiments log.
+/// The registry's experiments log, one page of it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunsReply {
-    /// Every recorded run, oldest first.
+    /// The runs of the page asked for, oldest first.
     pub runs: Vec<ExperimentRow>,
+    /// How many runs the log holds in all.
+    #[serde(default)]
+    pub total: usize,
+}
+
+/// Which part of a listing to send (`ml.registry.models`, `ml.registry.runs`;
+/// an empty payload means the newest [`Page::DEFAULT_LIMIT`] entries). The
+/// newest entries come first in paging order: `offset` skips that many of
+/// the most recent ones, so `{"limit":100,"offset":100}` is the page before
+/// the newest hundred. Within a page, entries are listed oldest first. No
+/// reply outgrows the server's payload limit, whatever the registry holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Page {
+    /// At most this many entries (default [`Page::DEFAULT_LIMIT`], at most
+    /// [`Page::MAX_LIMIT`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// Skip this many of the most recent entries first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<usize>,
+}
+
+impl Page {
+    /// Entries in a page when the request names no limit.
+    pub const DEFAULT_LIMIT: usize = 100;
+    /// The largest page: with every entry's text fields bounded, this many
+    /// fit well within a 1 MB reply.
+    pub const MAX_LIMIT: usize = 500;
+
+    /// The range of indices (into a list of `total` entries, oldest first)
+    /// this page covers; an error names a limit out of range.
+    pub fn range(&self, total: usize) -> Result<std::ops::Range<usize>, String> {
+        let limit = self.limit.unwrap_or(Self::DEFAULT_LIMIT);
+        if limit == 0 || limit > Self::MAX_LIMIT {
+            return Err(format!(
+                "limit {limit} is out of range: 1 to {}",
+                Self::MAX_LIMIT
+            ));
+        }
+        let end = total.saturating_sub(self.offset.unwrap_or(0));
+        Ok(end.saturating_sub(limit)..end)
+    }
 }
 
 /// A trainer's answer to a training request.

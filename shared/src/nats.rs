@@ -1,12 +1,15 @@
 //! Connecting to NATS the same way in every service: credentials and TLS
 //! from [`NatsSettings`], a bounded reconnect delay, and connection events
 //! (including permission violations, which NATS reports as events rather
-//! than as errors of the call that caused them) logged.
+//! than as errors of the call that caused them) logged; and the one rule
+//! every service applies to a request's reply subject ([`accept_reply`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::{Client, ConnectOptions, Event, ServerError};
+use async_nats::{Client, ConnectOptions, Event, HeaderMap, ServerError, Subject};
 
+use crate::messages::{ErrorReply, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER};
 use crate::settings::{Credentials, NatsSettings};
 
 /// The longest pause between two reconnection attempts, so a service is
@@ -109,9 +112,96 @@ pub async fn connect_with(
     Ok(options.connect(settings.nats_url.as_str()).await?)
 }
 
+/// Requests refused since start because their reply subject was missing or
+/// not an inbox.
+static REFUSED_REPLIES: AtomicU64 = AtomicU64::new(0);
+
+/// Whether `reply` is a subject a reply may be sent to: a client's inbox
+/// (`_INBOX…`, whatever the user's `NATS_INBOX_PREFIX` after it) or a
+/// response subject the server made for a request that crossed accounts
+/// (`_R_.…`). A request whose reply subject names anything else (`ml.train`,
+/// `ml.model.production`) is an attempt to make the service publish there
+/// under its own permissions.
+pub fn is_reply_inbox(reply: &str) -> bool {
+    reply.starts_with("_INBOX") || reply.starts_with("_R_.")
+}
+
+/// The reply subject of a request on `subject`, when it is an inbox; `None`
+/// (the request is refused unanswered, counted, and logged at the first
+/// refusal and every 1,000th) when it is missing or names anything else.
+/// Every service calls this before it acts on a request: a message with no
+/// reply subject is also what a reply reflected through an import looks
+/// like, so it is never acted on either.
+pub fn accept_reply<'a>(
+    service: &str,
+    subject: &str,
+    reply: Option<&'a Subject>,
+) -> Option<&'a Subject> {
+    match reply {
+        Some(r) if is_reply_inbox(r) => Some(r),
+        other => {
+            let refused = REFUSED_REPLIES.fetch_add(1, Ordering::Relaxed) + 1;
+            if refused == 1 || refused % 1000 == 0 {
+                tracing::warn!(
+                    %service,
+                    %subject,
+                    reply = other.map_or("", |r| r.as_str()),
+                    refused_total = refused,
+                    "request refused: its reply subject is not an inbox"
+                );
+            }
+            None
+        }
+    }
+}
+
+/// The body and micro-service error headers (`Nats-Service-Error`,
+/// `Nats-Service-Error-Code`) of an error reply: every service's error
+/// replies go through here.
+pub fn error_parts(error: &ErrorReply) -> (bytes::Bytes, HeaderMap) {
+    let body = serde_json::to_vec(error).expect("replies serialise");
+    let code = error.error.code;
+    let mut headers = HeaderMap::new();
+    headers.insert(SERVICE_ERROR_HEADER, code.as_str());
+    headers.insert(
+        SERVICE_ERROR_CODE_HEADER,
+        code.status().to_string().as_str(),
+    );
+    (body.into(), headers)
+}
+
+/// How many requests [`accept_reply`] refused since start.
+pub fn refused_replies() -> u64 {
+    REFUSED_REPLIES.load(Ordering::Relaxed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_inboxes_are_reply_subjects() {
+        for ok in ["_INBOX.abc", "_INBOX_client.x.y", "_R_.abc.def"] {
+            assert!(is_reply_inbox(ok), "{ok}");
+        }
+        for bad in [
+            "ml.train",
+            "ml.model.production",
+            "_R_",
+            "INBOX.x",
+            "",
+            "ml.alerts",
+        ] {
+            assert!(!is_reply_inbox(bad), "{bad}");
+        }
+        let before = refused_replies();
+        let train = Subject::from("ml.train");
+        assert!(accept_reply("test", "ml.predict", Some(&train)).is_none());
+        assert!(accept_reply("test", "ml.predict", None).is_none());
+        let inbox = Subject::from("_INBOX.1");
+        assert!(accept_reply("test", "ml.predict", Some(&inbox)).is_some());
+        assert!(refused_replies() >= before + 2);
+    }
 
     #[test]
     fn reconnect_delays_grow_and_stay_bounded() {

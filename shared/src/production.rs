@@ -5,8 +5,9 @@
 //! The registry publishes each new production model on
 //! `ml.model.production`; a follower also asks `ml.registry.production`
 //! every `poll` while it holds no model, and every `reconcile` once it holds
-//! one, to catch a publication missed while disconnected. What to do with a
-//! release (and whether it is newer) is the caller's business.
+//! one, to catch a publication missed while disconnected. Whether a release
+//! is newer is decided by one rule, [`compare`]; what to do with it is the
+//! caller's business.
 
 use std::time::Duration;
 
@@ -48,11 +49,48 @@ impl Source {
     }
 }
 
+/// What a follower holds: which registry's model, at which epoch, which
+/// version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// The identity of the registry that published it.
+    pub registry_id: String,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Its version.
+    pub version: u64,
+}
+
+/// How a release compares with what a follower holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comparison {
+    /// Newer: take it.
+    Newer,
+    /// Already held, or older (messages may arrive out of order): ignore it.
+    NotNewer,
+    /// Published by another registry than the held model's: the registry's
+    /// state was reset or replaced. Epochs of two registries do not compare;
+    /// the registry is the system of record, so the follower takes it, and
+    /// says so loudly.
+    OtherRegistry,
+}
+
+/// The one rule every follower applies to a release (predictors and the
+/// monitor alike).
+pub fn compare(held: Option<&Held>, release: &ModelRelease) -> Comparison {
+    match held {
+        None => Comparison::Newer,
+        Some(h) if h.registry_id != release.registry_id => Comparison::OtherRegistry,
+        Some(h) if release.epoch > h.epoch => Comparison::Newer,
+        Some(_) => Comparison::NotNewer,
+    }
+}
+
 /// Follows the production model until aborted (or the subscription ends).
 ///
-/// `held` returns the epoch of the model the caller holds (`None` when it
-/// holds none); `offer` receives every release heard of, which may be one the
-/// caller already has.
+/// `held` returns what the caller holds (`None` when it holds none);
+/// `offer` receives every release heard of, which may be one the caller
+/// already has.
 pub async fn follow<H, O>(
     client: Client,
     subjects: Subjects,
@@ -60,7 +98,7 @@ pub async fn follow<H, O>(
     held: H,
     mut offer: O,
 ) where
-    H: Fn() -> Option<u64>,
+    H: Fn() -> Option<Held>,
     O: FnMut(ModelRelease, Source),
 {
     let mut published = match client.subscribe(subjects.model_production.clone()).await {
@@ -87,8 +125,8 @@ pub async fn follow<H, O>(
                     || last_asked.is_none_or(|t| t.elapsed() >= settings.reconcile);
                 if due {
                     last_asked = Some(Instant::now());
-                    let after_epoch = held().unwrap_or(0);
-                    if let Some(release) = ask(&client, &subjects, after_epoch, settings.timeout).await {
+                    let query = ProductionQuery::from_held(held().as_ref());
+                    if let Some(release) = ask(&client, &subjects, &query, settings.timeout).await {
                         offer(release, Source::Registry);
                     }
                 }
@@ -97,16 +135,27 @@ pub async fn follow<H, O>(
     }
 }
 
-/// Asks the registry for the production model if newer than `after_epoch`.
-/// `None` when there is none, it is not newer, or the registry cannot be
-/// reached (logged at debug level: the caller asks again later).
+impl ProductionQuery {
+    /// The question of a follower holding `held`.
+    pub fn from_held(held: Option<&Held>) -> Self {
+        ProductionQuery {
+            after_epoch: held.map_or(0, |h| h.epoch),
+            registry_id: held.map(|h| h.registry_id.clone()),
+            version: held.map(|h| h.version),
+        }
+    }
+}
+
+/// Asks the registry for the production model if newer than what `query`
+/// says is held. `None` when there is none, it is not newer, or the registry
+/// cannot be reached (logged at debug level: the caller asks again later).
 pub async fn ask(
     client: &Client,
     subjects: &Subjects,
-    after_epoch: u64,
+    query: &ProductionQuery,
     timeout: Duration,
 ) -> Option<ModelRelease> {
-    let query = serde_json::to_vec(&ProductionQuery { after_epoch }).expect("serialisable");
+    let query = serde_json::to_vec(query).expect("serialisable");
     let request = client.request(subjects.registry_production.clone(), query.into());
     let message = match tokio::time::timeout(timeout, request).await {
         Ok(Ok(m)) => m,

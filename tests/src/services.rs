@@ -66,11 +66,19 @@ fn parse<C: Parser>(name: &str, args: &[&str]) -> C {
         .unwrap_or_else(|e| panic!("{name} flags: {e}"))
 }
 
-/// Starts a registry storing into `dir`.
-pub fn registry(url: &str, dir: &Path) -> Service {
+/// Starts a registry storing into `dir`, evaluating submissions on the
+/// holdout rows of `data`.
+pub fn registry(url: &str, dir: &Path, data: &Path) -> Service {
     let config: registry::Config = parse(
         "registry",
-        &["--nats-url", url, "--registry-dir", path(dir)],
+        &[
+            "--nats-url",
+            url,
+            "--registry-dir",
+            path(dir),
+            "--holdout-path",
+            path(data),
+        ],
     );
     Service::spawn("registry", |s| registry::run(config, s))
 }

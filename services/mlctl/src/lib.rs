@@ -25,8 +25,8 @@ use ml_shared::lifecycle::{
     HistoryReply, HistoryRequest, MoveReply, PromoteRequest, RollbackRequest,
 };
 use ml_shared::messages::{
-    ApiReply, BatchPredictReply, ErrorReply, ModelsReply, PredictReply, PredictRequest, RunsReply,
-    TrainReply,
+    ApiReply, BatchPredictReply, ErrorReply, ModelsReply, Page, PredictReply, PredictRequest,
+    RunsReply, TrainReply,
 };
 use ml_shared::settings::{parse_duration, NatsSettings};
 use serde::de::DeserializeOwned;
@@ -219,15 +219,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .map(|s| Sort::new(&s, desc))
                         .transpose()
                         .map_err(|e| anyhow::anyhow!(e))?;
-                    let reply =
-                        request_json(&client, &subjects.registry_runs, Vec::new(), "registry")
-                            .await?;
+                    let reply = all_runs(&client, &subjects.registry_runs).await?;
                     with_reply(reply, |r: RunsReply| {
                         let runs = registry_view::select(r.runs, &filters, sort.as_ref());
                         if json {
+                            let total = runs.len();
                             println!(
                                 "{}",
-                                serde_json::to_string(&RunsReply { runs }).expect("serialisable")
+                                serde_json::to_string(&RunsReply { runs, total })
+                                    .expect("serialisable")
                             );
                         } else {
                             print!("{}", registry_view::runs_table(&runs));
@@ -260,7 +260,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     })
                 }
                 Command::History { json, limit } => {
-                    let body = serde_json::to_vec(&HistoryRequest { limit })?;
+                    let body = serde_json::to_vec(&HistoryRequest {
+                        limit,
+                        offset: None,
+                    })?;
                     let reply =
                         request_json(&client, &subjects.registry_history, body, "registry").await?;
                     if json {
@@ -367,6 +370,30 @@ async fn request_json(
         .await
         .map_err(|e| unavailable(e, service, subject))?;
     Ok(reply.payload)
+}
+
+/// Every run of the experiments log, fetched a page at a time (the
+/// registry sends at most a page per reply); an error reply as received.
+async fn all_runs(client: &Client, subject: &str) -> anyhow::Result<Bytes> {
+    let mut runs = Vec::new();
+    loop {
+        let page = Page {
+            limit: Some(Page::MAX_LIMIT),
+            offset: Some(runs.len()),
+        };
+        let payload = request_json(client, subject, serde_json::to_vec(&page)?, "registry").await?;
+        let Ok(ApiReply::Ok(mut reply)) = serde_json::from_slice::<ApiReply<RunsReply>>(&payload)
+        else {
+            return Ok(payload);
+        };
+        let got = reply.runs.len();
+        reply.runs.append(&mut runs);
+        runs = reply.runs;
+        if got == 0 || runs.len() >= reply.total {
+            let total = reply.total;
+            return Ok(serde_json::to_vec(&RunsReply { runs, total })?.into());
+        }
+    }
 }
 
 fn with_reply<T: DeserializeOwned>(payload: Bytes, show: impl FnOnce(T)) -> ExitCode {

@@ -239,6 +239,7 @@ mod tests {
             ModelRelease {
                 version: 4,
                 epoch: 4,
+                registry_id: "test".into(),
                 artifact,
             },
             registry,

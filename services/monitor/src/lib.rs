@@ -29,8 +29,8 @@ use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -233,10 +233,9 @@ pub async fn run_with_output<W: Write>(
     // The production model, followed as a predictor does; releases reach
     // the loop below through a channel.
     let (release_tx, mut releases) = mpsc::unbounded_channel::<ModelRelease>();
-    let epoch = Arc::new(AtomicU64::new(0));
+    let held: Arc<Mutex<Option<production::Held>>> = Arc::default();
     let follower = {
-        let epoch = epoch.clone();
-        let held_epoch = epoch.clone();
+        let asked = held.clone();
         tokio::spawn(production::follow(
             client.clone(),
             subjects.clone(),
@@ -245,10 +244,16 @@ pub async fn run_with_output<W: Write>(
                 reconcile: config.model_reconcile,
                 timeout: config.nats.request_timeout,
             },
-            move || Some(held_epoch.load(Ordering::Relaxed)).filter(|e| *e > 0),
+            move || asked.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             move |release, _source| {
-                if release.epoch > epoch.load(Ordering::Relaxed) {
-                    epoch.store(release.epoch, Ordering::Relaxed);
+                let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+                if production::compare(held.as_ref(), &release) != production::Comparison::NotNewer
+                {
+                    *held = Some(production::Held {
+                        registry_id: release.registry_id.clone(),
+                        epoch: release.epoch,
+                        version: release.version,
+                    });
                     let _ = release_tx.send(release);
                 }
             },
@@ -287,6 +292,9 @@ pub async fn run_with_output<W: Write>(
             }
             Some(release) = releases.recv() => state.new_release(&release),
             Some(message) = stats_requests.next() => {
+                if ml_shared::nats::accept_reply("monitor", &message.subject, message.reply.as_ref()).is_none() {
+                    continue;
+                }
                 let mut window = state.window_snapshot();
                 window.alerts = alerts.firing();
                 let reply = StatsReply {

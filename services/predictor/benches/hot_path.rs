@@ -23,6 +23,7 @@ fn state() -> (ServingState, Vec<String>) {
     let release = ModelRelease {
         version: 1,
         epoch: 1,
+        registry_id: "bench".into(),
         artifact: ModelArtifact {
             kind: ModelKind::Linear,
             feature_names: vec!["feature_1".into(), "feature_2".into(), "feature_3".into()],

@@ -33,9 +33,7 @@ use async_nats::HeaderMap;
 use clap::Parser;
 use futures::StreamExt;
 use ml_shared::features::{FeatureRegistry, FeatureStore};
-use ml_shared::messages::{
-    ErrorCode, ErrorReply, LatencyEvent, Outcome, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER,
-};
+use ml_shared::messages::{ErrorCode, ErrorReply, LatencyEvent, Outcome};
 use ml_shared::profile::{FeatureSample, SAMPLE_WIDTH};
 use ml_shared::settings::{parse_duration, NatsSettings};
 use tokio::sync::Semaphore;
@@ -315,6 +313,12 @@ struct Admission {
 /// so it keeps taking requests off the NATS buffer as fast as they come,
 /// and what it holds is bounded by the permits.
 async fn admit(admission: &Admission, request: Request) {
+    let message = &request.message;
+    if ml_shared::nats::accept_reply("predictor", &message.subject, message.reply.as_ref())
+        .is_none()
+    {
+        return;
+    }
     match admission.permits.clone().try_acquire_owned() {
         Ok(permit) => {
             let admission = admission.clone();
@@ -412,15 +416,7 @@ async fn handle(admission: &Admission, request: Request, via: Option<&async_nats
 
 /// The body and micro-service error headers of an error reply.
 fn error_reply(error: &ErrorReply) -> (bytes::Bytes, HeaderMap) {
-    let body = serde_json::to_vec(error).expect("replies serialise");
-    let code = error.error.code;
-    let mut headers = HeaderMap::new();
-    headers.insert(SERVICE_ERROR_HEADER, code.as_str());
-    headers.insert(
-        SERVICE_ERROR_CODE_HEADER,
-        code.status().to_string().as_str(),
-    );
-    (body.into(), headers)
+    ml_shared::nats::error_parts(error)
 }
 
 fn default_id() -> String {

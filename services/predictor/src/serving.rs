@@ -86,10 +86,23 @@ pub struct LoadedModel {
     pub version: u64,
     /// Production epoch it was published under.
     pub epoch: u64,
+    /// The registry that published it.
+    pub registry_id: String,
     /// The model.
     pub artifact: ModelArtifact,
     /// How to compute its inputs from raw features.
     pub plan: FeaturePlan,
+}
+
+impl LoadedModel {
+    /// What the production follower needs to know of it.
+    pub fn held(&self) -> ml_shared::production::Held {
+        ml_shared::production::Held {
+            registry_id: self.registry_id.clone(),
+            epoch: self.epoch,
+            version: self.version,
+        }
+    }
 }
 
 /// Why a published model is refused (the previous one keeps serving).
@@ -161,6 +174,7 @@ impl ServingState {
         Ok(LoadedModel {
             version: release.version,
             epoch: release.epoch,
+            registry_id: release.registry_id,
             artifact: release.artifact,
             plan,
         })
@@ -369,6 +383,7 @@ mod tests {
         ModelRelease {
             version,
             epoch: version,
+            registry_id: "test".into(),
             artifact: ModelArtifact {
                 kind: ModelKind::Linear,
                 feature_names: vec!["feature_1".into(), "feature_2".into(), "feature_3".into()],
@@ -531,6 +546,7 @@ mod fuzz {
         let release = ModelRelease {
             version: 1,
             epoch: 1,
+            registry_id: "test".into(),
             artifact: ModelArtifact {
                 kind: ModelKind::Linear,
                 feature_names: vec!["feature_1".into(), "feature_2".into(), "feature_3".into()],

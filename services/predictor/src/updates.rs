@@ -10,32 +10,49 @@ use async_nats::Client;
 use ml_shared::data;
 use ml_shared::features::{FeatureRegistry, FeatureStore};
 use ml_shared::messages::ModelRelease;
-use ml_shared::production::{self, FollowSettings};
+use ml_shared::production::{self, Comparison, FollowSettings};
 use ml_shared::subjects::Subjects;
 
 use crate::serving::ServingState;
 
-/// Offers a release: installed when its epoch is newer than the one served
-/// and it is usable; otherwise the current model keeps serving.
+/// Offers a release: installed when it is newer than the model served (see
+/// [`production::compare`]) and usable; otherwise the current model keeps
+/// serving. A release from another registry than the served model's is
+/// installed too (the registry is the system of record), with an error in
+/// the log: the registry's state was reset or replaced.
 pub fn offer(state: &ServingState, release: ModelRelease, source: &'static str) {
-    let current = state.model().map(|m| (m.version, m.epoch));
-    if release.epoch <= current.map_or(0, |c| c.1) {
-        tracing::debug!(
+    let current = state.model().map(|m| m.held());
+    match production::compare(current.as_ref(), &release) {
+        Comparison::NotNewer => {
+            tracing::debug!(
+                source,
+                version = release.version,
+                epoch = release.epoch,
+                "model already current"
+            );
+            return;
+        }
+        Comparison::OtherRegistry => tracing::error!(
             source,
+            registry_id = %release.registry_id,
             version = release.version,
             epoch = release.epoch,
-            "model already current"
-        );
-        return;
+            served_registry_id = ?current.as_ref().map(|h| &h.registry_id),
+            served_version = ?current.as_ref().map(|h| h.version),
+            served_epoch = ?current.as_ref().map(|h| h.epoch),
+            "registry reset: a registry with another identity publishes production; its model replaces the one served"
+        ),
+        Comparison::Newer => {}
     }
     let (version, epoch) = (release.version, release.epoch);
+    let previous = current.map(|h| h.version);
     match state.prepare(release) {
         Ok(model) => {
             state.install(model);
-            tracing::info!(source, version, epoch, previous = ?current.map(|c| c.0), "now serving model");
+            tracing::info!(source, version, epoch, ?previous, "now serving model");
         }
         Err(error) => tracing::error!(
-            source, version, %error, serving = ?current.map(|c| c.0),
+            source, version, %error, serving = ?previous,
             "published model refused; keeping the current one"
         ),
     }
@@ -57,7 +74,7 @@ pub async fn follow_models(
         reconcile,
         timeout,
     };
-    let held = || state.model().map(|m| m.epoch);
+    let held = || state.model().map(|m| m.held());
     production::follow(client, subjects, settings, held, |release, source| {
         offer(&state, release, source.as_str())
     })

@@ -6,7 +6,13 @@
 //!   experiments.csv             one line per run (registered or failed), for people and spreadsheets
 //!   history.jsonl               one JSON line per alias move: the journal of production and candidate
 //!   production.json             {"version":N,"epoch":E,"candidate":C,"previous":[…],"seq":S}
+//!   registry.json               {"registry_id":"…"}: this directory's identity
 //! ```
+//!
+//! The identity is made once, when the directory is first opened, and goes
+//! with every model publication: a predictor that hears another registry id
+//! than the one whose model it serves knows the registry's state was reset
+//! or replaced (a new, empty directory), and says so loudly.
 //!
 //! Every file is written with the discipline of [`crate::journal`]: artifacts
 //! and the pointer through a temporary file, fsync, rename and a directory
@@ -43,7 +49,8 @@ use std::path::{Path, PathBuf};
 use ml_shared::codec::{self, CodecError};
 use ml_shared::lifecycle::{Alias, AliasMove, FailedRun, GateReport, MoveAction, MoveReply};
 use ml_shared::messages::{
-    CorruptVersion, ExperimentRow, ModelRelease, ModelSummary, ModelsReply, RunRecord, Submission,
+    CorruptVersion, ExperimentRow, Metrics, ModelRelease, ModelSummary, ModelsReply, Page,
+    RunRecord, Submission,
 };
 use ml_shared::model::{ModelArtifact, ModelError};
 use serde::{Deserialize, Serialize};
@@ -56,6 +63,7 @@ const MODELS_DIR: &str = "models";
 const EXPERIMENTS: &str = "experiments.csv";
 const HISTORY: &str = "history.jsonl";
 const PRODUCTION: &str = "production.json";
+const IDENTITY: &str = "registry.json";
 /// Most earlier production versions remembered for rollbacks.
 pub const ROLLBACK_DEPTH: usize = 100;
 /// Longest accepted reason or actor, in bytes.
@@ -89,6 +97,10 @@ pub enum StoreError {
         /// What is wrong with its file.
         reason: String,
     },
+    /// The registry cannot check the submission now (its holdout data
+    /// cannot be read): nothing is registered; retry once it can.
+    #[error("cannot verify the model: {0}")]
+    Unverifiable(String),
     /// A rollback with no earlier production version.
     #[error("there is no previous production version to roll back to")]
     NoPrevious,
@@ -105,7 +117,10 @@ pub enum StoreError {
 impl StoreError {
     /// Whether the caller's request is at fault (rather than the disk).
     pub fn is_bad_request(&self) -> bool {
-        !matches!(self, StoreError::Io(_) | StoreError::Log { .. })
+        !matches!(
+            self,
+            StoreError::Io(_) | StoreError::Log { .. } | StoreError::Unverifiable(_)
+        )
     }
 }
 
@@ -212,6 +227,13 @@ pub struct Store {
     pointer: Pointer,
     next_version: u64,
     tolerance: f64,
+    id: String,
+}
+
+/// The contents of `registry.json`.
+#[derive(Debug, Serialize, Deserialize)]
+struct Identity {
+    registry_id: String,
 }
 
 impl Store {
@@ -232,8 +254,10 @@ impl Store {
             pointer: Pointer::default(),
             next_version: 1,
             tolerance,
+            id: String::new(),
         };
         store.remove_temporaries()?;
+        store.id = store.load_identity()?;
         store.load_models()?;
         let rows = store.recover_experiments()?;
         let history = store.recover_history()?;
@@ -258,6 +282,40 @@ impl Store {
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// Reads this directory's identity, making one the first time.
+    fn load_identity(&self) -> Result<String, StoreError> {
+        let path = self.path(IDENTITY);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice::<Identity>(&bytes)
+                .map(|i| i.registry_id)
+                .map_err(|e| StoreError::Log {
+                    path: path.clone(),
+                    reason: format!("unreadable identity: {e}"),
+                }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let registry_id = uuid::Uuid::new_v4().to_string();
+                let fresh = !self.path(HISTORY).exists();
+                let body = serde_json::to_vec(&Identity {
+                    registry_id: registry_id.clone(),
+                })
+                .expect("identity serialises");
+                journal::write_atomically(&path, &body)?;
+                if fresh {
+                    tracing::warn!(%registry_id, dir = %self.dir.display(), "new registry directory: a new registry identity; predictors serving another registry's model will say so");
+                } else {
+                    tracing::info!(%registry_id, "identity given to an existing registry directory");
+                }
+                Ok(registry_id)
+            }
+            Err(e) => Err(io_err("reading", &path)(e).into()),
+        }
+    }
+
+    /// This directory's identity.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     fn remove_temporaries(&self) -> Result<(), StoreError> {
@@ -346,6 +404,10 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Pointer::default(),
             Err(e) => return Err(io_err("reading", &path)(e).into()),
         };
+        let last_seq = history.last().map_or(0, |m| m.seq);
+        if pointer.seq > last_seq {
+            self.restore_lost_moves(history, &pointer)?;
+        }
         let behind: Vec<&AliasMove> = history.iter().filter(|m| m.seq > pointer.seq).collect();
         if !behind.is_empty() {
             for m in &behind {
@@ -358,6 +420,52 @@ impl Store {
             journal::write_atomically(&path, &pointer_json(&pointer))?;
         }
         Ok(pointer)
+    }
+
+    /// Writes back moves that `production.json` reflects but the history
+    /// lost (its last line torn or cut after the pointer was written): an
+    /// acknowledged move is never forgotten, and sequence numbers go on
+    /// from the pointer's. What is known of a lost move is the state it led
+    /// to, so it is recorded as a `recovery` move to that state: the last
+    /// lost one to production when the epoch moved on, the others to the
+    /// candidate (a registration commits a candidate move, then a gate move).
+    fn restore_lost_moves(
+        &self,
+        history: &[AliasMove],
+        pointer: &Pointer,
+    ) -> Result<(), StoreError> {
+        let last_seq = history.last().map_or(0, |m| m.seq);
+        let last_epoch = history.iter().rev().find_map(|m| m.epoch).unwrap_or(0);
+        let timestamp = ml_shared::time::rfc3339_ms(ml_shared::time::now_ms());
+        let mut text = Vec::new();
+        for seq in last_seq + 1..=pointer.seq {
+            let production = seq == pointer.seq && pointer.epoch > last_epoch;
+            let (alias, to) = match (production, pointer.version, pointer.candidate) {
+                (true, Some(v), _) => (Alias::Production, v),
+                (_, _, Some(c)) => (Alias::Candidate, c),
+                (_, Some(v), None) => (Alias::Production, v),
+                (_, None, None) => continue,
+            };
+            let m = AliasMove {
+                seq,
+                timestamp: timestamp.clone(),
+                alias,
+                from: None,
+                to,
+                epoch: (alias == Alias::Production).then_some(pointer.epoch),
+                action: MoveAction::Recovery,
+                actor: REGISTRY_ACTOR.to_owned(),
+                reason: format!(
+                    "history line {seq} lost in a crash; restored from production.json ({} v{to})",
+                    alias.as_str()
+                ),
+            };
+            tracing::error!(seq, alias = %alias, to, "history line lost in a crash restored from production.json");
+            serde_json::to_writer(&mut text, &m).expect("a move serialises");
+            text.push(b'\n');
+        }
+        journal::append(&self.path(HISTORY), None, &text)?;
+        Ok(())
     }
 
     /// Moves production off a version that cannot be served, to the previous
@@ -500,13 +608,29 @@ impl Store {
     /// promotion gate (moving `production` if it passes), logs the run, and
     /// returns the outcome. On error nothing is acknowledged, and a version
     /// number whose artifact reached the disk is never given out again.
-    pub fn register(&mut self, submission: Submission) -> Result<Registered, StoreError> {
-        let Submission { run, artifact } = submission;
+    ///
+    /// `evaluate` gives a model's metrics on the registry's own holdout: the
+    /// figures the gate compares (the candidate's, and production's again on
+    /// the same rows) and the ones stored, whatever the submission claims.
+    pub fn register(
+        &mut self,
+        submission: Submission,
+        evaluate: &mut dyn FnMut(&ModelArtifact) -> Result<Metrics, StoreError>,
+    ) -> Result<Registered, StoreError> {
+        let Submission { mut run, artifact } = submission;
         artifact.validate()?;
         if run.feature_names != artifact.feature_names {
             return Err(StoreError::Invalid(
                 "the run's feature names differ from the model's".into(),
             ));
+        }
+        for (what, text) in [
+            ("run_id", &run.run_id),
+            ("data_path", &run.data_path),
+            ("data_fingerprint", &run.data_fingerprint),
+            ("params.model", &run.params.model),
+        ] {
+            check_text(what, text)?;
         }
         let (metric, _) = gate::gate_metric(artifact.kind);
         if !run.metrics.all_finite() || run.metrics.get(metric).is_none() {
@@ -516,6 +640,36 @@ impl Store {
                 run.metrics
             )));
         }
+        if let Some(problem) = run.metrics.range_error() {
+            return Err(StoreError::Invalid(format!("claimed metrics: {problem}")));
+        }
+        let verified = evaluate(&artifact)?;
+        if verified.get(metric).is_none_or(|v| !v.is_finite()) {
+            return Err(StoreError::Invalid(format!(
+                "the model's {metric} on the registry's holdout is not a number: {verified:?}"
+            )));
+        }
+        tracing::info!(
+            run_id = %run.run_id,
+            %metric,
+            claimed = ?run.metrics.get(metric),
+            verified = ?verified.get(metric),
+            "submission evaluated on the registry's holdout"
+        );
+        run.metrics = verified;
+        let production_now = match self.production_contender() {
+            Some(p) => {
+                let artifact = &self.models[&p.version].artifact;
+                match evaluate(artifact) {
+                    Ok(m) => Some((p.version, p.kind, m)),
+                    Err(error) => {
+                        tracing::warn!(version = p.version, %error, "production cannot be evaluated on the current holdout; the gate uses its stored metrics");
+                        Some((p.version, p.kind, *p.metrics))
+                    }
+                }
+            }
+            None => None,
+        };
         let version = self.next_version;
         let model = StoredModel {
             version,
@@ -534,7 +688,13 @@ impl Store {
                 kind: model.artifact.kind,
                 metrics: &model.run.metrics,
             },
-            self.production_contender(),
+            production_now
+                .as_ref()
+                .map(|(version, kind, metrics)| Contender {
+                    version: *version,
+                    kind: *kind,
+                    metrics,
+                }),
             self.tolerance,
         );
         let row = experiment_row(
@@ -592,6 +752,11 @@ impl Store {
     pub fn record_failure(&mut self, run: &FailedRun) -> Result<(), StoreError> {
         check_text("run_id", &run.run_id)?;
         check_text("reason", &run.reason)?;
+        check_text("data_path", &run.data_path)?;
+        check_text("params.model", &run.params.model)?;
+        if let Some(fingerprint) = &run.data_fingerprint {
+            check_text("data_fingerprint", fingerprint)?;
+        }
         let row = ExperimentRow {
             timestamp: ml_shared::time::rfc3339_ms(ml_shared::time::now_ms()),
             version: None,
@@ -701,6 +866,16 @@ impl Store {
         })
     }
 
+    /// One page of the alias history (oldest first) and the number of moves.
+    pub fn history_page(&self, page: Page) -> Result<(Vec<AliasMove>, usize), StoreError> {
+        let mut moves = self.history(None)?;
+        let total = moves.len();
+        let range = page.range(total).map_err(StoreError::Invalid)?;
+        moves.truncate(range.end);
+        moves.drain(..range.start);
+        Ok((moves, total))
+    }
+
     /// The alias history, oldest first; the last `limit` moves when given.
     pub fn history(&self, limit: Option<usize>) -> Result<Vec<AliasMove>, StoreError> {
         let path = self.path(HISTORY);
@@ -723,8 +898,42 @@ impl Store {
         Some(ModelRelease {
             version,
             epoch: self.pointer.epoch,
+            registry_id: self.id.clone(),
             artifact: model.artifact.clone(),
         })
+    }
+
+    /// Moves the production epoch past `seen`, an epoch of this registry
+    /// that a predictor serves but this directory does not reach (restored
+    /// from an older copy): production is published again under a newer
+    /// epoch, so every predictor takes what this registry holds, and the
+    /// history records it. Nothing happens (`false`) when the epoch is
+    /// already past `seen` or there is no production model.
+    pub fn fast_forward(
+        &mut self,
+        seen: u64,
+        version_seen: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        let Some(to) = self.pointer.version.filter(|_| seen >= self.pointer.epoch) else {
+            return Ok(false);
+        };
+        let kept = self.pointer.epoch;
+        self.pointer.epoch = seen;
+        let reason = format!(
+            "a predictor serves epoch {seen} (v{}) of this registry, which holds epoch {kept}: the registry's directory is older than what was served; production v{to} published again past it",
+            version_seen.map_or("?".to_owned(), |v| v.to_string())
+        );
+        let outcome = self.commit(&[Draft {
+            alias: Alias::Production,
+            to,
+            action: MoveAction::Recovery,
+            actor: REGISTRY_ACTOR,
+            reason,
+        }]);
+        if outcome.is_err() && self.pointer.epoch == seen {
+            self.pointer.epoch = kept;
+        }
+        outcome.map(|_| true)
     }
 
     /// The production epoch (0 when there is no production model).
@@ -737,6 +946,22 @@ impl Store {
         self.pointer
             .get(alias)
             .filter(|v| self.models.contains_key(v))
+    }
+
+    /// One page of the servable versions (oldest first), with the aliases,
+    /// the number of versions and every corrupt one (at most
+    /// [`Page::MAX_LIMIT`] of those, the newest).
+    pub fn models_page(&self, page: Page) -> Result<ModelsReply, StoreError> {
+        let range = page.range(self.models.len()).map_err(StoreError::Invalid)?;
+        let mut reply = self.models();
+        reply.total = reply.models.len();
+        reply.models.truncate(range.end);
+        reply.models.drain(..range.start);
+        let corrupt = reply.corrupt.len();
+        reply
+            .corrupt
+            .drain(..corrupt.saturating_sub(Page::MAX_LIMIT));
+        Ok(reply)
     }
 
     /// Every servable version, oldest first, with the aliases.
@@ -769,6 +994,7 @@ impl Store {
                     artifact: model_file(m.version),
                 })
                 .collect(),
+            total: self.models.len(),
             aliases,
             corrupt: self
                 .corrupt
@@ -784,6 +1010,16 @@ impl Store {
     /// Versions whose files could not be read, with the reason.
     pub fn corrupt(&self) -> &BTreeMap<u64, String> {
         &self.corrupt
+    }
+
+    /// One page of the experiments log (oldest first) and the number of runs.
+    pub fn runs_page(&self, page: Page) -> Result<(Vec<ExperimentRow>, usize), StoreError> {
+        let mut runs = self.runs()?;
+        let total = runs.len();
+        let range = page.range(total).map_err(StoreError::Invalid)?;
+        runs.truncate(range.end);
+        runs.drain(..range.start);
+        Ok((runs, total))
     }
 
     /// The experiments log, oldest first.

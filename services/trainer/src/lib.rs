@@ -202,6 +202,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             }
             message = triggers.next() => {
                 let Some(message) = message else { break };
+                // A request must name an inbox to answer (a reflected reply
+                // has none): otherwise it trains nothing.
+                let Some(reply) = ml_shared::nats::accept_reply(
+                    "trainer", &message.subject, message.reply.as_ref(),
+                ).cloned() else { continue };
                 let outcome = trainer.run_once("request").await;
                 let body = match &outcome {
                     Ok(Outcome::Registered(reply)) => serde_json::to_vec(reply),
@@ -209,10 +214,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                     Err(e) => serde_json::to_vec(&e.to_reply()),
                 }
                 .expect("replies serialise");
-                if let Some(reply) = message.reply {
-                    if let Err(error) = client.publish(reply, body.into()).await {
-                        tracing::warn!(%error, "cannot answer the train request");
-                    }
+                if let Err(error) = client.publish(reply, body.into()).await {
+                    tracing::warn!(%error, "cannot answer the train request");
                 }
             }
         }

@@ -352,6 +352,7 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
     let fake = codec::encode(&ModelRelease {
         version: 999,
         epoch: 1000,
+        registry_id: registry_id(&registry_dir),
         artifact: artifact(),
     });
     for user in ["predictor", "trainer", "client", "admin", "monitor"] {

@@ -40,7 +40,7 @@ async fn every_bad_predict_request_gets_a_structured_error_and_the_next_succeeds
         dir,
         data,
     } = Bed::new(200, 21);
-    let registry = services::registry(&url, &dir.path().join("registry"));
+    let registry = services::registry(&url, &dir.path().join("registry"), &data);
     let trainer = services::trainer(&url, &data, "1h");
     let predictor = services::predictor_with(&url, &data, &["--predict-max-bytes", "262144"]);
     let client = client(&url).await;
@@ -331,7 +331,7 @@ async fn bad_model_artifacts_are_refused_by_the_registry_and_by_predictors() {
         dir,
         data,
     } = Bed::new(200, 22);
-    let registry = services::registry(&url, &dir.path().join("registry"));
+    let registry = services::registry(&url, &dir.path().join("registry"), &data);
     let trainer = services::trainer(&url, &data, "1h");
     let log = dir.path().join("predictor.log");
     let predictor = Process::start(
@@ -383,9 +383,13 @@ async fn bad_model_artifacts_are_refused_by_the_registry_and_by_predictors() {
 
     // At the predictor: published directly (as a faulty or hostile
     // publisher would), each under a higher epoch than anything served.
+    // Published under the serving registry's identity: a release of
+    // another registry would be taken whatever its epoch.
+    let registry_id = registry_id(&dir.path().join("registry"));
     let release = |artifact: ModelArtifact| ModelRelease {
         version: 66,
         epoch: 100,
+        registry_id: registry_id.clone(),
         artifact,
     };
     for (_, bytes, _) in bad_encodings(|a| codec::encode(&release(a))) {
@@ -400,6 +404,7 @@ async fn bad_model_artifacts_are_refused_by_the_registry_and_by_predictors() {
     let marker = ModelRelease {
         version: 99,
         epoch: 50,
+        registry_id: registry_id.clone(),
         artifact: artifact(),
     };
     assert_eq!(served().await, Some(1), "still version 1");
@@ -460,7 +465,7 @@ async fn a_bad_data_file_fails_the_run_with_line_and_reason_and_promotes_nothing
     let url = nats.url();
     let dir = ml_tests::temp_dir();
     let data = dir.path().join("users.csv");
-    let registry = services::registry(&url, &dir.path().join("registry"));
+    let registry = services::registry(&url, &dir.path().join("registry"), &data);
     let trainer = services::trainer(&url, &data, "0");
     let client = client(&url).await;
     let header = "user_id,feature_1,feature_2,target\n";

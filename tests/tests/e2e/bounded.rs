@@ -31,7 +31,7 @@ async fn ten_thousand_requests_in_flight_get_answers_or_busy_in_bounded_memory()
         dir,
         data,
     } = Bed::new(200, 31);
-    let registry = services::registry(&url, &dir.path().join("registry"));
+    let registry = services::registry(&url, &dir.path().join("registry"), &data);
     let trainer = services::trainer(&url, &data, "1h");
     let log = dir.path().join("predictor.log");
     let predictor = Process::start(

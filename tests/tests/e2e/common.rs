@@ -70,6 +70,14 @@ impl Bed {
     }
 }
 
+/// The identity of the registry whose directory is `dir` (its
+/// `registry.json`).
+pub fn registry_id(dir: &Path) -> String {
+    let text = std::fs::read_to_string(dir.join("registry.json")).expect("registry.json");
+    let v: Value = serde_json::from_str(&text).expect("registry.json is JSON");
+    v["registry_id"].as_str().expect("registry_id").to_owned()
+}
+
 /// Writes generated sample data.
 pub fn write_data(path: &Path, rows: usize, seed: u64) {
     let file = std::fs::File::create(path).expect("data file");

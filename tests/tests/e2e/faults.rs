@@ -58,7 +58,7 @@ async fn nats_killed_and_restarted_under_load_every_service_recovers() {
         dir,
         data,
     } = Bed::new(500, 11);
-    let registry = services::registry(&url, &dir.path().join("registry"));
+    let registry = services::registry(&url, &dir.path().join("registry"), &data);
     let predictors = [
         services::predictor(&url, &data),
         services::predictor(&url, &data),
@@ -166,7 +166,7 @@ async fn services_started_before_nats_are_ready_within_5s_of_it() {
     let dir = ml_tests::temp_dir();
     let data = dir.path().join("users.csv");
     write_data(&data, 300, 12);
-    let registry = services::registry(&url, &dir.path().join("registry"));
+    let registry = services::registry(&url, &dir.path().join("registry"), &data);
     let predictor = services::predictor(&url, &data);
     let monitor = services::monitor(&url, "500ms");
     let trainer = services::trainer(&url, &data, "1h");
@@ -258,7 +258,7 @@ async fn a_predictor_stopped_with_sigterm_under_load_loses_no_request() {
         dir,
         data,
     } = Bed::new(300, 13);
-    let registry = services::registry(&url, &dir.path().join("registry"));
+    let registry = services::registry(&url, &dir.path().join("registry"), &data);
     let trainer = services::trainer(&url, &data, "1h");
     let log = |n: usize| dir.path().join(format!("predictor-{n}.log"));
     let env = predictor_env(&url, &data);
@@ -319,7 +319,7 @@ async fn predictions_are_unaffected_by_a_slow_or_dead_monitor_which_then_resumes
         dir,
         data,
     } = Bed::new(300, 14);
-    let registry = services::registry(&url, &dir.path().join("registry"));
+    let registry = services::registry(&url, &dir.path().join("registry"), &data);
     let trainer = services::trainer(&url, &data, "1h");
     let predictor = services::predictor(&url, &data);
     let monitor_env = [("NATS_URL", url.as_str()), ("MONITOR_INTERVAL", "500ms")];
@@ -420,7 +420,7 @@ async fn predictors_outlive_the_registry_and_a_late_one_serves_when_it_returns()
     let data = dir.path().join("users.csv");
     let registry_dir = dir.path().join("registry");
     write_data(&data, 300, 15);
-    let registry = services::registry(&url, &registry_dir);
+    let registry = services::registry(&url, &registry_dir, &data);
     let trainer = services::trainer(&url, &data, "1h");
     // Reconciling often: it asks the registry while it is down, and must
     // keep its model all the same.
@@ -449,7 +449,7 @@ async fn predictors_outlive_the_registry_and_a_late_one_serves_when_it_returns()
     .await;
     assert_eq!(reply["error"]["code"], "no_model", "{reply}");
     // ...and serves as soon as the registry is back.
-    let registry = services::registry(&url, &registry_dir);
+    let registry = services::registry(&url, &registry_dir, &data);
     let back = Instant::now();
     wait_served(&client, &body, 1, "late predictor serves version 1").await;
     eprintln!(

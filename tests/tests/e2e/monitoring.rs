@@ -135,7 +135,7 @@ async fn prometheus_scrapes_the_monitor_and_agrees_on_p99() {
 
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     let mut prometheus = Prometheus::start(std::slice::from_ref(&metrics_addr));
-    let registry = services::registry(&url, &dir.path().join("registry"));
+    let registry = services::registry(&url, &dir.path().join("registry"), &data);
     let trainer = services::trainer(&url, &data, "1h");
     let predictor = services::predictor(&url, &data);
     let out = Output::default();
@@ -283,7 +283,7 @@ async fn shifted_traffic_fires_the_drift_alert_and_unshifted_does_not() {
     )
     .unwrap();
 
-    let registry = services::registry(&url, &dir.path().join("registry"));
+    let registry = services::registry(&url, &dir.path().join("registry"), &data);
     let trainer = services::trainer(&url, &data, "1h");
     let predictor = services::predictor(&url, &data);
     let out = Output::default();

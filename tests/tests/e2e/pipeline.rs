@@ -30,7 +30,7 @@ async fn trains_registers_serves_monitors_and_retrains() {
     let registry_dir = dir.path().join("registry");
     write_data(&data, 3000, 7);
 
-    let registry = services::registry(&url, &registry_dir);
+    let registry = services::registry(&url, &registry_dir, &data);
     let predictor = services::predictor(&url, &data);
     let monitor = services::monitor(&url, "1s");
     let trainer = services::trainer(&url, &data, "1h");
@@ -189,7 +189,7 @@ async fn trains_registers_serves_monitors_and_retrains() {
 
     // The registry, restarted, still has both versions and both runs.
     registry.stop().await;
-    let registry = services::registry(&url, &registry_dir);
+    let registry = services::registry(&url, &registry_dir, &data);
     let models = wait_for("restarted registry answers", WAIT, || async {
         let reply = client.request("ml.registry.models", "".into()).await.ok()?;
         serde_json::from_slice::<Value>(&reply.payload).ok()
@@ -244,7 +244,7 @@ async fn a_predictor_without_a_model_answers_no_model_then_serves() {
     );
 
     // The registry comes up later, the trainer trains: the predictor serves.
-    let registry = services::registry(&url, &dir.path().join("registry"));
+    let registry = services::registry(&url, &dir.path().join("registry"), &data);
     let trainer = services::trainer(&url, &data, "1h");
     let (version, _) = wait_for("first model served", WAIT, || async {
         predict_version(&client, body).await
@@ -268,7 +268,7 @@ async fn a_failed_run_registers_nothing_and_says_why() {
         "user_id,feature_1,feature_2,target\na,1,2,3\nb,1,2,4\nc,2,oops,5\nd,3,1,2\ne,1,1,1\n",
     )
     .unwrap();
-    let registry = services::registry(&url, &dir.path().join("registry"));
+    let registry = services::registry(&url, &dir.path().join("registry"), &data);
     let trainer = services::trainer(&url, &data, "0");
     let client = client(&url).await;
 
@@ -315,7 +315,7 @@ async fn two_trainers_submitting_at_once_get_distinct_versions() {
         dir,
         data,
     } = Bed::new(500, 3);
-    let registry = services::registry(&url, &dir.path().join("registry"));
+    let registry = services::registry(&url, &dir.path().join("registry"), &data);
     let trainers: Vec<Service> = (0..2)
         .map(|_| services::trainer(&url, &data, "0"))
         .collect();

@@ -20,7 +20,7 @@ async fn fifty_promotions_under_load_fail_no_request() {
         data,
     } = Bed::new(400, 11);
     let rows = read_rows(&data);
-    let registry = services::registry(&url, &dir.path().join("registry"));
+    let registry = services::registry(&url, &dir.path().join("registry"), &data);
     let predictor = services::predictor(&url, &data);
     let trainer = services::trainer(&url, &data, "0");
     let client = client(&url).await;

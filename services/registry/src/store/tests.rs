@@ -8,6 +8,28 @@ use ml_shared::model::ModelKind;
 
 use super::*;
 
+thread_local! {
+    /// Each registered model with the metrics its submission claimed.
+    static CLAIMED: std::cell::RefCell<Vec<(ModelArtifact, Metrics)>> = Default::default();
+}
+
+/// Registers `s` with an evaluation that gives each model the metrics its
+/// submission claimed: these tests are of the store's bookkeeping; the
+/// registry's own evaluation is tested on real data elsewhere.
+fn register(store: &mut Store, s: Submission) -> Result<Registered, StoreError> {
+    CLAIMED.with(|c| c.borrow_mut().push((s.artifact.clone(), s.run.metrics)));
+    store.register(s, &mut |artifact| {
+        CLAIMED.with(|c| {
+            c.borrow()
+                .iter()
+                .rev()
+                .find(|(a, _)| a == artifact)
+                .map(|(_, m)| *m)
+                .ok_or_else(|| StoreError::Invalid("not submitted".into()))
+        })
+    })
+}
+
 fn submission_with(intercept: f64, kind: ModelKind, metrics: Metrics) -> Submission {
     let names: Vec<String> = vec!["feature_1".into(), "feature_3".into()];
     Submission {
@@ -71,8 +93,8 @@ fn copy_dir(from: &Path, to: &Path) {
 fn versions_survive_a_restart_and_are_never_reused() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path());
-    assert_eq!(store.register(submission(1.0)).unwrap().version, 1);
-    assert_eq!(store.register(submission(2.0)).unwrap().version, 2);
+    assert_eq!(register(&mut store, submission(1.0)).unwrap().version, 1);
+    assert_eq!(register(&mut store, submission(2.0)).unwrap().version, 2);
     drop(store);
 
     let mut store = open(dir.path());
@@ -80,7 +102,7 @@ fn versions_survive_a_restart_and_are_never_reused() {
     assert_eq!((release.version, release.epoch), (2, 2));
     assert_eq!(release.artifact.intercept, 2.0);
     assert_eq!(store.runs().unwrap().len(), 2);
-    assert_eq!(store.register(submission(3.0)).unwrap().version, 3);
+    assert_eq!(register(&mut store, submission(3.0)).unwrap().version, 3);
     assert_eq!(store.models().models[2].parent, Some(2));
 }
 
@@ -88,13 +110,13 @@ fn versions_survive_a_restart_and_are_never_reused() {
 fn the_gate_holds_a_worse_model_as_candidate_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path());
-    let first = store.register(submission_rmse(1.0, 0.10)).unwrap();
+    let first = register(&mut store, submission_rmse(1.0, 0.10)).unwrap();
     assert!(first.production && first.gate.promoted);
-    let worse = store.register(submission_rmse(2.0, 0.20)).unwrap();
+    let worse = register(&mut store, submission_rmse(2.0, 0.20)).unwrap();
     assert!(!worse.production, "{:?}", worse.gate);
     assert_eq!(worse.gate.production, Some(0.10));
     assert_eq!(worse.gate.tolerance, 0.05);
-    let near = store.register(submission_rmse(3.0, 0.104)).unwrap();
+    let near = register(&mut store, submission_rmse(3.0, 0.104)).unwrap();
     assert!(near.production, "within 5%: {:?}", near.gate);
 
     let models = store.models();
@@ -136,7 +158,7 @@ fn promote_and_rollback_move_production_with_new_epochs_and_survive_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path());
     for i in 1..=3 {
-        store.register(submission(i as f64)).unwrap();
+        register(&mut store, submission(i as f64)).unwrap();
     }
     assert_eq!(store.production_release().unwrap().epoch, 3);
     let r = store.rollback("v3 misbehaves", "alice").unwrap();
@@ -177,11 +199,11 @@ fn promote_and_rollback_move_production_with_new_epochs_and_survive_restarts() {
 fn moves_the_pointer_missed_are_replayed_from_the_history() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path());
-    store.register(submission(1.0)).unwrap();
-    store.register(submission(2.0)).unwrap();
+    register(&mut store, submission(1.0)).unwrap();
+    register(&mut store, submission(2.0)).unwrap();
     let pointer = fs::read(dir.path().join(PRODUCTION)).unwrap();
     store.rollback("r", "alice").unwrap();
-    store.register(submission(3.0)).unwrap();
+    register(&mut store, submission(3.0)).unwrap();
     let expected = store.production_release().unwrap();
     drop(store);
     // As if the registry died after each history append, before the pointer.
@@ -198,8 +220,8 @@ fn moves_the_pointer_missed_are_replayed_from_the_history() {
 fn a_torn_log_line_is_cut_and_a_corrupt_artifact_is_not_served() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path());
-    store.register(submission(1.0)).unwrap();
-    store.register(submission(2.0)).unwrap();
+    register(&mut store, submission(1.0)).unwrap();
+    register(&mut store, submission(2.0)).unwrap();
     drop(store);
     let log = dir.path().join(EXPERIMENTS);
     let mut f = OpenOptions::new().append(true).open(&log).unwrap();
@@ -228,7 +250,7 @@ fn a_torn_log_line_is_cut_and_a_corrupt_artifact_is_not_served() {
         Err(StoreError::Corrupt { version: 2, .. })
     ));
     assert_eq!(
-        store.register(submission(3.0)).unwrap().version,
+        register(&mut store, submission(3.0)).unwrap().version,
         3,
         "2 is not reused"
     );
@@ -238,8 +260,8 @@ fn a_torn_log_line_is_cut_and_a_corrupt_artifact_is_not_served() {
 fn an_artifact_damaged_while_running_is_caught_before_it_is_served_again() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path());
-    store.register(submission(1.0)).unwrap();
-    store.register(submission(2.0)).unwrap();
+    register(&mut store, submission(1.0)).unwrap();
+    register(&mut store, submission(2.0)).unwrap();
     let artifact = dir.path().join(model_file(1));
     let mut bytes = fs::read(&artifact).unwrap();
     bytes[60] ^= 1;
@@ -260,28 +282,28 @@ fn invalid_models_are_refused_and_consume_no_version() {
     let mut bad = submission(1.0);
     bad.artifact.coefficients[0] = f64::NAN;
     assert!(matches!(
-        store.register(bad),
+        register(&mut store, bad),
         Err(StoreError::InvalidModel(_))
     ));
     let nan_metrics = submission_rmse(1.0, f64::NAN);
     assert!(matches!(
-        store.register(nan_metrics),
+        register(&mut store, nan_metrics),
         Err(StoreError::Invalid(_))
     ));
     let wrong_family =
         submission_with(1.0, ModelKind::Logistic, Metrics::regression(0.1, 0.1, 0.9));
     assert!(matches!(
-        store.register(wrong_family),
+        register(&mut store, wrong_family),
         Err(StoreError::Invalid(_))
     ));
-    assert_eq!(store.register(submission(1.0)).unwrap().version, 1);
+    assert_eq!(register(&mut store, submission(1.0)).unwrap().version, 1);
 }
 
 #[test]
 fn failed_runs_are_logged_with_their_reason() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path());
-    store.register(submission(1.0)).unwrap();
+    register(&mut store, submission(1.0)).unwrap();
     store
         .record_failure(&FailedRun {
             run_id: "run-f".into(),
@@ -316,16 +338,16 @@ fn a_classifier_is_gated_on_accuracy() {
     let mut store = open(dir.path());
     let c = |acc| {
         submission_with(
-            1.0,
+            acc,
             ModelKind::Logistic,
             Metrics::classification(acc, 0.4, 0.9),
         )
     };
-    assert!(store.register(c(0.80)).unwrap().production);
-    let worse = store.register(c(0.70)).unwrap();
+    assert!(register(&mut store, c(0.80)).unwrap().production);
+    let worse = register(&mut store, c(0.70)).unwrap();
     assert!(!worse.production);
     assert_eq!(worse.gate.metric, "accuracy");
-    assert!(store.register(c(0.79)).unwrap().production);
+    assert!(register(&mut store, c(0.79)).unwrap().production);
     let runs = store.runs().unwrap();
     assert_eq!(runs[0].accuracy, Some(0.80));
     assert_eq!(runs[0].rmse, None);
@@ -335,8 +357,8 @@ fn a_classifier_is_gated_on_accuracy() {
 fn a_row_missing_after_a_crash_is_restored_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path());
-    store.register(submission_rmse(1.0, 0.1)).unwrap();
-    store.register(submission_rmse(2.0, 0.5)).unwrap();
+    register(&mut store, submission_rmse(1.0, 0.1)).unwrap();
+    register(&mut store, submission_rmse(2.0, 0.5)).unwrap();
     drop(store);
     let log = dir.path().join(EXPERIMENTS);
     let text = fs::read_to_string(&log).unwrap();
@@ -376,7 +398,7 @@ fn a_directory_written_by_the_previous_format_opens_and_grows() {
     let text = fs::read_to_string(dir.path().join(EXPERIMENTS)).unwrap();
     assert!(text.starts_with(std::str::from_utf8(&csv_header()).unwrap()));
 
-    let r = store.register(submission(5.0)).unwrap();
+    let r = register(&mut store, submission(5.0)).unwrap();
     assert_eq!((r.version, r.gate.production_version), (3, Some(2)));
     let r = store.promote(1, "old is gold", "alice").unwrap();
     assert_eq!((r.from, r.to, r.moved), (Some(2), 1, true));
@@ -394,8 +416,70 @@ fn a_directory_with_only_a_production_pointer_opens() {
     let mut store = open(dir.path());
     assert_eq!(store.production_release(), None);
     assert_eq!(store.models().production, None);
-    let r = store.register(submission(1.0)).unwrap();
+    let r = register(&mut store, submission(1.0)).unwrap();
     assert_eq!(r.version, 5, "4 was named once: never reused");
     let release = store.production_release().unwrap();
     assert_eq!((release.version, release.epoch), (5, 8));
+}
+
+#[test]
+fn a_torn_last_history_line_that_production_json_holds_is_restored_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    register(&mut store, submission(1.0)).unwrap();
+    register(&mut store, submission(2.0)).unwrap();
+    store.promote(1, "back to one", "alice").unwrap();
+    let acknowledged = store.production_epoch();
+    drop(store);
+    // The history's last line torn after production.json was written.
+    let path = dir.path().join(HISTORY);
+    let text = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &text[..text.len() - 7]).unwrap();
+
+    let mut store = open(dir.path());
+    assert_eq!(store.alias(Alias::Production), Some(1));
+    assert_eq!(store.production_epoch(), acknowledged);
+    let moves = store.history(None).unwrap();
+    let last = moves.last().unwrap();
+    assert_eq!(
+        (last.action, last.to, last.epoch),
+        (MoveAction::Recovery, 1, Some(acknowledged))
+    );
+    assert!(last.reason.contains("lost in a crash"), "{last:?}");
+    // The next move follows on, and the directory opens again.
+    let next = store.promote(2, "forward", "alice").unwrap();
+    assert_eq!(next.epoch, acknowledged + 1);
+    drop(store);
+    let store = open(dir.path());
+    let moves = store.history(None).unwrap();
+    for (i, m) in moves.iter().enumerate() {
+        assert_eq!(m.seq, i as u64 + 1, "{moves:?}");
+    }
+    assert_eq!(store.alias(Alias::Production), Some(2));
+}
+
+#[test]
+fn the_identity_is_kept_and_a_fresh_directory_gets_another() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let first = open(a.path()).id().to_owned();
+    assert_eq!(open(a.path()).id(), first);
+    assert_ne!(open(b.path()).id(), first);
+    let mut store = open(a.path());
+    register(&mut store, submission(1.0)).unwrap();
+    assert_eq!(store.production_release().unwrap().registry_id, first);
+}
+
+#[test]
+fn an_epoch_seen_beyond_the_directory_is_passed_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    register(&mut store, submission(1.0)).unwrap();
+    assert!(!store.fast_forward(0, Some(1)).unwrap(), "nothing to do");
+    assert!(store.fast_forward(9, Some(4)).unwrap());
+    assert_eq!(store.production_epoch(), 10);
+    let last = store.history(None).unwrap().pop().unwrap();
+    assert_eq!((last.action, last.epoch), (MoveAction::Recovery, Some(10)));
+    drop(store);
+    assert_eq!(open(dir.path()).production_epoch(), 10);
 }

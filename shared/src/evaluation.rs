@@ -1,0 +1,188 @@
+//! Validation metrics of a model on labelled rows: the figures the trainer
+//! reports and the registry recomputes on its own holdout before it believes
+//! them.
+//!
+//! Pure functions: no I/O. A regression model gets RMSE, MAE and R²; a
+//! classifier accuracy (threshold [`crate::model::DECISION_THRESHOLD`]),
+//! log-loss and ROC AUC.
+
+use crate::features::{FeatureError, FeatureRegistry};
+use crate::messages::Metrics;
+use crate::model::ModelArtifact;
+
+/// Why a model could not be evaluated.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EvaluationError {
+    /// The model names a feature the feature registry does not know.
+    #[error(transparent)]
+    Feature(#[from] FeatureError),
+    /// No labelled row to evaluate on.
+    #[error("no labelled rows to evaluate on")]
+    NoRows,
+    /// The model's output is not a finite number on some row.
+    #[error(
+        "the model predicts {value} on holdout row {row} (entity {entity:?}): not a finite number"
+    )]
+    NonFinite {
+        /// 0-based index among the evaluated rows.
+        row: usize,
+        /// The row's entity id.
+        entity: String,
+        /// What the model predicted.
+        value: f64,
+    },
+}
+
+/// RMSE, MAE and R² of predictions against the truth. R² is NaN when the
+/// truth is constant.
+pub fn regression_metrics(truth: &[f64], predicted: &[f64]) -> Metrics {
+    let n = truth.len() as f64;
+    let mean = truth.iter().sum::<f64>() / n;
+    let (mut sse, mut sae, mut sst) = (0.0, 0.0, 0.0);
+    for (t, p) in truth.iter().zip(predicted) {
+        sse += (t - p) * (t - p);
+        sae += (t - p).abs();
+        sst += (t - mean) * (t - mean);
+    }
+    Metrics::regression(
+        (sse / n).sqrt(),
+        sae / n,
+        if sst > 0.0 { 1.0 - sse / sst } else { f64::NAN },
+    )
+}
+
+/// Accuracy (threshold 0.5), log-loss and ROC AUC of probabilities of class
+/// 1 against 0/1 labels. AUC is NaN when one class is absent.
+pub fn classification_metrics(truth: &[f64], probability: &[f64]) -> Metrics {
+    let n = truth.len() as f64;
+    let mut correct = 0usize;
+    let mut loss = 0.0;
+    for (&t, &p) in truth.iter().zip(probability) {
+        if (p >= crate::model::DECISION_THRESHOLD) == (t == 1.0) {
+            correct += 1;
+        }
+        let p = p.clamp(1e-15, 1.0 - 1e-15);
+        loss -= if t == 1.0 { p.ln() } else { (1.0 - p).ln() };
+    }
+    Metrics::classification(correct as f64 / n, loss / n, roc_auc(truth, probability))
+}
+
+/// Area under the ROC curve, by the rank-sum (Mann–Whitney) formula with
+/// tied scores given their mean rank.
+pub fn roc_auc(truth: &[f64], score: &[f64]) -> f64 {
+    let mut order: Vec<usize> = (0..score.len()).collect();
+    order.sort_by(|&a, &b| score[a].total_cmp(&score[b]));
+    let mut positive_rank_sum = 0.0;
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && score[order[j + 1]] == score[order[i]] {
+            j += 1;
+        }
+        let mean_rank = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &order[i..=j] {
+            if truth[k] == 1.0 {
+                positive_rank_sum += mean_rank;
+            }
+        }
+        i = j + 1;
+    }
+    let positives = truth.iter().filter(|&&t| t == 1.0).count() as f64;
+    let negatives = truth.len() as f64 - positives;
+    if positives == 0.0 || negatives == 0.0 {
+        return f64::NAN;
+    }
+    (positive_rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives)
+}
+
+/// One labelled row: its entity id, raw features and target.
+pub type LabelledRow<'a> = (&'a str, &'a [f64], f64);
+
+/// The metrics of `artifact` on `rows`, its features computed by `registry`
+/// (the code the predictors run). Every prediction must be finite.
+pub fn evaluate<'a>(
+    artifact: &ModelArtifact,
+    registry: &FeatureRegistry,
+    rows: impl IntoIterator<Item = LabelledRow<'a>>,
+) -> Result<Metrics, EvaluationError> {
+    let plan = registry.plan(&artifact.feature_names)?;
+    let mut features = vec![0.0; plan.len()];
+    let (mut truth, mut predicted) = (Vec::new(), Vec::new());
+    for (row, (entity, raw, target)) in rows.into_iter().enumerate() {
+        plan.compute_into(raw, &mut features);
+        let value = artifact.predict(&features);
+        if !value.is_finite() {
+            return Err(EvaluationError::NonFinite {
+                row,
+                entity: entity.to_owned(),
+                value,
+            });
+        }
+        truth.push(target);
+        predicted.push(value);
+    }
+    if truth.is_empty() {
+        return Err(EvaluationError::NoRows);
+    }
+    Ok(if artifact.kind.is_classifier() {
+        classification_metrics(&truth, &predicted)
+    } else {
+        regression_metrics(&truth, &predicted)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelKind;
+
+    fn linear(coefficients: Vec<f64>) -> ModelArtifact {
+        ModelArtifact {
+            kind: ModelKind::Linear,
+            feature_names: vec!["feature_1".into(), "feature_2".into()],
+            coefficients,
+            intercept: 1.0,
+            scaler: None,
+            profile: None,
+        }
+    }
+
+    #[test]
+    fn an_exact_model_has_zero_error() {
+        let registry = FeatureRegistry::default();
+        let rows: Vec<(String, Vec<f64>, f64)> = (0..10)
+            .map(|i| {
+                let (a, b) = (i as f64, (i * i) as f64);
+                (format!("u{i}"), vec![a, b], 1.0 + 2.0 * a - b)
+            })
+            .collect();
+        let m = evaluate(
+            &linear(vec![2.0, -1.0]),
+            &registry,
+            rows.iter().map(|(u, r, t)| (u.as_str(), r.as_slice(), *t)),
+        )
+        .unwrap();
+        assert_eq!(m.rmse, Some(0.0));
+        assert_eq!(m.r2, Some(1.0));
+    }
+
+    #[test]
+    fn an_overflowing_model_is_refused_with_the_row() {
+        let registry = FeatureRegistry::default();
+        let raw = [1e10, 1e10];
+        let e = evaluate(
+            &linear(vec![1e308, 1e308]),
+            &registry,
+            [("u-7", &raw[..], 0.0)],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, EvaluationError::NonFinite { ref entity, .. } if entity == "u-7"),
+            "{e}"
+        );
+        assert_eq!(
+            evaluate(&linear(vec![1.0, 1.0]), &registry, []).unwrap_err(),
+            EvaluationError::NoRows
+        );
+    }
+}

@@ -4,6 +4,7 @@
 //! appear in any log of the run.
 
 use std::collections::hash_map::RandomState;
+use std::collections::BTreeSet;
 use std::hash::BuildHasher;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -13,9 +14,6 @@ use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, Event};
 use futures::StreamExt;
-use ml_shared::codec;
-use ml_shared::messages::{ModelRelease, Submission};
-use ml_shared::model::{ModelArtifact, ModelKind};
 use ml_shared::settings::{NatsSettings, Secret};
 use ml_tests::services::{binary, Process};
 use ml_tests::{wait_for, NatsServer};
@@ -28,13 +26,14 @@ const WAIT: Duration = Duration::from_secs(15);
 /// How long a message that must not arrive is waited for.
 const QUIET: Duration = Duration::from_millis(500);
 
-const USERS: [&str; 6] = [
+const USERS: [&str; 7] = [
     "registry",
     "trainer",
     "predictor",
     "monitor",
     "client",
     "admin",
+    "gateway",
 ];
 
 /// A fresh random secret.
@@ -72,43 +71,10 @@ async fn connect_as(
     (client, rx)
 }
 
-/// Waits for a permission violation naming `subject`.
-async fn violation(events: &mut mpsc::UnboundedReceiver<Event>, subject: &str) {
-    let found = tokio::time::timeout(WAIT, async {
-        while let Some(event) = events.recv().await {
-            if let Event::ServerError(e) = &event {
-                let text = e.to_string();
-                if text.to_lowercase().contains("permissions violation") && text.contains(subject) {
-                    return text;
-                }
-            }
-        }
-        String::new()
-    })
-    .await;
-    assert!(
-        found.is_ok_and(|t| !t.is_empty()),
-        "no permission violation for {subject}"
-    );
-}
-
 /// Asserts nothing arrives on `sub` for a while.
 async fn quiet(sub: &mut async_nats::Subscriber, what: &str) {
     if let Ok(Some(m)) = tokio::time::timeout(QUIET, sub.next()).await {
         panic!("{what}: got a message on {}", m.subject);
-    }
-}
-
-fn artifact() -> ModelArtifact {
-    ModelArtifact {
-        kind: ModelKind::Linear,
-        feature_names: ["feature_1", "feature_2", "feature_3"]
-            .map(String::from)
-            .into(),
-        coefficients: vec![1.0, 2.0, 3.0],
-        intercept: 0.5,
-        scaler: None,
-        profile: None,
     }
 }
 
@@ -140,18 +106,205 @@ fn assert_no_secret_in_logs(dir: &Path, secrets: &[String], extra: &[String]) {
     }
 }
 
+/// Who may publish to and subscribe to a subject under the shipped
+/// configuration; every other user is refused. Together the rules cover
+/// every subject of the README's table, the discovery subjects, other
+/// users' inboxes and the server's response subjects.
+struct Rule {
+    subject: &'static str,
+    publish: &'static [&'static str],
+    subscribe: &'static [&'static str],
+}
+
+const PLATFORM: &[&str] = &["registry", "trainer", "predictor", "monitor"];
+
+const RULES: &[Rule] = &[
+    Rule {
+        subject: "ml.predict",
+        publish: &["client", "admin", "gateway"],
+        subscribe: &["predictor"],
+    },
+    Rule {
+        subject: "ml.train",
+        publish: &["admin"],
+        subscribe: &["trainer"],
+    },
+    Rule {
+        subject: "ml.registry.submit",
+        publish: &["trainer"],
+        subscribe: &["registry"],
+    },
+    Rule {
+        subject: "ml.registry.production",
+        publish: &["predictor", "monitor"],
+        subscribe: &["registry"],
+    },
+    Rule {
+        subject: "ml.registry.models",
+        publish: &["admin", "gateway"],
+        subscribe: &["registry"],
+    },
+    Rule {
+        subject: "ml.registry.runs",
+        publish: &["trainer", "admin", "gateway"],
+        subscribe: &["registry"],
+    },
+    Rule {
+        subject: "ml.registry.run_failed",
+        publish: &["trainer"],
+        subscribe: &["registry"],
+    },
+    Rule {
+        subject: "ml.registry.promote",
+        publish: &["admin", "gateway"],
+        subscribe: &["registry"],
+    },
+    Rule {
+        subject: "ml.registry.rollback",
+        publish: &["admin", "gateway"],
+        subscribe: &["registry"],
+    },
+    Rule {
+        subject: "ml.registry.history",
+        publish: &["admin", "gateway"],
+        subscribe: &["registry"],
+    },
+    Rule {
+        subject: "ml.model.production",
+        publish: &["registry"],
+        subscribe: &["predictor", "monitor"],
+    },
+    Rule {
+        subject: "ml.monitor.events",
+        publish: &["predictor"],
+        subscribe: &["monitor"],
+    },
+    Rule {
+        subject: "ml.monitor.stats",
+        publish: &["admin", "gateway"],
+        subscribe: &["monitor"],
+    },
+    Rule {
+        subject: "ml.alerts",
+        publish: &["monitor"],
+        subscribe: &["admin", "gateway"],
+    },
+    Rule {
+        subject: "$SRV.PING",
+        publish: &["admin"],
+        subscribe: PLATFORM,
+    },
+    Rule {
+        subject: "$SRV.INFO.predictor",
+        publish: &["admin", "monitor"],
+        subscribe: PLATFORM,
+    },
+    Rule {
+        subject: "_INBOX_client.stolen",
+        publish: &[],
+        subscribe: &["client"],
+    },
+    Rule {
+        subject: "_INBOX_admin.stolen",
+        publish: &[],
+        subscribe: &["admin"],
+    },
+    Rule {
+        subject: "_INBOX_registry.stolen",
+        publish: &[],
+        subscribe: &["registry"],
+    },
+    Rule {
+        subject: "_R_.abc.def",
+        publish: &["predictor"],
+        subscribe: &[],
+    },
+    Rule {
+        subject: ">",
+        publish: &[],
+        subscribe: &[],
+    },
+];
+
+/// The permission violations a user's events reported within `QUIET`:
+/// ("publish" | "subscribe", subject).
+async fn violations(events: &mut mpsc::UnboundedReceiver<Event>) -> BTreeSet<(String, String)> {
+    let mut seen = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.recv()).await {
+        let Event::ServerError(e) = event else {
+            continue;
+        };
+        let text = e.to_string();
+        let kind = if text.contains("for Publish to") {
+            "publish"
+        } else if text.contains("for Subscription to") {
+            "subscribe"
+        } else {
+            continue;
+        };
+        if let Some(subject) = text.split('"').nth(1) {
+            seen.insert((kind.to_owned(), subject.to_owned()));
+        }
+    }
+    seen
+}
+
+/// The shipped configuration with a fresh password per user, its bcrypt
+/// hash in place of each `$NATS_<USER>_PASSWORD_HASH`.
+fn shipped_conf_with(passwords: &[(String, String)]) -> String {
+    let mut conf = shipped_conf();
+    for (user, pw) in passwords {
+        let var = format!("$NATS_{}_PASSWORD_HASH", user.to_uppercase());
+        assert!(conf.contains(&var), "{var} in nats.conf");
+        // Cost 4: the server checks it at every connection of the test.
+        let hash = bcrypt::hash(pw, 4).unwrap();
+        conf = conf.replace(&var, &format!("\"{hash}\""));
+    }
+    conf
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_user_may_use_exactly_the_subjects_the_shipped_config_gives_it() {
+    ml_tests::init_logging();
+    let passwords: Vec<(String, String)> =
+        USERS.iter().map(|u| (u.to_string(), secret(u))).collect();
+    let password = |user: &str| passwords.iter().find(|(u, _)| u == user).unwrap().1.clone();
+    let nats = NatsServer::start_with_config(&shipped_conf_with(&passwords));
+    let url = nats.url();
+    for user in USERS {
+        let (c, mut events) = connect_as(&url, user, &password(user)).await;
+        let mut subscriptions = Vec::new();
+        for rule in RULES {
+            c.publish(rule.subject, "".into()).await.unwrap();
+            subscriptions.push(c.subscribe(rule.subject).await.unwrap());
+        }
+        c.flush().await.unwrap();
+        let refused = violations(&mut events).await;
+        let expected: BTreeSet<(String, String)> = RULES
+            .iter()
+            .flat_map(|r| {
+                let publish = (!r.publish.contains(&user)).then(|| ("publish", r.subject));
+                let subscribe = (!r.subscribe.contains(&user)).then(|| ("subscribe", r.subject));
+                publish.into_iter().chain(subscribe)
+            })
+            .map(|(k, s)| (k.to_owned(), s.to_owned()))
+            .collect();
+        assert_eq!(
+            refused, expected,
+            "{user}: refused (left) vs expected (right)"
+        );
+        drop(subscriptions);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more() {
     ml_tests::init_logging();
     let passwords: Vec<(String, String)> =
         USERS.iter().map(|u| (u.to_string(), secret(u))).collect();
     let password = |user: &str| passwords.iter().find(|(u, _)| u == user).unwrap().1.clone();
-    let mut conf = shipped_conf();
-    for (user, pw) in &passwords {
-        let var = format!("$NATS_{}_PASSWORD", user.to_uppercase());
-        assert!(conf.contains(&var), "{var} in nats.conf");
-        conf = conf.replace(&var, &format!("\"{pw}\""));
-    }
+    let conf = shipped_conf_with(&passwords);
     let nats = NatsServer::start_with_config(&conf);
     let url = nats.url();
     let dir = ml_tests::temp_dir();
@@ -201,7 +354,7 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
         .collect();
 
     // The pipeline works with each service under its own user.
-    let (client, mut client_events) = connect_as(&url, "client", &password("client")).await;
+    let (client, _client_events) = connect_as(&url, "client", &password("client")).await;
     let (admin, _admin_events) = connect_as(&url, "admin", &password("admin")).await;
     let body = user_body(&data, 0);
     let served = || async {
@@ -235,30 +388,128 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
         )
     };
     let admin_pw = password("admin");
-    let (ok, text) = mlctl(
-        &["models"],
-        &[
-            ("NATS_USER", "admin"),
-            ("NATS_PASSWORD", &admin_pw),
-            ("NATS_INBOX_PREFIX", "_INBOX_admin"),
-        ],
-    );
-    assert!(ok && text.contains("prod"), "{text}");
+    let as_admin = [
+        ("NATS_USER", "admin"),
+        ("NATS_PASSWORD", admin_pw.as_str()),
+        ("NATS_INBOX_PREFIX", "_INBOX_admin"),
+    ];
+
+    // The operator trains, lists, promotes, rolls back and reads the history.
+    let (ok, text) = mlctl(&["train"], &as_admin);
+    assert!(ok && text.contains("\"version\":2"), "{text}");
     outputs.push(text);
-    // The operator reaches every service: the monitor and the predictors'
-    // discovery answer too.
-    let stats = wait_for("monitor answers the admin", WAIT, || async {
-        let m = admin.request("ml.monitor.stats", "".into()).await.ok()?;
-        serde_json::from_slice::<Value>(&m.payload).ok()
-    })
-    .await;
-    assert!(stats["total"].is_object(), "{stats}");
-    let ping = admin
-        .request("$SRV.PING.predictor", "".into())
+    let (ok, text) = mlctl(
+        &[
+            "promote",
+            "1",
+            "--reason",
+            "operator check",
+            "--actor",
+            "olivia",
+        ],
+        &as_admin,
+    );
+    assert!(ok, "{text}");
+    outputs.push(text);
+    let (ok, text) = mlctl(
+        &["rollback", "--reason", "operator undo", "--actor", "olivia"],
+        &as_admin,
+    );
+    assert!(ok, "{text}");
+    outputs.push(text);
+    let (ok, text) = mlctl(&["history"], &as_admin);
+    assert!(
+        ok && text.contains("olivia") && text.contains("operator undo"),
+        "{text}"
+    );
+    outputs.push(text);
+    for args in [&["models"][..], &["runs"][..], &["stats"][..]] {
+        let (ok, text) = mlctl(args, &as_admin);
+        assert!(ok, "{args:?}: {text}");
+        outputs.push(text);
+    }
+    let production = || async {
+        let m = admin
+            .request("ml.registry.models", "".into())
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        (v["production"].as_u64(), v["total"].as_u64())
+    };
+    let before = production().await;
+    // Discovery answers the operator from every service.
+    for name in ["registry", "predictor"] {
+        let m = admin
+            .request(format!("$SRV.PING.{name}"), "".into())
+            .await
+            .unwrap_or_else(|e| panic!("{name} answers discovery: {e}"));
+        let ping: Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(ping["name"], name, "{ping}");
+    }
+
+    // The trainer records a failed run.
+    let (trainer, _) = connect_as(&url, "trainer", &password("trainer")).await;
+    let failed = serde_json::json!({
+        "run_id": "run-failed-check", "started_ms": 1, "duration_ms": 2,
+        "params": {"model": "linear", "seed": 1, "validation_fraction": 0.2},
+        "data_path": "users.csv", "reason": "checked by the access test"
+    });
+    let m = trainer
+        .request("ml.registry.run_failed", failed.to_string().into())
         .await
         .unwrap();
-    let ping: Value = serde_json::from_slice(&ping.payload).unwrap();
-    assert_eq!(ping["name"], "predictor", "{ping}");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&m.payload).unwrap()["recorded"],
+        true
+    );
+
+    // Reflection: requests whose reply subject names an internal subject.
+    // From a client, the reply has nowhere to go (its account has no such
+    // subject); from an operator, it reaches the imported service with no
+    // reply subject of its own and is refused there. Either way nothing is
+    // trained, submitted, published or moved.
+    // The gateway, in an account of its own, reads alerts: nobody else's
+    // reflected reply may land there.
+    let (gateway, _) = connect_as(&url, "gateway", &password("gateway")).await;
+    let mut alerts = gateway.subscribe("ml.alerts").await.unwrap();
+    gateway.flush().await.unwrap();
+    for target in [
+        "ml.train",
+        "ml.registry.submit",
+        "ml.registry.promote",
+        "ml.alerts",
+        "ml.model.production",
+    ] {
+        client
+            .publish_with_reply("ml.predict", target, body.clone().into())
+            .await
+            .unwrap();
+        admin
+            .publish_with_reply("ml.predict", target, body.clone().into())
+            .await
+            .unwrap();
+        admin
+            .publish_with_reply("ml.registry.models", target, "".into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    admin.flush().await.unwrap();
+    while let Ok(Some(m)) = tokio::time::timeout(QUIET, alerts.next()).await {
+        let v: Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+        assert!(v["alert"].is_string(), "not an alert on ml.alerts: {v}");
+    }
+    assert_eq!(production().await, before, "nothing trained or moved");
+    assert_eq!(
+        served().await,
+        before.0,
+        "the production model still serves"
+    );
+    let trainer_log = std::fs::read_to_string(log("trainer")).unwrap();
+    assert!(
+        trainer_log.contains("its reply subject is not an inbox"),
+        "{trainer_log}"
+    );
 
     // Without credentials, or with a wrong password: refused.
     let refused = async_nats::ConnectOptions::new()
@@ -277,141 +528,27 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
     );
     outputs.push(text);
 
-    // Only the trainer may submit: the predictor's attempt never reaches
-    // the registry (a second registry-side subscriber sees nothing of it)...
-    let (observer, _) = connect_as(&url, "registry", &password("registry")).await;
-    let mut submissions = observer.subscribe("ml.registry.submit").await.unwrap();
-    observer.flush().await.unwrap();
-    let submission = codec::encode(&Submission {
-        run: ml_shared::messages::RunRecord {
-            run_id: "run-intruder".into(),
-            started_ms: 0,
-            duration_ms: 1,
-            params: ml_shared::messages::TrainParams {
-                model: "linear".into(),
-                seed: 1,
-                validation_fraction: 0.2,
-            },
-            metrics: ml_shared::messages::Metrics::regression(0.1, 0.1, 0.9),
-            rows_train: 8,
-            rows_validation: 2,
-            data_path: "d.csv".into(),
-            data_fingerprint: "sha256:00".into(),
-            feature_names: artifact().feature_names,
-        },
-        artifact: artifact(),
-    });
-    let (intruder, mut intruder_events) =
-        connect_as(&url, "predictor", &password("predictor")).await;
-    let attempt = intruder
-        .request("ml.registry.submit", submission.clone().into())
-        .await;
-    assert!(attempt.is_err(), "the predictor's submission was answered");
-    violation(&mut intruder_events, "ml.registry.submit").await;
-    quiet(&mut submissions, "the predictor's submission").await;
-    for user in ["client", "monitor", "admin"] {
-        let (c, mut events) = connect_as(&url, user, &password(user)).await;
-        c.publish("ml.registry.submit", submission.clone().into())
-            .await
-            .unwrap();
-        violation(&mut events, "ml.registry.submit").await;
-    }
-    quiet(&mut submissions, "others' submissions").await;
-    // ...while the trainer's does (the check above could fail).
-    let (trainer, _) = connect_as(&url, "trainer", &password("trainer")).await;
-    let m = trainer
-        .request("ml.registry.submit", submission.clone().into())
-        .await
-        .unwrap();
-    let ack: Value = serde_json::from_slice(&m.payload).unwrap();
-    assert_eq!(ack["version"], 2, "{ack}");
-    tokio::time::timeout(WAIT, submissions.next())
-        .await
-        .expect("the trainer's submission is seen");
-    let models = serde_json::from_slice::<Value>(
-        &admin
-            .request("ml.registry.models", "".into())
-            .await
-            .unwrap()
-            .payload,
-    )
-    .unwrap();
-    let runs: Vec<&str> = models["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["run_id"].as_str().unwrap())
-        .collect();
-    assert_eq!(runs.len(), 2, "{models}");
-    wait_for("version 2 served", WAIT, || async {
-        served().await.filter(|&v| v == 2)
-    })
-    .await;
-
-    // Only the registry may publish production models.
-    let fake = codec::encode(&ModelRelease {
-        version: 999,
-        epoch: 1000,
-        registry_id: registry_id(&registry_dir),
-        artifact: artifact(),
-    });
-    for user in ["predictor", "trainer", "client", "admin", "monitor"] {
-        let (c, mut events) = connect_as(&url, user, &password(user)).await;
-        c.publish("ml.model.production", fake.clone().into())
-            .await
-            .unwrap();
-        violation(&mut events, "ml.model.production").await;
-    }
-    assert_eq!(served().await, Some(2));
-
-    // A client may only ask for predictions...
-    for subject in ["ml.train", "ml.registry.models", "ml.monitor.stats"] {
-        client.publish(subject, "".into()).await.unwrap();
-        violation(&mut client_events, subject).await;
-    }
-    // ...and read no one else's replies.
-    let mut snoop = client.subscribe("_INBOX_admin.>").await.unwrap();
-    violation(&mut client_events, "_INBOX_admin.>").await;
-    let mut everything = client.subscribe(">").await.unwrap();
-    violation(&mut client_events, ">").await;
-    let m = admin
-        .request("ml.registry.models", "".into())
-        .await
-        .unwrap();
-    assert!(!m.payload.is_empty());
-    admin
-        .request("ml.predict", body.clone().into())
-        .await
-        .unwrap();
-    quiet(&mut snoop, "a client reading the admin's replies").await;
-    quiet(&mut everything, "a client reading everything").await;
-    assert_eq!(
-        served().await,
-        Some(2),
-        "the client still gets its own replies"
-    );
-
-    // No secret in any log line of the run, at trace level for the client.
     for p in procs.iter_mut() {
         assert!(p.terminate(WAIT).is_some_and(|s| s.success()));
     }
-    // The monitor did its job under its user: it followed the production
-    // model (for drift) without a permission violation.
+    // Every service did its job without a permission violation.
+    for name in ["registry", "predictor", "monitor", "trainer"] {
+        let text = std::fs::read_to_string(log(name)).unwrap();
+        assert!(
+            !text.to_lowercase().contains("permissions violation"),
+            "{name}: {text}"
+        );
+    }
     let monitor_log = std::fs::read_to_string(log("monitor")).unwrap();
     assert!(
         monitor_log.contains("drift measured against this production model"),
         "{monitor_log}"
     );
-    assert!(
-        !monitor_log.to_lowercase().contains("permission"),
-        "{monitor_log}"
-    );
+    // No secret in any log line of the run, at trace level.
     std::fs::copy(nats.dir().join("nats.log"), logs.join("nats-server.log")).unwrap();
     let secrets: Vec<String> = passwords.iter().map(|(_, p)| p.clone()).collect();
-    assert!(secrets.iter().all(|s| conf.contains(s.as_str())));
     assert_no_secret_in_logs(&logs, &secrets, &outputs);
 }
-
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, as
 /// PEM files in `dir`: (ca, server cert, server key, client cert, client key).
 fn certificates(dir: &Path) -> [PathBuf; 5] {

@@ -71,13 +71,6 @@ async fn connect_as(
     (client, rx)
 }
 
-/// Asserts nothing arrives on `sub` for a while.
-async fn quiet(sub: &mut async_nats::Subscriber, what: &str) {
-    if let Ok(Some(m)) = tokio::time::timeout(QUIET, sub.next()).await {
-        panic!("{what}: got a message on {}", m.subject);
-    }
-}
-
 /// Every secret absent from every file in `dir` and from `extra` output.
 fn assert_no_secret_in_logs(dir: &Path, secrets: &[String], extra: &[String]) {
     let mut texts: Vec<(String, String)> = std::fs::read_dir(dir)

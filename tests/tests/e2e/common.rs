@@ -78,6 +78,42 @@ pub fn registry_id(dir: &Path) -> String {
     v["registry_id"].as_str().expect("registry_id").to_owned()
 }
 
+/// The model that [`write_exact_data`]'s targets follow exactly:
+/// coefficients of `feature_1`, `feature_2`, `feature_3` (= `feature_1²`)
+/// and the intercept.
+pub const EXACT: ([f64; 3], f64) = ([2.0, -1.5, 0.5], 3.0);
+
+/// Writes `rows` rows whose target is [`EXACT`]'s value with no noise: on
+/// them, a model equal to it but for `offset` added to its intercept has an
+/// RMSE of exactly `|offset|` (see [`exact_artifact`]), so a test can submit
+/// models whose validation RMSE, as the registry computes it, it chooses.
+pub fn write_exact_data(path: &Path, rows: usize) {
+    let ([a, b, c], intercept) = EXACT;
+    let mut text = String::from("user_id,feature_1,feature_2,target\n");
+    for i in 0..rows {
+        let f1 = ((i * 37) % 101) as f64 / 10.0 - 5.0;
+        let f2 = ((i * 53) % 97) as f64 / 7.0 - 6.0;
+        let target = intercept + a * f1 + b * f2 + c * (f1 * f1);
+        text.push_str(&format!("exact-{i:06},{f1},{f2},{target}\n"));
+    }
+    std::fs::write(path, text).expect("write the exact data");
+}
+
+/// [`EXACT`] as a linear model artifact, its intercept moved by `offset`.
+pub fn exact_artifact(offset: f64) -> ml_shared::model::ModelArtifact {
+    let (coefficients, intercept) = EXACT;
+    ml_shared::model::ModelArtifact {
+        kind: ml_shared::model::ModelKind::Linear,
+        feature_names: ["feature_1", "feature_2", "feature_3"]
+            .map(String::from)
+            .into(),
+        coefficients: coefficients.into(),
+        intercept: intercept + offset,
+        scaler: None,
+        profile: None,
+    }
+}
+
 /// Writes generated sample data.
 pub fn write_data(path: &Path, rows: usize, seed: u64) {
     let file = std::fs::File::create(path).expect("data file");

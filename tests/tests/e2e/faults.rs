@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ml_shared::codec;
 use ml_shared::messages::{Metrics, RunRecord, Submission, TrainParams};
-use ml_shared::model::{ModelArtifact, ModelKind};
+use ml_shared::model::ModelArtifact;
 use ml_tests::services::{self, binary, Process};
 use ml_tests::{wait_for, NatsServer};
 use serde_json::Value;
@@ -483,13 +483,12 @@ fn submission(intercept: f64) -> Submission {
             data_fingerprint: "sha256:00".into(),
             feature_names: names.clone(),
         },
+        // Each submission a different model, better than the one before on
+        // the exact holdout (RMSE 1/intercept): the gate promotes each.
         artifact: ModelArtifact {
-            kind: ModelKind::Linear,
             feature_names: names,
-            coefficients: vec![1.0, 2.0, 3.0],
-            intercept,
-            scaler: None,
-            profile: None,
+            intercept: EXACT.1 + 1.0 / intercept,
+            ..exact_artifact(0.0)
         },
     }
 }
@@ -529,9 +528,12 @@ async fn a_full_disk_refuses_the_submission_keeps_earlier_versions_and_recovers(
     let url = nats.url();
     let dir = ml_tests::temp_dir();
     let store = dir.path().join("registry");
+    let holdout = dir.path().join("exact.csv");
+    write_exact_data(&holdout, 200);
     let env = [
         ("NATS_URL", url.as_str()),
         ("REGISTRY_DIR", store.to_str().unwrap()),
+        ("REGISTRY_HOLDOUT_PATH", holdout.to_str().unwrap()),
     ];
     let log = dir.path().join("registry.log");
     let mut registry = Process::start("registry", &[], &env, &log);

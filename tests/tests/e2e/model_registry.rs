@@ -16,7 +16,7 @@ use ml_shared::messages::{
     ApiReply, ExperimentRow, Metrics, ModelsReply, RunRecord, RunsReply, Submission, SubmitReply,
     TrainParams,
 };
-use ml_shared::model::{ModelArtifact, ModelKind};
+use ml_shared::model::ModelArtifact;
 use ml_tests::services::{binary, Process};
 use ml_tests::{wait_for, NatsServer};
 use rand::{Rng, SeedableRng};
@@ -45,13 +45,11 @@ fn submission(i: u64, rmse: f64) -> Submission {
             data_fingerprint: format!("sha256:{i:064x}"),
             feature_names: names.clone(),
         },
+        // On the exact data the registry's holdout holds, this model's RMSE
+        // is `rmse`: the figure claimed is the figure the registry finds.
         artifact: ModelArtifact {
-            kind: ModelKind::Linear,
             feature_names: names,
-            coefficients: vec![1.0, -0.5, 0.25],
-            intercept: i as f64,
-            scaler: None,
-            profile: None,
+            ..exact_artifact(rmse)
         },
     }
 }
@@ -71,17 +69,28 @@ async fn submit(client: &async_nats::Client, s: &Submission) -> Result<SubmitRep
     }
 }
 
-fn start_registry(url: &str, dir: &Path, log: &Path) -> Process {
+/// Starts a registry process storing into `dir` and evaluating submissions
+/// on the holdout rows of `holdout`.
+fn start_registry(url: &str, dir: &Path, holdout: &Path, log: &Path) -> Process {
     Process::start(
         "registry",
         &[],
         &[
             ("NATS_URL", url),
             ("REGISTRY_DIR", dir.to_str().unwrap()),
+            ("REGISTRY_HOLDOUT_PATH", holdout.to_str().unwrap()),
             ("PROMOTE_TOLERANCE", "0.05"),
         ],
         log,
     )
+}
+
+/// Writes exact data (see [`write_exact_data`]) next to `dir` and returns
+/// its path: the holdout of a test that submits hand-made models.
+fn exact_holdout(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("exact.csv");
+    write_exact_data(&path, 200);
+    path
 }
 
 /// The registry's model list, once it answers.
@@ -174,6 +183,7 @@ async fn kill_9_of_the_registry_loses_no_acknowledged_version() {
     let url = nats.url();
     let dir = ml_tests::temp_dir();
     let registry_dir = dir.path().join("registry");
+    let holdout = exact_holdout(dir.path());
     let client = client(&url).await;
 
     // A client streams submissions and remembers what was acknowledged.
@@ -199,7 +209,7 @@ async fn kill_9_of_the_registry_loses_no_acknowledged_version() {
     const CYCLES: usize = 10;
     for cycle in 0..CYCLES {
         let log = dir.path().join(format!("registry-{cycle}.log"));
-        let mut registry = start_registry(&url, &registry_dir, &log);
+        let mut registry = start_registry(&url, &registry_dir, &holdout, &log);
         models(&client).await;
         // Let some submissions through, then kill at a random moment.
         let before = acked.lock().unwrap().len();
@@ -226,7 +236,12 @@ async fn kill_9_of_the_registry_loses_no_acknowledged_version() {
         "a version number was given twice"
     );
 
-    let _registry = start_registry(&url, &registry_dir, &dir.path().join("registry-final.log"));
+    let _registry = start_registry(
+        &url,
+        &registry_dir,
+        &holdout,
+        &dir.path().join("registry-final.log"),
+    );
     let listed = models(&client).await;
     let stored: BTreeMap<u64, String> = listed
         .models
@@ -270,7 +285,7 @@ async fn two_trainer_processes_submitting_at_once_get_distinct_versions() {
         data,
     } = Bed::new(400, 3);
     let registry_dir = dir.path().join("registry");
-    let _registry = start_registry(&url, &registry_dir, &dir.path().join("registry.log"));
+    let _registry = start_registry(&url, &registry_dir, &data, &dir.path().join("registry.log"));
     let client = client(&url).await;
     models(&client).await;
 
@@ -344,8 +359,14 @@ async fn a_corrupt_artifact_is_reported_and_never_served_and_torn_lines_are_cut(
         data,
     } = Bed::new(100, 1);
     let registry_dir = dir.path().join("registry");
+    let holdout = exact_holdout(dir.path());
     let client = client(&url).await;
-    let mut registry = start_registry(&url, &registry_dir, &dir.path().join("registry-1.log"));
+    let mut registry = start_registry(
+        &url,
+        &registry_dir,
+        &holdout,
+        &dir.path().join("registry-1.log"),
+    );
     models(&client).await;
     assert!(
         submit(&client, &submission(1, 0.10))
@@ -405,7 +426,7 @@ async fn a_corrupt_artifact_is_reported_and_never_served_and_torn_lines_are_cut(
     append("history.jsonl", r#"{"seq":9,"timestamp":"2026-01-01T"#);
 
     let log2 = dir.path().join("registry-2.log");
-    let mut registry = start_registry(&url, &registry_dir, &log2);
+    let mut registry = start_registry(&url, &registry_dir, &holdout, &log2);
     let listed = models(&client).await;
     let versions: Vec<u64> = listed.models.iter().map(|m| m.version).collect();
     assert_eq!(versions, [1], "{listed:?}");
@@ -523,8 +544,14 @@ async fn the_gate_holds_a_worse_model_and_promotion_and_rollback_switch_predicto
         data,
     } = Bed::new(100, 1);
     let registry_dir = dir.path().join("registry");
+    let holdout = exact_holdout(dir.path());
     let client = client(&url).await;
-    let _registry = start_registry(&url, &registry_dir, &dir.path().join("registry.log"));
+    let _registry = start_registry(
+        &url,
+        &registry_dir,
+        &holdout,
+        &dir.path().join("registry.log"),
+    );
     models(&client).await;
 
     let first = submit(&client, &submission(1, 0.10)).await.unwrap();
@@ -860,7 +887,7 @@ async fn scheduled_runs_skip_unchanged_data_and_failed_runs_are_logged_once() {
     } = Bed::new(300, 1);
     let registry_dir = dir.path().join("registry");
     let client = client(&url).await;
-    let _registry = start_registry(&url, &registry_dir, &dir.path().join("registry.log"));
+    let _registry = start_registry(&url, &registry_dir, &data, &dir.path().join("registry.log"));
     models(&client).await;
     let trainer_log = dir.path().join("trainer.log");
     let _trainer = Process::start(

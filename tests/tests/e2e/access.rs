@@ -3,16 +3,14 @@
 //! TLS with certificates made for the test, tokens and nkeys. No secret may
 //! appear in any log of the run.
 
-use std::collections::hash_map::RandomState;
 use std::collections::BTreeSet;
-use std::hash::BuildHasher;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use async_nats::{Client, ConnectOptions, Event};
+use async_nats::{ConnectOptions, Event};
 use futures::StreamExt;
 use ml_shared::settings::{NatsSettings, Secret};
 use ml_tests::services::{binary, Process};
@@ -25,51 +23,6 @@ use crate::common::*;
 const WAIT: Duration = Duration::from_secs(15);
 /// How long a message that must not arrive is waited for.
 const QUIET: Duration = Duration::from_millis(500);
-
-const USERS: [&str; 7] = [
-    "registry",
-    "trainer",
-    "predictor",
-    "monitor",
-    "client",
-    "admin",
-    "gateway",
-];
-
-/// A fresh random secret.
-fn secret(tag: &str) -> String {
-    let s = RandomState::new();
-    format!("{tag}-{:016x}{:016x}", s.hash_one(1u8), s.hash_one(2u8))
-}
-
-fn shipped_conf() -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/nats.conf");
-    std::fs::read_to_string(path).expect("deploy/nats/nats.conf")
-}
-
-/// A client of `user`, reading replies under its own inbox prefix, whose
-/// connection events (permission violations among them) arrive on the
-/// returned channel.
-async fn connect_as(
-    url: &str,
-    user: &str,
-    password: &str,
-) -> (Client, mpsc::UnboundedReceiver<Event>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let client = ConnectOptions::with_user_and_password(user.into(), password.into())
-        .custom_inbox_prefix(format!("_INBOX_{user}"))
-        .request_timeout(Some(Duration::from_secs(2)))
-        .event_callback(move |e| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(e);
-            }
-        })
-        .connect(url)
-        .await
-        .unwrap_or_else(|e| panic!("{user} connects: {e}"));
-    (client, rx)
-}
 
 /// Every secret absent from every file in `dir` and from `extra` output.
 fn assert_no_secret_in_logs(dir: &Path, secrets: &[String], extra: &[String]) {
@@ -243,28 +196,11 @@ async fn violations(events: &mut mpsc::UnboundedReceiver<Event>) -> BTreeSet<(St
     seen
 }
 
-/// The shipped configuration with a fresh password per user, its bcrypt
-/// hash in place of each `$NATS_<USER>_PASSWORD_HASH`.
-fn shipped_conf_with(passwords: &[(String, String)]) -> String {
-    let mut conf = shipped_conf();
-    for (user, pw) in passwords {
-        let var = format!("$NATS_{}_PASSWORD_HASH", user.to_uppercase());
-        assert!(conf.contains(&var), "{var} in nats.conf");
-        // Cost 4: the server checks it at every connection of the test.
-        let hash = bcrypt::hash(pw, 4).unwrap();
-        conf = conf.replace(&var, &format!("\"{hash}\""));
-    }
-    conf
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_user_may_use_exactly_the_subjects_the_shipped_config_gives_it() {
     ml_tests::init_logging();
-    let passwords: Vec<(String, String)> =
-        USERS.iter().map(|u| (u.to_string(), secret(u))).collect();
-    let password = |user: &str| passwords.iter().find(|(u, _)| u == user).unwrap().1.clone();
-    let nats = NatsServer::start_with_config(&shipped_conf_with(&passwords));
-    let url = nats.url();
+    let shipped = Shipped::start();
+    let (url, password) = (shipped.url.clone(), |user: &str| shipped.password(user));
     for user in USERS {
         let (c, mut events) = connect_as(&url, user, &password(user)).await;
         let mut subscriptions = Vec::new();
@@ -294,12 +230,8 @@ async fn every_user_may_use_exactly_the_subjects_the_shipped_config_gives_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more() {
     ml_tests::init_logging();
-    let passwords: Vec<(String, String)> =
-        USERS.iter().map(|u| (u.to_string(), secret(u))).collect();
-    let password = |user: &str| passwords.iter().find(|(u, _)| u == user).unwrap().1.clone();
-    let conf = shipped_conf_with(&passwords);
-    let nats = NatsServer::start_with_config(&conf);
-    let url = nats.url();
+    let shipped = Shipped::start();
+    let (url, password) = (shipped.url.clone(), |user: &str| shipped.password(user));
     let dir = ml_tests::temp_dir();
     let logs = dir.path().join("logs");
     std::fs::create_dir(&logs).unwrap();
@@ -538,8 +470,12 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
         "{monitor_log}"
     );
     // No secret in any log line of the run, at trace level.
-    std::fs::copy(nats.dir().join("nats.log"), logs.join("nats-server.log")).unwrap();
-    let secrets: Vec<String> = passwords.iter().map(|(_, p)| p.clone()).collect();
+    std::fs::copy(
+        shipped.nats.dir().join("nats.log"),
+        logs.join("nats-server.log"),
+    )
+    .unwrap();
+    let secrets: Vec<String> = shipped.passwords.iter().map(|(_, p)| p.clone()).collect();
     assert_no_secret_in_logs(&logs, &secrets, &outputs);
 }
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, as

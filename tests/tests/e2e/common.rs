@@ -232,3 +232,121 @@ pub fn user_body(data: &Path, row: usize) -> String {
     let rows = read_rows(data);
     format!(r#"{{"user_id":"{}"}}"#, rows[row].0)
 }
+
+/// The users of the shipped `deploy/nats/nats.conf`.
+pub const USERS: [&str; 7] = [
+    "registry",
+    "trainer",
+    "predictor",
+    "monitor",
+    "client",
+    "admin",
+    "gateway",
+];
+
+/// A fresh random secret.
+pub fn secret(tag: &str) -> String {
+    use std::hash::BuildHasher;
+    let s = std::collections::hash_map::RandomState::new();
+    format!("{tag}-{:016x}{:016x}", s.hash_one(1u8), s.hash_one(2u8))
+}
+
+/// The shipped `deploy/nats/nats.conf`, as it is.
+pub fn shipped_conf() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/nats.conf");
+    std::fs::read_to_string(path).expect("deploy/nats/nats.conf")
+}
+
+/// The shipped configuration with a fresh password per user, its bcrypt
+/// hash in place of each `$NATS_<USER>_PASSWORD_HASH`.
+pub fn shipped_conf_with(passwords: &[(String, String)]) -> String {
+    let mut conf = shipped_conf();
+    for (user, pw) in passwords {
+        let var = format!("$NATS_{}_PASSWORD_HASH", user.to_uppercase());
+        assert!(conf.contains(&var), "{var} in nats.conf");
+        // Cost 4: the server checks it at every connection of the test.
+        let hash = bcrypt::hash(pw, 4).unwrap();
+        conf = conf.replace(&var, &format!("\"{hash}\""));
+    }
+    conf
+}
+
+/// A `nats-server` running the shipped configuration (accounts and users),
+/// with a fresh password for every user.
+pub struct Shipped {
+    /// The server; dropping it stops the server.
+    pub nats: ml_tests::NatsServer,
+    /// Its client URL.
+    pub url: String,
+    /// (user, password) for every user of [`USERS`].
+    pub passwords: Vec<(String, String)>,
+}
+
+impl Shipped {
+    /// Starts the server.
+    pub fn start() -> Self {
+        let passwords: Vec<(String, String)> =
+            USERS.iter().map(|u| (u.to_string(), secret(u))).collect();
+        let nats = ml_tests::NatsServer::start_with_config(&shipped_conf_with(&passwords));
+        let url = nats.url();
+        Self {
+            nats,
+            url,
+            passwords,
+        }
+    }
+
+    /// The password of `user`.
+    pub fn password(&self, user: &str) -> String {
+        let found = self.passwords.iter().find(|(u, _)| u == user);
+        found.expect("a shipped user").1.clone()
+    }
+
+    /// The environment of a service process running as `user`.
+    pub fn env(&self, user: &str) -> Vec<(String, String)> {
+        vec![
+            ("NATS_URL".into(), self.url.clone()),
+            ("NATS_USER".into(), user.into()),
+            ("NATS_PASSWORD".into(), self.password(user)),
+            ("NATS_INBOX_PREFIX".into(), format!("_INBOX_{user}")),
+        ]
+    }
+
+    /// A client of `user` (see [`connect_as`]).
+    pub async fn connect(
+        &self,
+        user: &str,
+    ) -> (
+        Client,
+        tokio::sync::mpsc::UnboundedReceiver<async_nats::Event>,
+    ) {
+        connect_as(&self.url, user, &self.password(user)).await
+    }
+}
+
+/// A client of `user`, reading replies under its own inbox prefix, whose
+/// connection events (permission violations among them) arrive on the
+/// returned channel.
+pub async fn connect_as(
+    url: &str,
+    user: &str,
+    password: &str,
+) -> (
+    Client,
+    tokio::sync::mpsc::UnboundedReceiver<async_nats::Event>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .custom_inbox_prefix(format!("_INBOX_{user}"))
+        .request_timeout(Some(Duration::from_secs(2)))
+        .event_callback(move |e| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(e);
+            }
+        })
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("{user} connects: {e}"));
+    (client, rx)
+}

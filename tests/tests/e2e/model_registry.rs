@@ -559,14 +559,13 @@ async fn the_gate_holds_a_worse_model_and_promotion_and_rollback_switch_predicto
     let worse = submit(&client, &submission(2, 0.20)).await.unwrap();
     assert!(!worse.production);
     let gate = worse.gate.expect("the gate reports");
-    assert_eq!(
-        (
-            gate.metric.as_str(),
-            gate.candidate,
-            gate.production,
-            gate.tolerance
-        ),
-        ("rmse", 0.20, Some(0.10), 0.05)
+    // The registry's own figures on the exact holdout: the offsets, to the
+    // last bits of floating-point rounding.
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+    assert_eq!((gate.metric.as_str(), gate.tolerance), ("rmse", 0.05));
+    assert!(
+        close(gate.candidate, 0.20) && gate.production.is_some_and(|p| close(p, 0.10)),
+        "{gate:?}"
     );
     assert!(
         gate.reason.contains("beyond the 5.00% tolerance"),

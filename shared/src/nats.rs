@@ -141,7 +141,7 @@ pub fn accept_reply<'a>(
         Some(r) if is_reply_inbox(r) => Some(r),
         other => {
             let refused = REFUSED_REPLIES.fetch_add(1, Ordering::Relaxed) + 1;
-            if refused == 1 || refused % 1000 == 0 {
+            if refused == 1 || refused.is_multiple_of(1000) {
                 tracing::warn!(
                     %service,
                     %subject,

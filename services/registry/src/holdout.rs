@@ -78,13 +78,16 @@ pub enum HoldoutError {
     Empty(PathBuf),
 }
 
+/// A file's modification time and size: when either changes, it is re-read.
+type Stamp = Option<(SystemTime, u64)>;
+
 /// The holdout, loaded lazily and reloaded when its file changes.
 #[derive(Debug)]
 pub struct Holdout {
     path: PathBuf,
     seed: u64,
     fraction: f64,
-    loaded: Option<(Option<(SystemTime, u64)>, Arc<HoldoutRows>)>,
+    loaded: Option<(Stamp, Arc<HoldoutRows>)>,
 }
 
 impl Holdout {
@@ -127,11 +130,11 @@ impl Holdout {
             width,
             fingerprint: data.fingerprint.clone(),
         };
-        for i in 0..data.len() {
-            if is_holdout(&data.user_ids[i], self.fraction, self.seed) {
-                rows.entities.push(data.user_ids[i].clone());
+        for (i, (entity, &target)) in data.user_ids.iter().zip(targets).enumerate() {
+            if is_holdout(entity, self.fraction, self.seed) {
+                rows.entities.push(entity.clone());
                 rows.raw.extend_from_slice(data.raw_row(i));
-                rows.targets.push(targets[i]);
+                rows.targets.push(target);
             }
         }
         if rows.is_empty() {

@@ -213,8 +213,8 @@ async fn every_user_may_use_exactly_the_subjects_the_shipped_config_gives_it() {
         let expected: BTreeSet<(String, String)> = RULES
             .iter()
             .flat_map(|r| {
-                let publish = (!r.publish.contains(&user)).then(|| ("publish", r.subject));
-                let subscribe = (!r.subscribe.contains(&user)).then(|| ("subscribe", r.subject));
+                let publish = (!r.publish.contains(&user)).then_some(("publish", r.subject));
+                let subscribe = (!r.subscribe.contains(&user)).then_some(("subscribe", r.subject));
                 publish.into_iter().chain(subscribe)
             })
             .map(|(k, s)| (k.to_owned(), s.to_owned()))

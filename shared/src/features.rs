@@ -405,7 +405,11 @@ impl FeatureStore {
             path: path.to_owned(),
             source,
         })?;
-        Self::read_csv(path, std::io::BufReader::with_capacity(1 << 16, file), raw_names)
+        Self::read_csv(
+            path,
+            std::io::BufReader::with_capacity(1 << 16, file),
+            raw_names,
+        )
     }
 
     /// [`FeatureStore::load_csv`] from any reader; `path` is used in error
@@ -486,8 +490,8 @@ impl FeatureStore {
                 }
             }
             for ((slot, name), &col) in raw.iter_mut().zip(raw_names).zip(&feature_cols) {
-                *slot =
-                    parse_number(&record[col]).map_err(|r| bad_row(line, format!("{name}: {r}")))?;
+                *slot = parse_number(&record[col])
+                    .map_err(|r| bad_row(line, format!("{name}: {r}")))?;
             }
             if let Some(col) = target_col {
                 parse_number(&record[col]).map_err(|r| bad_row(line, format!("{TARGET}: {r}")))?;
@@ -606,13 +610,22 @@ mod tests {
             assert_eq!(streamed.raw(id), Some(data.raw_row(i)), "{id}");
             assert_eq!(built.raw(id), Some(data.raw_row(i)), "{id}");
         }
-        for unknown in ["", "nobody", &data.user_ids[0][1..], &format!("{} ", data.user_ids[0])] {
+        for unknown in [
+            "",
+            "nobody",
+            &data.user_ids[0][1..],
+            &format!("{} ", data.user_ids[0]),
+        ] {
             assert_eq!(streamed.raw(unknown), None, "{unknown:?}");
         }
         // Near the data's own size: the ids' bytes and the features, plus
         // the offsets and an index at most half full.
         let own = data.user_ids.iter().map(String::len).sum::<usize>() + data.features.len() * 8;
-        assert!(streamed.heap_bytes() < own * 2, "{} vs {own}", streamed.heap_bytes());
+        assert!(
+            streamed.heap_bytes() < own * 2,
+            "{} vs {own}",
+            streamed.heap_bytes()
+        );
     }
 
     #[test]
@@ -620,7 +633,10 @@ mod tests {
         let s = read(",target,feature_2,user_id,feature_1\n0,1.5,2, a ,3\n1,2.5,4,b,5\n").unwrap();
         assert_eq!(s.raw("a"), Some(&[3.0, 2.0][..]));
         assert_eq!(s.raw("b"), Some(&[5.0, 4.0][..]));
-        assert!(read("user_id,feature_1,feature_2\na,1,2\n").is_ok(), "target optional");
+        assert!(
+            read("user_id,feature_1,feature_2\na,1,2\n").is_ok(),
+            "target optional"
+        );
         let line = |text: &str| match read(text) {
             Err(DataError::BadRow { line, reason, .. }) => (line, reason),
             other => panic!("{other:?}"),
@@ -634,7 +650,10 @@ mod tests {
         assert_eq!(line("user_id,feature_1,feature_2\na,NaN,2\n").0, 2);
         assert_eq!(line("user_id,feature_1,feature_2\na,1\n").0, 2);
         assert_eq!(line("user_id,feature_1,feature_2\n ,1,2\n").0, 2);
-        assert_eq!(line("user_id,feature_1,feature_2,target\na,1,2,1e999\n").0, 2);
+        assert_eq!(
+            line("user_id,feature_1,feature_2,target\na,1,2,1e999\n").0,
+            2
+        );
         assert!(matches!(
             read("user_id,feature_1\na,1\n"),
             Err(DataError::MissingColumn { ref column, .. }) if column == "feature_2"

@@ -72,8 +72,8 @@ pub async fn load_store(
 ) -> Result<FeatureStore, data::DataError> {
     let raw = registry.raw_names().to_vec();
     tokio::task::spawn_blocking(move || FeatureStore::load_csv(&path, &raw))
-    .await
-    .expect("loading task panicked")
+        .await
+        .expect("loading task panicked")
 }
 
 fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {

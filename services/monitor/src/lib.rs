@@ -568,7 +568,7 @@ pub async fn run_with_output<W: Write>(
                 };
                 if let Some(to) = message.reply {
                     let mut body = serde_json::to_vec(&reply).expect("snapshots serialise");
-                    let limit = usize::try_from(client.server_info().max_payload).unwrap_or(usize::MAX);
+                    let limit = client.server_info().max_payload;
                     if body.len() > limit {
                         // Bounded by design (the caps); this guards the rest
                         // (thousands of alert rules, say).

@@ -198,10 +198,10 @@ impl FeaturePlan {
 ///
 /// Compact, so that its resident size stays close to the data's own: the
 /// ids are one arena of bytes with an end offset per row, the features one
-/// row-major `Vec<f64>`, and the index an open-addressing table of `u64`
-/// slots (32 bits of the key's hash beside the row number), at most half
-/// full. A row costs its id's bytes plus 4 (offset) + 8 per raw feature +
-/// 8 to 16 (index) bytes; no `String` per id.
+/// row-major `Vec<f64>`, and the index a SwissTable of `u32` row numbers
+/// (hashed and compared through the arena). A row costs its id's bytes
+/// plus 4 (offset) + 8 per raw feature + 6 to 12 (index) bytes; no
+/// `String` per id.
 ///
 /// The index hashes with `foldhash` (randomly seeded per store, so keys
 /// cannot be chosen to collide, and several times faster than SipHash on
@@ -228,49 +228,26 @@ impl std::fmt::Debug for FeatureStore {
     }
 }
 
-/// An empty slot of the index.
-const EMPTY: u64 = u64::MAX;
+/// Row numbers are 32 bits in the index.
+const MAX_ROWS: usize = u32::MAX as usize;
 
-/// Row numbers are 32 bits in the index (`u32::MAX` marks an empty slot).
-const MAX_ROWS: usize = u32::MAX as usize - 1;
-
-/// The index: linear probing over a power-of-two table; a slot holds the
-/// high 32 bits of the key's hash (to skip most mismatches without reading
-/// the key) and the row number.
+/// The index: a SwissTable (`hashbrown`) of row numbers, hashed and
+/// compared through the id arena, so an entry costs 4 bytes and a control
+/// byte.
 #[derive(Clone, Default)]
 struct Index {
     hasher: foldhash::fast::RandomState,
-    slots: Vec<u64>,
-    len: usize,
+    table: hashbrown::HashTable<u32>,
 }
 
 impl Index {
-    fn slot(hash: u64, row: usize) -> u64 {
-        (hash & 0xFFFF_FFFF_0000_0000) | row as u64
-    }
-
     /// The row of `key`, given how to read a row's id.
     #[inline]
     fn find<'a>(&self, key: &[u8], id: impl Fn(usize) -> &'a [u8]) -> Option<usize> {
-        if self.slots.is_empty() {
-            return None;
-        }
         let hash = self.hasher.hash_one(key);
-        let mask = self.slots.len() - 1;
-        let mut pos = hash as usize & mask;
-        loop {
-            let slot = self.slots[pos];
-            if slot == EMPTY {
-                return None;
-            }
-            if slot >> 32 == hash >> 32 {
-                let row = (slot & 0xFFFF_FFFF) as usize;
-                if id(row) == key {
-                    return Some(row);
-                }
-            }
-            pos = (pos + 1) & mask;
-        }
+        self.table
+            .find(hash, |&row| id(row as usize) == key)
+            .map(|&row| row as usize)
     }
 
     /// Adds `row` under `key`, or returns the row already there.
@@ -280,42 +257,18 @@ impl Index {
         row: usize,
         id: impl Fn(usize) -> &'a [u8] + Copy,
     ) -> Result<(), usize> {
-        if (self.len + 1) * 2 > self.slots.len() {
-            self.grow(id);
-        }
-        let hash = self.hasher.hash_one(key);
-        let mask = self.slots.len() - 1;
-        let mut pos = hash as usize & mask;
-        loop {
-            let slot = self.slots[pos];
-            if slot == EMPTY {
-                self.slots[pos] = Self::slot(hash, row);
-                self.len += 1;
-                return Ok(());
+        let hasher = &self.hasher;
+        let hash = hasher.hash_one(key);
+        match self.table.entry(
+            hash,
+            |&other| id(other as usize) == key,
+            |&other| hasher.hash_one(id(other as usize)),
+        ) {
+            hashbrown::hash_table::Entry::Occupied(first) => Err(*first.get() as usize),
+            hashbrown::hash_table::Entry::Vacant(slot) => {
+                slot.insert(row as u32);
+                Ok(())
             }
-            if slot >> 32 == hash >> 32 {
-                let other = (slot & 0xFFFF_FFFF) as usize;
-                if id(other) == key {
-                    return Err(other);
-                }
-            }
-            pos = (pos + 1) & mask;
-        }
-    }
-
-    /// Doubles the table, rehashing every key from the arena.
-    fn grow<'a>(&mut self, id: impl Fn(usize) -> &'a [u8]) {
-        let size = (self.slots.len() * 2).max(16);
-        let old = std::mem::replace(&mut self.slots, vec![EMPTY; size]);
-        let mask = size - 1;
-        for slot in old.into_iter().filter(|s| *s != EMPTY) {
-            let row = (slot & 0xFFFF_FFFF) as usize;
-            let hash = self.hasher.hash_one(id(row));
-            let mut pos = hash as usize & mask;
-            while self.slots[pos] != EMPTY {
-                pos = (pos + 1) & mask;
-            }
-            self.slots[pos] = Self::slot(hash, row);
         }
     }
 }
@@ -340,6 +293,18 @@ impl Builder {
                 ..FeatureStore::default()
             },
         }
+    }
+
+    /// Makes room for `rows` more rows of `id_bytes` bytes of ids in all.
+    fn reserve(&mut self, rows: usize, id_bytes: usize) {
+        let s = &mut self.store;
+        s.ids.reserve(id_bytes);
+        s.ends.reserve(rows);
+        s.values.reserve(rows * s.width);
+        let (ids, ends, hasher) = (&s.ids, &s.ends, &s.index.hasher);
+        s.index
+            .table
+            .reserve(rows, |&r| hasher.hash_one(id_of(ids, ends, r as usize)));
     }
 
     /// Claims the next row for `id` in the index: `Err` with the row that
@@ -378,6 +343,10 @@ impl Builder {
         s.ids.shrink_to_fit();
         s.ends.shrink_to_fit();
         s.values.shrink_to_fit();
+        let (ids, ends, hasher) = (&s.ids, &s.ends, &s.index.hasher);
+        s.index
+            .table
+            .shrink_to_fit(|&r| hasher.hash_one(id_of(ids, ends, r as usize)));
         self.store
     }
 }
@@ -405,11 +374,8 @@ impl FeatureStore {
             path: path.to_owned(),
             source,
         })?;
-        Self::read_csv(
-            path,
-            std::io::BufReader::with_capacity(1 << 16, file),
-            raw_names,
-        )
+        let size = file.metadata().ok().map(|m| m.len());
+        Self::read_csv_sized(path, file, size, raw_names)
     }
 
     /// [`FeatureStore::load_csv`] from any reader; `path` is used in error
@@ -417,6 +383,22 @@ impl FeatureStore {
     pub fn read_csv<R: std::io::Read>(
         path: &Path,
         input: R,
+        raw_names: &[String],
+    ) -> Result<Self, DataError> {
+        Self::read_csv_sized(path, input, None, raw_names)
+    }
+
+    /// Rows read before the store is sized from the input's length.
+    const SAMPLE_ROWS: usize = 4096;
+
+    /// Reads CSV of `size` bytes (when known): after [`Self::SAMPLE_ROWS`]
+    /// rows, the store reserves room for as many rows as the rest of the
+    /// input holds at the same bytes per row (plus 2%), so that it is not
+    /// reallocated or rehashed while it grows.
+    fn read_csv_sized<R: std::io::Read>(
+        path: &Path,
+        input: R,
+        size: Option<u64>,
         raw_names: &[String],
     ) -> Result<Self, DataError> {
         let bad_row = |line: u64, reason: String| DataError::BadRow {
@@ -498,6 +480,16 @@ impl FeatureStore {
             }
             builder.append(user_id.as_bytes(), &raw);
             lines.push(u32::try_from(line).unwrap_or(u32::MAX));
+            if lines.len() == Self::SAMPLE_ROWS {
+                if let Some(size) = size {
+                    let read = reader.position().byte().max(1);
+                    let rows = lines.len() as f64 * size as f64 / read as f64 * 1.02;
+                    let more = (rows as usize).saturating_sub(lines.len()).min(MAX_ROWS);
+                    let per_id = builder.store.ids.len() as f64 / lines.len() as f64;
+                    builder.reserve(more, (more as f64 * per_id) as usize);
+                    lines.reserve(more);
+                }
+            }
         }
         if builder.store.ends.is_empty() {
             return Err(DataError::Empty {
@@ -531,7 +523,7 @@ impl FeatureStore {
         self.ids.capacity()
             + self.ends.capacity() * 4
             + self.values.capacity() * 8
-            + self.index.slots.capacity() * 8
+            + self.index.table.allocation_size()
     }
 }
 
@@ -667,6 +659,21 @@ mod tests {
             FeatureStore::load_csv(Path::new("/nonexistent/users.csv"), &raw()),
             Err(DataError::Io { .. })
         ));
+    }
+
+    #[test]
+    fn a_file_is_sized_once_from_its_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.csv");
+        crate::gen::write_csv(std::fs::File::create(&path).unwrap(), 20_000, 9).unwrap();
+        let data = crate::data::load_csv(&path, &raw()).unwrap();
+        let store = FeatureStore::load_csv(&path, &raw()).unwrap();
+        assert_eq!(store.len(), 20_000);
+        for (i, id) in data.user_ids.iter().enumerate().step_by(97) {
+            assert_eq!(store.raw(id), Some(data.raw_row(i)));
+        }
+        let own = data.user_ids.iter().map(String::len).sum::<usize>() + data.features.len() * 8;
+        assert!(store.heap_bytes() < own * 3 / 2, "{} vs {own}", store.heap_bytes());
     }
 
     #[test]

@@ -242,6 +242,24 @@ async fn forged_events_are_rejected_counted_and_fire_no_alert() {
     monitor.stop().await;
 }
 
+/// `text` without its ANSI colour sequences.
+fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A field of `/proc/PID/status`, in KiB.
 fn status_kib(pid: u32, field: &str) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -485,7 +503,7 @@ async fn a_large_feature_file_loads_within_a_small_factor_of_its_size() {
             async move { text.contains("predictor serving").then_some(text) }
         })
         .await;
-        let log = std::fs::read_to_string(&log).unwrap();
+        let log = plain(&std::fs::read_to_string(&log).unwrap());
         let users = if name == "large" { rows } else { 10 };
         assert!(log.contains(&format!("users={users}")), "{log}");
         figures.push((

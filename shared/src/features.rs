@@ -673,7 +673,11 @@ mod tests {
             assert_eq!(store.raw(id), Some(data.raw_row(i)));
         }
         let own = data.user_ids.iter().map(String::len).sum::<usize>() + data.features.len() * 8;
-        assert!(store.heap_bytes() < own * 3 / 2, "{} vs {own}", store.heap_bytes());
+        assert!(
+            store.heap_bytes() < own * 3 / 2,
+            "{} vs {own}",
+            store.heap_bytes()
+        );
     }
 
     #[test]

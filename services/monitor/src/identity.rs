@@ -142,7 +142,7 @@ impl Identities {
         if self.known.len() > MAX_KNOWN {
             let mut by_age: Vec<(Instant, String)> =
                 self.known.drain().map(|(id, seen)| (seen, id)).collect();
-            by_age.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+            by_age.sort_unstable_by_key(|b| std::cmp::Reverse(b.0));
             by_age.truncate(MAX_KNOWN);
             self.known = by_age.into_iter().map(|(seen, id)| (id, seen)).collect();
         }

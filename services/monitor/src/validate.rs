@@ -193,7 +193,8 @@ mod tests {
 
     #[test]
     fn every_field_is_checked() {
-        let cases: Vec<(RejectReason, Box<dyn Fn(&mut EventBatch)>)> = vec![
+        type Change = Box<dyn Fn(&mut EventBatch)>;
+        let cases: Vec<(RejectReason, Change)> = vec![
             (
                 RejectReason::BadPredictorId,
                 Box::new(|b| b.predictor.clear()),

@@ -87,7 +87,8 @@ pub struct Identities {
     known: HashMap<String, Instant>,
     /// How long an id stays known after it last answered a discovery.
     keep: Duration,
-    quarantine: VecDeque<EventBatch>,
+    /// Batches from unknown ids, with the time each arrived.
+    quarantine: VecDeque<(Instant, EventBatch)>,
     /// Events and batches held: a batch costs its events plus one.
     held: usize,
     capacity: usize,
@@ -117,21 +118,25 @@ impl Identities {
             .is_some_and(|seen| now.saturating_duration_since(*seen) <= self.keep)
     }
 
-    /// Holds a batch from an unknown id until the next discovery; gives it
-    /// back when the quarantine is full.
-    pub fn hold(&mut self, batch: EventBatch) -> Result<(), EventBatch> {
+    /// Holds a batch from an unknown id, arrived at `now`, until a
+    /// discovery started after it ends; gives it back when the quarantine is
+    /// full.
+    pub fn hold(&mut self, batch: EventBatch, now: Instant) -> Result<(), EventBatch> {
         let cost = batch.events.len() + 1;
         if self.held + cost > self.capacity {
             return Err(batch);
         }
         self.held += cost;
-        self.quarantine.push_back(batch);
+        self.quarantine.push_back((now, batch));
         Ok(())
     }
 
-    /// Learns the ids a discovery found at `now`, forgets the ones not seen
-    /// for longer than `keep`, and releases the quarantine, in arrival order.
-    pub fn learn(&mut self, ids: Vec<String>, now: Instant) -> VecDeque<EventBatch> {
+    /// Learns the ids a discovery started at `started` found (at `now`),
+    /// forgets the ones not seen for longer than `keep`, and releases, in
+    /// arrival order, the quarantined batches that arrived before the
+    /// discovery started (the others wait for the next one: their sender
+    /// may have started after this one asked).
+    pub fn learn(&mut self, ids: Vec<String>, started: Instant, now: Instant) -> Vec<EventBatch> {
         self.discoveries += 1;
         for id in ids {
             self.known.insert(id, now);
@@ -146,8 +151,16 @@ impl Identities {
             by_age.truncate(MAX_KNOWN);
             self.known = by_age.into_iter().map(|(seen, id)| (id, seen)).collect();
         }
-        self.held = 0;
-        std::mem::take(&mut self.quarantine)
+        let mut released = Vec::new();
+        while let Some((arrived, _)) = self.quarantine.front() {
+            if *arrived > started {
+                break;
+            }
+            let (_, batch) = self.quarantine.pop_front().expect("a front");
+            self.held -= batch.events.len() + 1;
+            released.push(batch);
+        }
+        released
     }
 
     /// Ids known.
@@ -187,22 +200,31 @@ mod tests {
     #[test]
     fn the_quarantine_is_bounded_and_released_in_order() {
         let t = Instant::now();
-        let mut ids = Identities::new(Duration::from_secs(60), 25);
+        let mut ids = Identities::new(Duration::from_secs(60), 26);
         assert!(!ids.is_known("a", t));
-        ids.hold(batch("a", 9)).unwrap();
-        ids.hold(batch("b", 9)).unwrap();
+        ids.hold(batch("a", 9), t).unwrap();
+        ids.hold(batch("b", 9), t).unwrap();
         assert_eq!(ids.quarantined(), (2, 18));
-        assert!(ids.hold(batch("c", 5)).is_err(), "20 + 6 > 25");
-        ids.hold(batch("c", 4)).unwrap();
-        let released = ids.learn(vec!["a".into()], t);
+        assert!(ids.hold(batch("c", 6), t).is_err(), "20 + 7 > 26");
+        ids.hold(batch("c", 4), t).unwrap();
+        let late = t + Duration::from_millis(1);
+        ids.hold(batch("d", 0), late).unwrap();
+        let released = ids.learn(vec!["a".into()], t, t);
         let order: Vec<_> = released.iter().map(|b| b.predictor.as_str()).collect();
         assert_eq!(order, ["a", "b", "c"]);
+        assert_eq!(
+            ids.quarantined(),
+            (1, 0),
+            "d arrived after the discovery started"
+        );
+        assert_eq!(ids.learn(Vec::new(), late, late).len(), 1);
         assert_eq!(ids.quarantined(), (0, 0));
         assert!(ids.is_known("a", t) && !ids.is_known("b", t));
         // Known until `keep` after it last answered.
         assert!(ids.is_known("a", t + Duration::from_secs(60)));
         assert!(!ids.is_known("a", t + Duration::from_secs(61)));
-        ids.learn(vec!["b".into()], t + Duration::from_secs(61));
+        let later = t + Duration::from_secs(61);
+        ids.learn(vec!["b".into()], later, later);
         assert_eq!(ids.known(), 1);
     }
 }

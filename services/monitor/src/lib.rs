@@ -249,18 +249,20 @@ impl State {
             self.add(batch, metrics);
             return Intake::Done;
         }
-        if self.identities.hold(batch).is_err() {
+        if self.identities.hold(batch, Instant::now()).is_err() {
             self.reject(RejectReason::QuarantineFull, metrics);
         }
         metrics.set_identity(self.identities.quarantined().1, self.identities.known());
         Intake::Unknown
     }
 
-    /// Takes the ids a discovery found and judges the quarantined batches.
-    fn discovered(&mut self, ids: Vec<String>, metrics: &Metrics) {
+    /// Takes the ids a discovery started at `started` found and judges the
+    /// quarantined batches that arrived before it started; returns whether
+    /// batches still wait (for another discovery).
+    fn discovered(&mut self, ids: Vec<String>, started: Instant, metrics: &Metrics) -> bool {
         let now = Instant::now();
         let found = ids.len();
-        let released = self.identities.learn(ids, now);
+        let released = self.identities.learn(ids, started, now);
         let (mut accepted, mut refused) = (0u64, 0u64);
         for batch in released {
             if self.identities.is_known(&batch.predictor, now) {
@@ -271,14 +273,17 @@ impl State {
                 self.reject(RejectReason::UnknownPredictor, metrics);
             }
         }
-        metrics.set_identity(0, self.identities.known());
+        let (waiting, events) = self.identities.quarantined();
+        metrics.set_identity(events, self.identities.known());
         tracing::debug!(
             found,
             known = self.identities.known(),
             accepted,
             refused,
+            waiting,
             "predictors discovered"
         );
+        waiting > 0
     }
 
     fn reject(&mut self, reason: RejectReason, metrics: &Metrics) {
@@ -517,7 +522,8 @@ pub async fn run_with_output<W: Write>(
     // Discovery of the running predictors: one at a time, at start, every
     // MONITOR_DISCOVERY, and when an unknown id sends events (at most once
     // per DISCOVERY_MIN_GAP).
-    let (discovered_tx, mut discovered) = mpsc::channel::<Result<Vec<String>, String>>(1);
+    let (discovered_tx, mut discovered) =
+        mpsc::channel::<(Instant, Result<Vec<String>, String>)>(1);
     let mut discovery_ticker = tokio::time::interval_at(
         tokio::time::Instant::now() + config.discovery_interval,
         config.discovery_interval.max(DISCOVERY_MIN_GAP),
@@ -540,15 +546,20 @@ pub async fn run_with_output<W: Write>(
                 discovery_running = true;
                 next_discovery = tokio::time::Instant::now() + DISCOVERY_MIN_GAP;
                 let (client, tx, wait) = (client.clone(), discovered_tx.clone(), config.discovery_wait);
+                let started = Instant::now();
                 tokio::spawn(async move {
                     let found = identity::discover(client, wait).await.map_err(|e| e.to_string());
-                    let _ = tx.send(found).await;
+                    let _ = tx.send((started, found)).await;
                 });
             }
-            Some(found) = discovered.recv() => {
+            Some((started, found)) = discovered.recv() => {
                 discovery_running = false;
                 match found {
-                    Ok(ids) => state.discovered(ids, &metrics),
+                    Ok(ids) => {
+                        if state.discovered(ids, started, &metrics) {
+                            discovery_wanted = true;
+                        }
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "cannot discover the running predictors; retrying");
                         discovery_wanted = true;

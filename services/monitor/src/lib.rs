@@ -63,7 +63,8 @@ use crate::stats::{Aggregate, Snapshot};
 use crate::tracked::{Predictors, Versions};
 use crate::validate::RejectReason;
 
-/// Unread messages the NATS client holds for the monitor's subscriptions.
+/// Unread messages the NATS client holds for each of the monitor's
+/// subscriptions (each at most the server's `max_payload`).
 pub const SUBSCRIPTION_CAPACITY: usize = 1024;
 /// Shortest time between the starts of two discoveries.
 const DISCOVERY_MIN_GAP: Duration = Duration::from_secs(1);

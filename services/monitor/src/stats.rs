@@ -100,7 +100,9 @@ pub struct Snapshot {
     pub error_rate: Option<f64>,
     /// Successful predictions by model version.
     pub versions: BTreeMap<u64, u64>,
-    /// Distinct predictors heard from.
+    /// Distinct predictors heard from: in a window, those whose batches
+    /// were counted in it; since start, those whose state the monitor keeps
+    /// (at most `MONITOR_MAX_PREDICTORS`).
     pub predictors: usize,
     /// Events the predictors dropped before sending (monitor path full).
     pub dropped: u64,

@@ -472,7 +472,7 @@ mod tests {
     use crate::stats::Aggregate;
 
     fn window(p99_ms: Option<f64>, errors: u64, count: u64) -> Snapshot {
-        let mut s = Aggregate::default().snapshot(Duration::from_secs(10));
+        let mut s = Aggregate::default().snapshot(Duration::from_secs(10), 0);
         s.count = count;
         s.latency_ms = p99_ms.map(|p| crate::stats::LatencyMs {
             mean: p / 2.0,

@@ -15,16 +15,28 @@
 //!   resolved alerts print a marked line and go out on `ml.alerts`.
 //! * [`metrics`]: Prometheus metrics on `MONITOR_METRICS_ADDR`.
 //!
+//! * [`validate`], [`identity`], [`tracked`]: what the monitor accepts and
+//!   keeps. Every field of a batch is checked; only running predictors (found
+//!   through the micro-service discovery API) may send; per-predictor and
+//!   per-version state is capped (`MONITOR_MAX_PREDICTORS`,
+//!   `MONITOR_MAX_VERSIONS`). Rejected batches and evictions are counted.
+//!
 //! `ml.monitor.stats` answers a request with the current window, the totals
-//! since start and the active alerts, as JSON. An unreadable event batch is
-//! logged and skipped; the monitor keeps running. On shutdown it prints the
-//! window in progress.
+//! since start, the active alerts and the monitor's own health (rejections,
+//! evictions, quarantine), as JSON; the reply is bounded by the caps, and
+//! never exceeds the server's `max_payload`. A rejected event batch is
+//! counted and skipped; the monitor keeps running. On shutdown it prints
+//! the window in progress.
 
 pub mod alerts;
 pub mod drift;
+pub mod identity;
 pub mod metrics;
 pub mod stats;
+pub mod tracked;
+pub mod validate;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -45,8 +57,17 @@ use tokio::sync::mpsc;
 
 use crate::alerts::{ActiveAlert, AlertNotice, Alerts};
 use crate::drift::{DriftReference, DriftWindow};
+use crate::identity::Identities;
 use crate::metrics::Metrics;
-use crate::stats::{Aggregate, Sequences, Snapshot};
+use crate::stats::{Aggregate, Snapshot};
+use crate::tracked::{Predictors, Versions};
+use crate::validate::RejectReason;
+
+/// Unread messages the NATS client holds for each of the monitor's
+/// subscriptions (each at most the server's `max_payload`).
+pub const SUBSCRIPTION_CAPACITY: usize = 1024;
+/// Shortest time between the starts of two discoveries.
+const DISCOVERY_MIN_GAP: Duration = Duration::from_secs(1);
 
 /// How the periodic line is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -103,6 +124,33 @@ pub struct Config {
     /// How often to check with the registry that the known production model is current.
     #[arg(long, env = "MODEL_RECONCILE", default_value = "30s", value_parser = parse_duration)]
     pub model_reconcile: Duration,
+
+    /// Most predictors whose state (numbering, last heard) is kept; past it
+    /// the least recently heard is forgotten.
+    #[arg(long, env = "MONITOR_MAX_PREDICTORS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_predictors: u32,
+
+    /// Most model versions whose latency and counts are kept apart; past it
+    /// the least recently seen is forgotten and its events count in the
+    /// totals only.
+    #[arg(long, env = "MONITOR_MAX_VERSIONS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_versions: u32,
+
+    /// Most events (plus one per batch) from ids not yet known as running
+    /// predictors held until the next discovery; past it they are rejected.
+    #[arg(long, env = "MONITOR_QUARANTINE", default_value_t = 65_536)]
+    pub quarantine: usize,
+
+    /// How often to ask `$SRV.INFO.predictor` which predictors run (also at
+    /// start, and when an unknown id sends events, at most once a second).
+    #[arg(long, env = "MONITOR_DISCOVERY", default_value = "30s", value_parser = parse_duration)]
+    pub discovery_interval: Duration,
+
+    /// How long a discovery gathers replies.
+    #[arg(long, env = "MONITOR_DISCOVERY_WAIT", default_value = "500ms", value_parser = parse_duration)]
+    pub discovery_wait: Duration,
 }
 
 /// The reply to `ml.monitor.stats`.
@@ -114,6 +162,39 @@ pub struct StatsReply {
     pub total: Snapshot,
     /// Alerts pending or firing.
     pub alerts: Vec<ActiveAlert>,
+    /// The monitor's own health: what it refused, forgot and holds.
+    pub monitor: Health,
+}
+
+/// What the monitor refused, forgot and holds, since it started.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Health {
+    /// Event batches rejected, by reason.
+    pub rejected: BTreeMap<RejectReason, u64>,
+    /// Their sum.
+    pub rejected_total: u64,
+    /// Predictors forgotten at `MONITOR_MAX_PREDICTORS`.
+    pub evicted_predictors: u64,
+    /// Model versions forgotten at `MONITOR_MAX_VERSIONS`.
+    pub evicted_versions: u64,
+    /// Batches whose numbering went backwards (a predictor restarted).
+    pub predictor_restarts: u64,
+    /// Predictors whose state is kept, at most `max_predictors`.
+    pub tracked_predictors: usize,
+    /// `MONITOR_MAX_PREDICTORS`.
+    pub max_predictors: usize,
+    /// Versions kept apart, at most `max_versions`.
+    pub tracked_versions: usize,
+    /// `MONITOR_MAX_VERSIONS`.
+    pub max_versions: usize,
+    /// Predictors found running by the discoveries.
+    pub known_predictors: usize,
+    /// Discoveries completed.
+    pub discoveries: u64,
+    /// Batches from unknown ids waiting for the next discovery.
+    pub quarantined_batches: usize,
+    /// Their events.
+    pub quarantined_events: usize,
 }
 
 /// Runs the monitor until `shutdown` completes, printing to stdout.
@@ -125,30 +206,171 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 struct State {
     started: Instant,
     window_start: Instant,
+    /// Number of the window in progress.
+    generation: u64,
     window: Aggregate,
     total: Aggregate,
-    sequences: Sequences,
+    predictors: Predictors,
+    versions: Versions,
+    identities: Identities,
+    rejected: BTreeMap<RejectReason, u64>,
+    /// Rejections in the window in progress, logged at its end.
+    window_rejected: BTreeMap<RejectReason, u64>,
     drift: Option<DriftWindow>,
     drift_min_samples: u64,
     registry: FeatureRegistry,
 }
 
+/// What became of a message on `ml.monitor.events`.
+#[derive(Debug, PartialEq, Eq)]
+enum Intake {
+    /// Counted, or rejected.
+    Done,
+    /// From an id not known as a running predictor: a discovery is due.
+    Unknown,
+}
+
 impl State {
-    fn add(&mut self, batch: &EventBatch, metrics: &Metrics) {
-        let lost = self.sequences.observe(batch);
+    /// Reads, checks and counts (or quarantines, or rejects) one message.
+    fn receive(&mut self, payload: &[u8], metrics: &Metrics) -> Intake {
+        let batch = match serde_json::from_slice::<EventBatch>(payload) {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::debug!(%error, bytes = payload.len(), "unreadable event batch rejected");
+                self.reject(RejectReason::Unreadable, metrics);
+                return Intake::Done;
+            }
+        };
+        if let Err(reason) = validate::check(&batch, ml_shared::time::now_ms()) {
+            tracing::debug!(predictor = %batch.predictor.escape_debug(), %reason, "event batch rejected");
+            self.reject(reason, metrics);
+            return Intake::Done;
+        }
+        if self.identities.is_known(&batch.predictor, Instant::now()) {
+            self.add(batch, metrics);
+            return Intake::Done;
+        }
+        if self.identities.hold(batch, Instant::now()).is_err() {
+            self.reject(RejectReason::QuarantineFull, metrics);
+        }
+        metrics.set_identity(self.identities.quarantined().1, self.identities.known());
+        Intake::Unknown
+    }
+
+    /// Takes the ids a discovery started at `started` found and judges the
+    /// quarantined batches that arrived before it started; returns whether
+    /// batches still wait (for another discovery).
+    fn discovered(&mut self, ids: Vec<String>, started: Instant, metrics: &Metrics) -> bool {
+        let now = Instant::now();
+        let found = ids.len();
+        let released = self.identities.learn(ids, started, now);
+        let (mut accepted, mut refused) = (0u64, 0u64);
+        for batch in released {
+            if self.identities.is_known(&batch.predictor, now) {
+                accepted += 1;
+                self.add(batch, metrics);
+            } else {
+                refused += 1;
+                self.reject(RejectReason::UnknownPredictor, metrics);
+            }
+        }
+        let (waiting, events) = self.identities.quarantined();
+        metrics.set_identity(events, self.identities.known());
+        tracing::debug!(
+            found,
+            known = self.identities.known(),
+            accepted,
+            refused,
+            waiting,
+            "predictors discovered"
+        );
+        waiting > 0
+    }
+
+    fn reject(&mut self, reason: RejectReason, metrics: &Metrics) {
+        for counts in [&mut self.rejected, &mut self.window_rejected] {
+            let n = counts.entry(reason).or_default();
+            *n = n.saturating_add(1);
+        }
+        metrics.rejected(reason);
+    }
+
+    /// Counts a batch from a known predictor, after the checks against its
+    /// history.
+    fn add(&mut self, batch: EventBatch, metrics: &Metrics) {
+        let evicted_before = self.predictors.evicted;
+        let lost = match self
+            .predictors
+            .observe(&batch, Instant::now(), self.generation)
+        {
+            Ok(lost) => lost,
+            Err(reason) => {
+                tracing::debug!(predictor = %batch.predictor, %reason, "event batch rejected");
+                self.reject(reason, metrics);
+                return;
+            }
+        };
+        metrics.evicted("predictor", self.predictors.evicted - evicted_before);
         if lost > 0 {
             tracing::warn!(predictor = %batch.predictor, lost, "latency events lost in transit");
         }
-        self.window.add(batch, lost);
-        self.total.add(batch, lost);
-        metrics.record(batch, lost);
+        let mut last = None;
+        for version in batch.events.iter().filter_map(|e| e.model_version) {
+            if last == Some(version) {
+                continue;
+            }
+            last = Some(version);
+            if let Some(old) = self.versions.touch(version) {
+                tracing::debug!(
+                    version = old,
+                    "model version evicted (MONITOR_MAX_VERSIONS)"
+                );
+                self.window.forget_version(old);
+                self.total.forget_version(old);
+                metrics.forget_version(old);
+            }
+        }
+        let versions = &self.versions;
+        self.window.add(&batch, lost, |v| versions.contains(v));
+        self.total.add(&batch, lost, |v| versions.contains(v));
+        metrics.record(&batch, lost, |v| versions.contains(v));
         if let Some(drift) = &mut self.drift {
-            drift.add(batch);
+            drift.add(&batch);
         }
     }
 
+    fn health(&self) -> Health {
+        let (quarantined_batches, quarantined_events) = self.identities.quarantined();
+        Health {
+            rejected: self.rejected.clone(),
+            rejected_total: self
+                .rejected
+                .values()
+                .fold(0u64, |a, b| a.saturating_add(*b)),
+            evicted_predictors: self.predictors.evicted,
+            evicted_versions: self.versions.evicted,
+            predictor_restarts: self.predictors.restarts,
+            tracked_predictors: self.predictors.len(),
+            max_predictors: self.predictors.max(),
+            tracked_versions: self.versions.len(),
+            max_versions: self.versions.max(),
+            known_predictors: self.identities.known(),
+            discoveries: self.identities.discoveries,
+            quarantined_batches,
+            quarantined_events,
+        }
+    }
+
+    fn total_snapshot(&self) -> Snapshot {
+        self.total
+            .snapshot(self.started.elapsed(), self.predictors.len())
+    }
+
     fn window_snapshot(&self) -> Snapshot {
-        let mut s = self.window.snapshot(self.window_start.elapsed());
+        let mut s = self.window.snapshot(
+            self.window_start.elapsed(),
+            self.predictors.heard_in(self.generation),
+        );
         s.drift = self
             .drift
             .as_ref()
@@ -181,8 +403,18 @@ impl State {
                 );
             }
         }
+        if !self.window_rejected.is_empty() {
+            let rejected: Vec<String> = self
+                .window_rejected
+                .iter()
+                .map(|(reason, n)| format!("{reason}:{n}"))
+                .collect();
+            tracing::warn!(rejected = %rejected.join(","), "latency event batches rejected in this window");
+            self.window_rejected.clear();
+        }
         self.window = Aggregate::default();
         self.window_start = Instant::now();
+        self.generation += 1;
         self.drift = self.drift.as_ref().map(DriftWindow::fresh);
     }
 }
@@ -225,7 +457,12 @@ pub async fn run_with_output<W: Write>(
         None => None,
     };
 
-    let client = ml_shared::nats::connect(&config.nats, "monitor").await?;
+    // Bounded: at most this many unread messages (each at most the
+    // server's max_payload) wait for the monitor.
+    let client = ml_shared::nats::connect_with(&config.nats, "monitor", |o| {
+        o.subscription_capacity(SUBSCRIPTION_CAPACITY)
+    })
+    .await?;
     let subjects = config.nats.subjects();
     let mut events = client.subscribe(subjects.monitor_events.clone()).await?;
     let mut stats_requests = client.subscribe(subjects.monitor_stats.clone()).await?;
@@ -269,9 +506,17 @@ pub async fn run_with_output<W: Write>(
     let mut state = State {
         started: Instant::now(),
         window_start: Instant::now(),
+        generation: 0,
         window: Aggregate::default(),
         total: Aggregate::default(),
-        sequences: Sequences::default(),
+        predictors: Predictors::new(config.max_predictors as usize, Instant::now()),
+        versions: Versions::new(config.max_versions as usize),
+        identities: Identities::new(
+            2 * config.discovery_interval + config.discovery_wait,
+            config.quarantine,
+        ),
+        rejected: BTreeMap::new(),
+        window_rejected: BTreeMap::new(),
         drift: None,
         drift_min_samples: config.drift_min_samples,
         registry: FeatureRegistry::default(),
@@ -280,16 +525,54 @@ pub async fn run_with_output<W: Write>(
         tokio::time::Instant::now() + config.monitor_interval,
         config.monitor_interval,
     );
+    // Discovery of the running predictors: one at a time, at start, every
+    // MONITOR_DISCOVERY, and when an unknown id sends events (at most once
+    // per DISCOVERY_MIN_GAP).
+    let (discovered_tx, mut discovered) =
+        mpsc::channel::<(Instant, Result<Vec<String>, String>)>(1);
+    let mut discovery_ticker = tokio::time::interval_at(
+        tokio::time::Instant::now() + config.discovery_interval,
+        config.discovery_interval.max(DISCOVERY_MIN_GAP),
+    );
+    discovery_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut discovery_wanted = true;
+    let mut discovery_running = false;
+    let mut next_discovery = tokio::time::Instant::now();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             Some(message) = events.next() => {
-                match serde_json::from_slice::<EventBatch>(&message.payload) {
-                    Ok(batch) => state.add(&batch, &metrics),
-                    Err(error) => tracing::warn!(%error, bytes = message.payload.len(), "unreadable event batch skipped"),
+                if state.receive(&message.payload, &metrics) == Intake::Unknown {
+                    discovery_wanted = true;
                 }
             }
+            () = tokio::time::sleep_until(next_discovery), if discovery_wanted && !discovery_running => {
+                discovery_wanted = false;
+                discovery_running = true;
+                next_discovery = tokio::time::Instant::now() + DISCOVERY_MIN_GAP;
+                let (client, tx, wait) = (client.clone(), discovered_tx.clone(), config.discovery_wait);
+                let started = Instant::now();
+                tokio::spawn(async move {
+                    let found = identity::discover(client, wait).await.map_err(|e| e.to_string());
+                    let _ = tx.send((started, found)).await;
+                });
+            }
+            Some((started, found)) = discovered.recv() => {
+                discovery_running = false;
+                match found {
+                    Ok(ids) => {
+                        if state.discovered(ids, started, &metrics) {
+                            discovery_wanted = true;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot discover the running predictors; retrying");
+                        discovery_wanted = true;
+                    }
+                }
+            }
+            _ = discovery_ticker.tick() => discovery_wanted = true,
             Some(release) = releases.recv() => state.new_release(&release),
             Some(message) = stats_requests.next() => {
                 if ml_shared::nats::accept_reply("monitor", &message.subject, message.reply.as_ref()).is_none() {
@@ -299,11 +582,22 @@ pub async fn run_with_output<W: Write>(
                 window.alerts = alerts.firing();
                 let reply = StatsReply {
                     window,
-                    total: state.total.snapshot(state.started.elapsed()),
+                    total: state.total_snapshot(),
                     alerts: alerts.active(),
+                    monitor: state.health(),
                 };
                 if let Some(to) = message.reply {
-                    let body = serde_json::to_vec(&reply).expect("snapshots serialise");
+                    let mut body = serde_json::to_vec(&reply).expect("snapshots serialise");
+                    let limit = client.server_info().max_payload;
+                    if body.len() > limit {
+                        // Bounded by design (the caps); this guards the rest
+                        // (thousands of alert rules, say).
+                        tracing::error!(bytes = body.len(), limit, "stats reply larger than the server's max_payload");
+                        body = serde_json::to_vec(&ml_shared::messages::ErrorReply::new(
+                            ml_shared::messages::ErrorCode::Internal,
+                            format!("the stats reply ({} bytes) exceeds the server's max_payload ({limit})", body.len()),
+                        )).expect("errors serialise");
+                    }
                     if let Err(error) = client.publish(to, body.into()).await {
                         tracing::warn!(%error, "cannot answer a stats request");
                     }
@@ -314,6 +608,7 @@ pub async fn run_with_output<W: Write>(
                 let notices = alerts.evaluate(&snapshot, ml_shared::time::now_ms());
                 snapshot.alerts = alerts.firing();
                 metrics.end_window(snapshot.predictors, snapshot.drift.as_ref());
+                metrics.set_identity(state.identities.quarantined().1, state.identities.known());
                 for rule in alerts.rules() {
                     metrics.set_alert(rule, alerts.is_firing(&rule.name));
                 }

@@ -9,12 +9,18 @@
 //! | `ml_monitor_events_dropped_total` | counter | |
 //! | `ml_monitor_events_lost_total` | counter | |
 //! | `ml_monitor_predictors` | gauge: predictors heard from in the last window | |
+//! | `ml_monitor_batches_rejected_total` | counter: event batches refused | `reason` |
+//! | `ml_monitor_evictions_total` | counter: state forgotten at a cap | `kind` (`predictor`, `version`) |
+//! | `ml_monitor_quarantined_events` | gauge: events from unknown ids awaiting discovery | |
+//! | `ml_monitor_known_predictors` | gauge: predictors found running by discovery | |
 //! | `ml_drift_psi` | gauge: PSI of the last window with enough samples | `feature` (`prediction` for predictions) |
 //! | `ml_drift_samples` | gauge: samples behind `ml_drift_psi` | |
 //! | `ml_drift_model_version` | gauge: the model `ml_drift_psi` compares with | |
 //! | `ml_alert_firing` | gauge: 1 while the rule fires | `alertname`, `severity` |
 //!
-//! `model_version` is `none` for requests answered before any model.
+//! `model_version` is `none` for requests answered before any model, and
+//! `other` for versions past `MONITOR_MAX_VERSIONS` (an evicted version's
+//! series are removed), so the exposition stays bounded whatever the traffic.
 //! The counters and histograms count since the monitor started, as
 //! Prometheus expects; `rate()` and `histogram_quantile()` do the rest.
 
@@ -25,7 +31,7 @@ use std::sync::Arc;
 use axum::http::header::CONTENT_TYPE;
 use axum::routing::get;
 use axum::Router;
-use ml_shared::messages::{EventBatch, Outcome};
+use ml_shared::messages::{ErrorCode, EventBatch, Outcome};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -36,6 +42,37 @@ use tokio::net::TcpListener;
 
 use crate::alerts::Rule;
 use crate::drift::DriftReport;
+use crate::validate::RejectReason;
+
+/// Every error code, to remove an evicted version's error series.
+const ERROR_CODES: [ErrorCode; 6] = [
+    ErrorCode::BadRequest,
+    ErrorCode::UnknownUser,
+    ErrorCode::NoModel,
+    ErrorCode::Unavailable,
+    ErrorCode::Internal,
+    ErrorCode::Busy,
+];
+
+/// Fails to compile when a code is added without adding it to [`ERROR_CODES`].
+const _: fn(ErrorCode) = |code| match code {
+    ErrorCode::BadRequest
+    | ErrorCode::UnknownUser
+    | ErrorCode::NoModel
+    | ErrorCode::Unavailable
+    | ErrorCode::Internal
+    | ErrorCode::Busy => {}
+};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
 
 /// Upper bounds of the latency buckets, seconds: 1, 1.5, 2, 3, 4, 5 and 7
 /// per decade from 1 µs to 10 s, so that a quantile is known within a
@@ -90,6 +127,10 @@ pub struct Metrics {
     dropped: Counter,
     lost: Counter,
     predictors: Gauge,
+    rejected: Family<ReasonLabels, Counter>,
+    evictions: Family<KindLabels, Counter>,
+    quarantined: Gauge,
+    known: Gauge,
     drift: Family<FeatureLabels, Gauge<f64, AtomicU64>>,
     drift_samples: Gauge,
     drift_version: Gauge,
@@ -138,6 +179,40 @@ impl Metrics {
             "Predictors heard from in the last reporting window",
             predictors.clone(),
         );
+        let rejected = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "ml_monitor_batches_rejected",
+            "Latency event batches refused, by reason (unreadable, a field out of bounds, an id that is not a running predictor's)",
+            rejected.clone(),
+        );
+        for reason in RejectReason::ALL {
+            let _ = rejected.get_or_create(&ReasonLabels {
+                reason: reason.as_str().to_owned(),
+            });
+        }
+        let evictions = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "ml_monitor_evictions",
+            "Predictors or model versions whose state was forgotten at the monitor's caps",
+            evictions.clone(),
+        );
+        for kind in ["predictor", "version"] {
+            let _ = evictions.get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            });
+        }
+        let quarantined = Gauge::default();
+        registry.register(
+            "ml_monitor_quarantined_events",
+            "Events from ids not yet known as running predictors, waiting for a discovery",
+            quarantined.clone(),
+        );
+        let known = Gauge::default();
+        registry.register(
+            "ml_monitor_known_predictors",
+            "Predictors found running by the last discoveries",
+            known.clone(),
+        );
         let drift = Family::<FeatureLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "ml_drift_psi",
@@ -178,6 +253,10 @@ impl Metrics {
             dropped,
             lost,
             predictors,
+            rejected,
+            evictions,
+            quarantined,
+            known,
             drift,
             drift_samples,
             drift_version,
@@ -185,10 +264,15 @@ impl Metrics {
         }
     }
 
-    /// Counts a batch of events, of which `lost` were found missing before it.
-    pub fn record(&self, batch: &EventBatch, lost: u64) {
-        self.dropped.inc_by(batch.dropped);
-        self.lost.inc_by(lost);
+    /// Counts a batch of events, of which `lost` were found missing before
+    /// it; versions for which `kept` is false count under `other`.
+    pub fn record(&self, batch: &EventBatch, lost: u64, kept: impl Fn(u64) -> bool) {
+        inc_saturating(&self.dropped, batch.dropped);
+        inc_saturating(&self.lost, lost);
+        let label = |version: Option<u64>| match version {
+            Some(v) if !kept(v) => "other".to_owned(),
+            v => version_label(v),
+        };
         // Consecutive events mostly share a version: fetch its series once.
         let mut current: Option<(Option<u64>, Histogram, Counter)> = None;
         for event in &batch.events {
@@ -196,7 +280,7 @@ impl Metrics {
                 Some((v, h, c)) if *v == event.model_version => (h, c),
                 _ => {
                     let labels = VersionLabels {
-                        model_version: version_label(event.model_version),
+                        model_version: label(event.model_version),
                     };
                     let h = self.latency.get_or_create_owned(&labels);
                     let c = self.requests.get_or_create_owned(&labels);
@@ -211,11 +295,55 @@ impl Metrics {
                 self.errors
                     .get_or_create(&ErrorLabels {
                         code: code.as_str().to_owned(),
-                        model_version: version_label(event.model_version),
+                        model_version: label(event.model_version),
                     })
                     .inc();
             }
         }
+    }
+
+    /// Removes the series of an evicted model version.
+    pub fn forget_version(&self, version: u64) {
+        let model_version = version.to_string();
+        let labels = VersionLabels {
+            model_version: model_version.clone(),
+        };
+        self.latency.remove(&labels);
+        self.requests.remove(&labels);
+        for code in ERROR_CODES {
+            self.errors.remove(&ErrorLabels {
+                code: code.as_str().to_owned(),
+                model_version: model_version.clone(),
+            });
+        }
+        self.evicted("version", 1);
+    }
+
+    /// Counts a rejected batch.
+    pub fn rejected(&self, reason: RejectReason) {
+        self.rejected
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str().to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts `n` evictions of `kind` (`predictor` or `version`).
+    pub fn evicted(&self, kind: &str, n: u64) {
+        if n > 0 {
+            inc_saturating(
+                &self.evictions.get_or_create_owned(&KindLabels {
+                    kind: kind.to_owned(),
+                }),
+                n,
+            );
+        }
+    }
+
+    /// Sets the identity gauges: events in quarantine, predictors known.
+    pub fn set_identity(&self, quarantined: usize, known: usize) {
+        self.quarantined.set(quarantined as i64);
+        self.known.set(known as i64);
     }
 
     /// Sets the gauges of the window that just ended.
@@ -257,6 +385,12 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         out
     }
+}
+
+/// Adds `n` to a counter, stopping at `u64::MAX` instead of wrapping.
+fn inc_saturating(counter: &Counter, n: u64) {
+    let room = u64::MAX - counter.get();
+    counter.inc_by(n.min(room));
 }
 
 fn version_label(version: Option<u64>) -> String {
@@ -320,27 +454,59 @@ mod tests {
                     event(6_000, Some(3), Outcome::Ok),
                     event(9_000, None, Outcome::Error(ErrorCode::NoModel)),
                     event(2_000, Some(3), Outcome::Error(ErrorCode::UnknownUser)),
+                    event(2_000, Some(4), Outcome::Error(ErrorCode::UnknownUser)),
                 ],
             },
             5,
+            |v| v == 3,
         );
+        metrics.rejected(RejectReason::BadDuration);
         metrics.set_alert(&rules[3], true);
         let text = metrics.encode();
-        for line in [
+        let expected = [
             "# TYPE ml_predict_latency_seconds histogram",
             r#"ml_predict_latency_seconds_bucket{le="0.000005",model_version="3"} 2"#,
             r#"ml_predict_latency_seconds_bucket{le="0.000007",model_version="3"} 3"#,
             r#"ml_predict_latency_seconds_count{model_version="3"} 3"#,
             r#"ml_predict_latency_seconds_count{model_version="none"} 1"#,
             r#"ml_predict_requests_total{model_version="3"} 3"#,
+            r#"ml_predict_requests_total{model_version="other"} 1"#,
+            r#"ml_monitor_batches_rejected_total{reason="bad_duration"} 1"#,
+            r#"ml_monitor_batches_rejected_total{reason="unknown_predictor"} 0"#,
+            r#"ml_monitor_evictions_total{kind="version"} 0"#,
             r#"ml_predict_errors_total{code="unknown_user",model_version="3"} 1"#,
             r#"ml_predict_errors_total{code="no_model",model_version="none"} 1"#,
             "ml_monitor_events_dropped_total 2",
             "ml_monitor_events_lost_total 5",
             r#"ml_alert_firing{alertname="DataDrift",severity="warning"} 1"#,
             r#"ml_alert_firing{alertname="LatencyP99High",severity="page"} 0"#,
-        ] {
+        ];
+        for line in expected {
             assert!(text.contains(line), "{line}\nnot in\n{text}");
         }
+        metrics.forget_version(3);
+        let text = metrics.encode();
+        assert!(!text.contains(r#"model_version="3""#), "{text}");
+        assert!(
+            text.contains(r#"ml_monitor_evictions_total{kind="version"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn counters_saturate() {
+        let metrics = Metrics::new(&[]);
+        let batch = |dropped| EventBatch {
+            predictor: "p".into(),
+            seq: 0,
+            dropped,
+            raw_features: Vec::new(),
+            events: Vec::new(),
+        };
+        metrics.record(&batch(u64::MAX - 1), 0, |_| true);
+        metrics.record(&batch(5), 0, |_| true);
+        assert!(metrics
+            .encode()
+            .contains(&format!("ml_monitor_events_dropped_total {}", u64::MAX)));
     }
 }

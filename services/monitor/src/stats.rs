@@ -1,9 +1,10 @@
 //! Aggregation of latency events: HDR histograms overall and per model
 //! version, error counts by code, predictions by model version, events
-//! dropped at the predictors and lost in transit; and the per-predictor
-//! sequence check that finds the lost ones.
+//! dropped at the predictors and lost in transit. Which versions are kept
+//! apart is decided by [`crate::tracked::Versions`] (capped); the others
+//! count in the totals only. Counters saturate, never wrap.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -26,7 +27,6 @@ pub struct Aggregate {
     by_version: BTreeMap<u64, Histogram<u64>>,
     errors: BTreeMap<String, u64>,
     versions: BTreeMap<u64, u64>,
-    predictors: BTreeSet<String>,
     dropped: u64,
     lost: u64,
 }
@@ -38,7 +38,6 @@ impl Default for Aggregate {
             by_version: BTreeMap::new(),
             errors: BTreeMap::new(),
             versions: BTreeMap::new(),
-            predictors: BTreeSet::new(),
             dropped: 0,
             lost: 0,
         }
@@ -101,7 +100,9 @@ pub struct Snapshot {
     pub error_rate: Option<f64>,
     /// Successful predictions by model version.
     pub versions: BTreeMap<u64, u64>,
-    /// Distinct predictors heard from.
+    /// Distinct predictors heard from: in a window, those whose batches
+    /// were counted in it; since start, those whose state the monitor keeps
+    /// (at most `MONITOR_MAX_PREDICTORS`).
     pub predictors: usize,
     /// Events the predictors dropped before sending (monitor path full).
     pub dropped: u64,
@@ -117,34 +118,41 @@ pub struct Snapshot {
 }
 
 impl Aggregate {
-    /// Adds a batch of events, of which `lost` were found missing before it.
-    pub fn add(&mut self, batch: &EventBatch, lost: u64) {
-        self.dropped += batch.dropped;
-        self.lost += lost;
-        if !self.predictors.contains(&batch.predictor) {
-            self.predictors.insert(batch.predictor.clone());
-        }
+    /// Adds a batch of events, of which `lost` were found missing before
+    /// it; the versions for which `kept` is true get their own histogram and
+    /// count.
+    pub fn add(&mut self, batch: &EventBatch, lost: u64, kept: impl Fn(u64) -> bool) {
+        self.dropped = self.dropped.saturating_add(batch.dropped);
+        self.lost = self.lost.saturating_add(lost);
         for event in &batch.events {
             let ns = event.duration_ns.clamp(1, MAX_NS);
             self.latency.saturating_record(ns);
-            if let Some(v) = event.model_version {
+            if let Some(v) = event.model_version.filter(|v| kept(*v)) {
                 self.by_version
                     .entry(v)
                     .or_insert_with(histogram)
                     .saturating_record(ns);
                 if event.outcome == Outcome::Ok {
-                    *self.versions.entry(v).or_default() += 1;
+                    let n = self.versions.entry(v).or_default();
+                    *n = n.saturating_add(1);
                 }
             }
             if let Outcome::Error(code) = event.outcome {
-                *self.errors.entry(code.as_str().to_owned()).or_default() += 1;
+                let n = self.errors.entry(code.as_str().to_owned()).or_default();
+                *n = n.saturating_add(1);
             }
         }
     }
 
-    /// Summarises the aggregate over `span` (without drift or alerts, which
-    /// the caller adds).
-    pub fn snapshot(&self, span: Duration) -> Snapshot {
+    /// Forgets what was kept apart for `version`.
+    pub fn forget_version(&mut self, version: u64) {
+        self.by_version.remove(&version);
+        self.versions.remove(&version);
+    }
+
+    /// Summarises the aggregate over `span`, heard from `predictors`
+    /// predictors (without drift or alerts, which the caller adds).
+    pub fn snapshot(&self, span: Duration, predictors: usize) -> Snapshot {
         let count = self.latency.len();
         let errors: u64 = self.errors.values().sum();
         let secs = span.as_secs_f64().max(1e-9);
@@ -162,7 +170,7 @@ impl Aggregate {
             errors: self.errors.clone(),
             error_rate: (count > 0).then(|| errors as f64 / count as f64),
             versions: self.versions.clone(),
-            predictors: self.predictors.len(),
+            predictors,
             dropped: self.dropped,
             lost: self.lost,
             drift: None,
@@ -214,37 +222,6 @@ impl Snapshot {
     }
 }
 
-/// Where each predictor's numbering of its events is expected to resume.
-#[derive(Debug, Default)]
-pub struct Sequences {
-    next: HashMap<String, u64>,
-}
-
-impl Sequences {
-    /// Records `batch` and returns how many events are missing before it.
-    ///
-    /// The first batch heard from a predictor counts nothing as lost (the
-    /// monitor may have started after it); a batch numbered below the
-    /// expected one means the predictor restarted under the same id, and
-    /// the numbering starts over.
-    pub fn observe(&mut self, batch: &EventBatch) -> u64 {
-        let end = batch.seq + batch.events.len() as u64;
-        let expected = match self.next.get_mut(&batch.predictor) {
-            Some(next) => std::mem::replace(next, end),
-            None => {
-                self.next.insert(batch.predictor.clone(), end);
-                return 0;
-            }
-        };
-        if batch.seq >= expected {
-            batch.seq - expected
-        } else {
-            tracing::info!(predictor = %batch.predictor, seq = batch.seq, expected, "event numbering restarted");
-            0
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,8 +260,8 @@ mod tests {
         ));
         let mut b = batch("p1", 0, events);
         b.dropped = 3;
-        agg.add(&b, 2);
-        let s = agg.snapshot(Duration::from_secs(10));
+        agg.add(&b, 2, |_| true);
+        let s = agg.snapshot(Duration::from_secs(10), 1);
         assert_eq!(s.count, 1001);
         assert!((s.rps - 100.1).abs() < 1e-9);
         let l = s.latency_ms.unwrap();
@@ -316,23 +293,34 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_window_prints_dashes() {
-        let s = Aggregate::default().snapshot(Duration::from_secs(10));
-        assert_eq!(s.count, 0);
-        assert_eq!(s.error_rate, None);
-        assert!(s.to_text().contains("p99=-"), "{}", s.to_text());
+    fn versions_not_kept_count_in_the_totals_only_and_counters_saturate() {
+        let mut agg = Aggregate::default();
+        let mut b = batch(
+            "p1",
+            0,
+            vec![
+                event(1_000, Outcome::Ok, Some(1)),
+                event(1_000, Outcome::Ok, Some(2)),
+            ],
+        );
+        b.dropped = u64::MAX - 1;
+        agg.add(&b, 0, |v| v == 1);
+        agg.add(&b, 5, |v| v == 1);
+        let s = agg.snapshot(Duration::from_secs(1), 1);
+        assert_eq!((s.count, s.dropped, s.lost), (4, u64::MAX, 5));
+        assert_eq!(s.versions, BTreeMap::from([(1, 2)]));
+        assert_eq!(s.latency_ms_by_version.len(), 1);
+        agg.forget_version(1);
+        let s = agg.snapshot(Duration::from_secs(1), 1);
+        assert!(s.versions.is_empty() && s.latency_ms_by_version.is_empty());
+        assert_eq!(s.count, 4);
     }
 
     #[test]
-    fn gaps_in_a_predictors_numbering_are_lost_events() {
-        let mut seqs = Sequences::default();
-        let three = || vec![event(1, Outcome::Ok, None); 3];
-        assert_eq!(seqs.observe(&batch("a", 10, three())), 0, "first heard");
-        assert_eq!(seqs.observe(&batch("a", 13, three())), 0);
-        assert_eq!(seqs.observe(&batch("b", 0, three())), 0);
-        assert_eq!(seqs.observe(&batch("a", 20, three())), 4, "16..20 lost");
-        assert_eq!(seqs.observe(&batch("b", 3, three())), 0);
-        assert_eq!(seqs.observe(&batch("a", 0, three())), 0, "restart");
-        assert_eq!(seqs.observe(&batch("a", 5, three())), 2);
+    fn an_empty_window_prints_dashes() {
+        let s = Aggregate::default().snapshot(Duration::from_secs(10), 0);
+        assert_eq!(s.count, 0);
+        assert_eq!(s.error_rate, None);
+        assert!(s.to_text().contains("p99=-"), "{}", s.to_text());
     }
 }

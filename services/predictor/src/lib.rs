@@ -45,6 +45,9 @@ use crate::serving::ServingState;
 pub const QUEUE_GROUP: &str = "predictor";
 /// Micro-service name (`nats micro ls`).
 pub const SERVICE_NAME: &str = "predictor";
+/// Key of the service metadata holding the id this predictor's latency
+/// events carry (`PREDICTOR_ID`).
+pub const EVENTS_ID_METADATA: &str = "predictor_id";
 
 /// Predictor configuration (flags, or the environment variables named).
 #[derive(Debug, Clone, Parser)]
@@ -175,6 +178,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let service = client
         .service_builder()
         .description("Predictions from the production model")
+        // The monitor accepts latency events only from the ids of running
+        // predictors, which it learns from `$SRV.INFO.predictor`.
+        .metadata([(EVENTS_ID_METADATA.to_owned(), predictor_id.clone())].into())
         .queue_group(QUEUE_GROUP)
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await

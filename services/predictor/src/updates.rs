@@ -81,17 +81,16 @@ pub async fn follow_models(
     .await;
 }
 
-/// Loads the feature store from `path`.
+/// Loads the feature store from `path`, streaming the file straight into
+/// the store's compact form (no intermediate dataset), off the runtime.
 pub async fn load_store(
     registry: &FeatureRegistry,
     path: PathBuf,
 ) -> Result<FeatureStore, data::DataError> {
     let raw = registry.raw_names().to_vec();
-    tokio::task::spawn_blocking(move || {
-        data::load_csv(&path, &raw).map(|d| FeatureStore::from_dataset(&d))
-    })
-    .await
-    .expect("loading task panicked")
+    tokio::task::spawn_blocking(move || FeatureStore::load_csv(&path, &raw))
+        .await
+        .expect("loading task panicked")
 }
 
 fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {

@@ -9,6 +9,7 @@ mod common;
 mod faults;
 mod load;
 mod model_registry;
+mod monitor_bounds;
 mod monitoring;
 mod pipeline;
 mod processes;

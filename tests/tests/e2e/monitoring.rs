@@ -429,6 +429,8 @@ async fn alert_rules_from_a_file_fire_and_resolve_and_gaps_count_as_lost() {
         out.clone(),
     );
     let client = client(&url).await;
+    // The monitor counts events only from running predictors' ids.
+    let _running = crate::monitor_bounds::running_predictor(&client, "p-test").await;
     let mut alerts = client.subscribe("ml.alerts").await.unwrap();
     client.flush().await.unwrap();
     wait_for("the monitor answers", WAIT, || async {

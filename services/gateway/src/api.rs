@@ -48,7 +48,11 @@ impl ApiError {
 
     /// A `bad_request` (400).
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest.as_str(), message)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest.as_str(),
+            message,
+        )
     }
 }
 
@@ -99,12 +103,13 @@ pub async fn predict(State(state): State<Arc<AppState>>, body: Body) -> Result<R
     Ok((status, [(CONTENT_TYPE, "application/json")], reply.payload).into_response())
 }
 
-async fn pass(state: &AppState, service: &'static str, subject: &str) -> Result<Json<Value>, ApiError> {
+async fn pass(
+    state: &AppState,
+    service: &'static str,
+    subject: &str,
+) -> Result<Json<Value>, ApiError> {
     Ok(Json(
-        state
-            .platform
-            .value(service, subject, Bytes::new())
-            .await?,
+        state.platform.value(service, subject, Bytes::new()).await?,
     ))
 }
 
@@ -169,7 +174,11 @@ fn stats_events(
             tokio::time::sleep(interval).await;
         }
         let subject = state.platform.subjects().monitor_stats.clone();
-        let event = match state.platform.value("monitor", &subject, Bytes::new()).await {
+        let event = match state
+            .platform
+            .value("monitor", &subject, Bytes::new())
+            .await
+        {
             Ok(stats) => Event::default().event("stats").data(stats.to_string()),
             Err(e) => Event::default()
                 .event("error")

@@ -75,7 +75,7 @@ pub struct Config {
 
     /// Longest a request may take before it is answered 504.
     #[arg(long, env = "GATEWAY_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub request_timeout: Duration,
+    pub http_timeout: Duration,
 
     /// Most rows in one inference request.
     #[arg(long, env = "GATEWAY_MAX_BATCH", default_value_t = 1000)]
@@ -185,7 +185,11 @@ async fn openapi() -> Response {
 }
 
 async fn not_found(request: Request) -> Response {
-    let message = format!("no such endpoint: {} {}", request.method(), request.uri().path());
+    let message = format!(
+        "no such endpoint: {} {}",
+        request.method(),
+        request.uri().path()
+    );
     (StatusCode::NOT_FOUND, Json(json!({ "error": message }))).into_response()
 }
 
@@ -194,7 +198,7 @@ async fn not_found(request: Request) -> Response {
 /// stream).
 async fn deadline(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let v1 = request.uri().path().starts_with("/v1/");
-    let limit = state.config.request_timeout;
+    let limit = state.config.http_timeout;
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => {
@@ -270,4 +274,25 @@ pub async fn serve(
     served.context("serving HTTP")?;
     client.drain().await.context("draining the NATS client")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flags_are_consistent_and_default_sensibly() {
+        use clap::CommandFactory;
+        Config::command().debug_assert();
+        let c = Config::try_parse_from(["gateway"]).unwrap();
+        assert_eq!(c.model_name, "mlplatform");
+        assert_eq!(c.addr.port(), 8080);
+        assert_eq!(c.http_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_openapi_document_is_json() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+    }
 }

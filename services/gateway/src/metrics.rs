@@ -44,12 +44,9 @@ struct RouteLabels {
 type HistogramMaker = fn() -> Histogram;
 
 fn buckets() -> Histogram {
-    Histogram::new(
-        [
-            1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
-        ]
-        .into_iter(),
-    )
+    Histogram::new([
+        1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+    ])
 }
 
 /// The gateway's metrics.
@@ -147,5 +144,9 @@ pub async fn track(State(state): State<Arc<AppState>>, request: Request, next: N
 
 /// `GET /metrics`.
 pub async fn serve(State(state): State<Arc<AppState>>) -> Response {
-    ([(CONTENT_TYPE, CONTENT_TYPE_OPENMETRICS)], state.metrics.encode()).into_response()
+    (
+        [(CONTENT_TYPE, CONTENT_TYPE_OPENMETRICS)],
+        state.metrics.encode(),
+    )
+        .into_response()
 }

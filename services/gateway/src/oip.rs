@@ -159,10 +159,7 @@ pub fn is_classifier(kind: &str) -> bool {
 
 fn metadata(state: &AppState, models: &ModelsReply, model: &ModelSummary) -> Value {
     let raw = &state.raw_features;
-    let mut inputs: Vec<Value> = raw
-        .iter()
-        .map(|f| tensor_meta(f, "FP64", &[-1]))
-        .collect();
+    let mut inputs: Vec<Value> = raw.iter().map(|f| tensor_meta(f, "FP64", &[-1])).collect();
     inputs.push(tensor_meta(USER_ID_INPUT, "BYTES", &[-1]));
     let mut outputs = vec![tensor_meta(PREDICTION_OUTPUT, "FP64", &[-1])];
     if is_classifier(&model.kind) {
@@ -380,7 +377,11 @@ async fn predict_rows(state: &AppState, rows: &Rows) -> Result<Predictions, OipE
                         "{} user_id(s) not in the feature store: {}{}",
                         batch.unknown_user_ids.len(),
                         shown.join(", "),
-                        if batch.unknown_user_ids.len() > 5 { ", …" } else { "" }
+                        if batch.unknown_user_ids.len() > 5 {
+                            ", …"
+                        } else {
+                            ""
+                        }
                     ),
                 ));
             }
@@ -557,7 +558,11 @@ async fn infer_version(
         response["id"] = json!(id);
     }
     let json_bytes = serde_json::to_vec(&response).expect("responses serialise");
-    let binary: Vec<u8> = outputs.into_iter().filter_map(|(_, b)| b).flatten().collect();
+    let binary: Vec<u8> = outputs
+        .into_iter()
+        .filter_map(|(_, b)| b)
+        .flatten()
+        .collect();
     if binary.is_empty() {
         return Ok((
             [(axum::http::header::CONTENT_TYPE, "application/json")],
@@ -597,7 +602,10 @@ async fn not_served(state: &AppState, wanted: u64, served: u64) -> OipError {
     } else {
         OipError::new(
             StatusCode::NOT_FOUND,
-            format!("model '{}' has no version {wanted}", state.config.model_name),
+            format!(
+                "model '{}' has no version {wanted}",
+                state.config.model_name
+            ),
         )
     }
 }

@@ -151,8 +151,8 @@ pub fn decode(
     if json.iter().all(u8::is_ascii_whitespace) {
         return Err(bad("empty request body: send a JSON inference request"));
     }
-    let request: InferRequest = serde_json::from_slice(json)
-        .map_err(|e| bad(format!("invalid inference request: {e}")))?;
+    let request: InferRequest =
+        serde_json::from_slice(json).map_err(|e| bad(format!("invalid inference request: {e}")))?;
     if request.inputs.is_empty() {
         return Err(bad("the request has no inputs"));
     }
@@ -274,8 +274,11 @@ fn from_json(name: &str, datatype: &str, leaves: Vec<&Value>) -> Result<Values, 
         "FP32" | "FP64" => leaves
             .into_iter()
             .map(|v| {
-                v.as_f64()
-                    .ok_or_else(|| bad(format!("input '{name}' ({datatype}) holds {v}, not a number")))
+                v.as_f64().ok_or_else(|| {
+                    bad(format!(
+                        "input '{name}' ({datatype}) holds {v}, not a number"
+                    ))
+                })
             })
             .collect::<Result<_, _>>()
             .map(Values::Numbers),
@@ -432,9 +435,9 @@ fn rows(
             [n, f] if *f as usize == width => *n as usize,
             other => {
                 return Err(bad(format!(
-                    "input '{FEATURES_INPUT}' has shape {other:?}; expected [N, {width}] (columns {})",
-                    raw_features.join(", ")
-                )))
+                "input '{FEATURES_INPUT}' has shape {other:?}; expected [N, {width}] (columns {})",
+                raw_features.join(", ")
+            )))
             }
         };
         check_rows(n, max_rows)?;
@@ -447,7 +450,13 @@ fn rows(
         return Ok(Rows::Features(
             numbers
                 .chunks_exact(width)
-                .map(|row| raw_features.iter().cloned().zip(row.iter().copied()).collect())
+                .map(|row| {
+                    raw_features
+                        .iter()
+                        .cloned()
+                        .zip(row.iter().copied())
+                        .collect()
+                })
                 .collect(),
         ));
     }
@@ -455,8 +464,12 @@ fn rows(
     let mut n_rows = None;
     let mut columns: Vec<(&str, &[f64])> = Vec::with_capacity(tensors.len());
     for (input, values) in &tensors {
-        if !raw_features.iter().any(|f| *f == input.name) {
-            return Err(bad(format!("unknown input '{}'; {}", input.name, expected())));
+        if !raw_features.contains(&input.name) {
+            return Err(bad(format!(
+                "unknown input '{}'; {}",
+                input.name,
+                expected()
+            )));
         }
         let n = column_rows(input)?;
         if *n_rows.get_or_insert(n) != n {
@@ -559,17 +572,50 @@ mod tests {
             ("", "empty"),
             ("{", "invalid"),
             (r#"{"inputs":[]}"#, "no inputs"),
-            (r#"{"inputs":[{"name":"feature_1","shape":[2],"datatype":"FP64","data":[1]}]}"#, "data elements"),
-            (r#"{"inputs":[{"name":"feature_1","shape":[1],"datatype":"INT32","data":[1]},{"name":"feature_2","shape":[1],"datatype":"FP64","data":[1]}]}"#, "INT32"),
-            (r#"{"inputs":[{"name":"feature_1","shape":[1],"datatype":"FP64","data":["x"]}]}"#, "not a number"),
-            (r#"{"inputs":[{"name":"feature_1","shape":[1],"datatype":"FP64","data":[1]}]}"#, "missing input 'feature_2'"),
-            (r#"{"inputs":[{"name":"feature_9","shape":[1],"datatype":"FP64","data":[1]}]}"#, "unknown input"),
-            (r#"{"inputs":[{"name":"features","shape":[1,3],"datatype":"FP64","data":[1,2,3]}]}"#, "expected [N, 2]"),
-            (r#"{"inputs":[{"name":"user_id","shape":[1],"datatype":"FP64","data":[1]}]}"#, "BYTES"),
-            (r#"{"inputs":[{"name":"user_id","shape":[11],"datatype":"BYTES","data":["a","a","a","a","a","a","a","a","a","a","a"]}]}"#, "at most 10"),
-            (r#"{"inputs":[{"name":"user_id","shape":[0],"datatype":"BYTES","data":[]}]}"#, "empty"),
-            (r#"{"inputs":[{"name":"user_id","shape":[4294967296,4294967296],"datatype":"BYTES","data":[]}]}"#, "more than"),
-            (r#"{"inputs":[{"name":"feature_1","shape":[1,2],"datatype":"FP64","data":[1,2]}]}"#, "expected [N] or [N, 1]"),
+            (
+                r#"{"inputs":[{"name":"feature_1","shape":[2],"datatype":"FP64","data":[1]}]}"#,
+                "data elements",
+            ),
+            (
+                r#"{"inputs":[{"name":"feature_1","shape":[1],"datatype":"INT32","data":[1]},{"name":"feature_2","shape":[1],"datatype":"FP64","data":[1]}]}"#,
+                "INT32",
+            ),
+            (
+                r#"{"inputs":[{"name":"feature_1","shape":[1],"datatype":"FP64","data":["x"]}]}"#,
+                "not a number",
+            ),
+            (
+                r#"{"inputs":[{"name":"feature_1","shape":[1],"datatype":"FP64","data":[1]}]}"#,
+                "missing input 'feature_2'",
+            ),
+            (
+                r#"{"inputs":[{"name":"feature_9","shape":[1],"datatype":"FP64","data":[1]}]}"#,
+                "unknown input",
+            ),
+            (
+                r#"{"inputs":[{"name":"features","shape":[1,3],"datatype":"FP64","data":[1,2,3]}]}"#,
+                "expected [N, 2]",
+            ),
+            (
+                r#"{"inputs":[{"name":"user_id","shape":[1],"datatype":"FP64","data":[1]}]}"#,
+                "BYTES",
+            ),
+            (
+                r#"{"inputs":[{"name":"user_id","shape":[11],"datatype":"BYTES","data":["a","a","a","a","a","a","a","a","a","a","a"]}]}"#,
+                "at most 10",
+            ),
+            (
+                r#"{"inputs":[{"name":"user_id","shape":[0],"datatype":"BYTES","data":[]}]}"#,
+                "empty",
+            ),
+            (
+                r#"{"inputs":[{"name":"user_id","shape":[4294967296,4294967296],"datatype":"BYTES","data":[]}]}"#,
+                "more than",
+            ),
+            (
+                r#"{"inputs":[{"name":"feature_1","shape":[1,2],"datatype":"FP64","data":[1,2]}]}"#,
+                "expected [N] or [N, 1]",
+            ),
         ] {
             let err = decode_json(body).unwrap_err();
             assert!(err.0.contains(needle), "{body} -> {err}");

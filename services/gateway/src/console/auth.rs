@@ -72,7 +72,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 || text.len() > 512 {
+    if !text.len().is_multiple_of(2) || text.len() > 512 {
         return None;
     }
     (0..text.len())
@@ -84,7 +84,11 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 /// Parses `name:password` entries separated by commas or new lines.
 pub fn parse_operators(text: &str) -> anyhow::Result<Vec<(String, String)>> {
     let mut out = Vec::new();
-    for entry in text.split([',', '\n']).map(str::trim).filter(|e| !e.is_empty()) {
+    for entry in text
+        .split([',', '\n'])
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+    {
         if entry.starts_with('#') {
             continue;
         }
@@ -92,15 +96,25 @@ pub fn parse_operators(text: &str) -> anyhow::Result<Vec<(String, String)>> {
             .split_once(':')
             .filter(|(n, p)| !n.trim().is_empty() && !p.is_empty())
             .ok_or_else(|| {
-                anyhow::anyhow!("an operator entry is not name:password (entry {})", out.len() + 1)
+                anyhow::anyhow!(
+                    "an operator entry is not name:password (entry {})",
+                    out.len() + 1
+                )
             })?;
         let name = name.trim();
-        if name.len() > 64 || !name.chars().all(|c| c.is_alphanumeric() || "-_.@".contains(c)) {
+        if name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_alphanumeric() || "-_.@".contains(c))
+        {
             anyhow::bail!("operator name {name:?}: at most 64 letters, digits, '-', '_', '.', '@'");
         }
         out.push((name.to_owned(), password.to_owned()));
     }
-    anyhow::ensure!(out.len() <= MAX_OPERATORS, "more than {MAX_OPERATORS} operators");
+    anyhow::ensure!(
+        out.len() <= MAX_OPERATORS,
+        "more than {MAX_OPERATORS} operators"
+    );
     Ok(out)
 }
 
@@ -149,7 +163,8 @@ impl Operators {
         let digest = sha256(&[password.as_bytes()]);
         let mut found = false;
         for (n, d) in &self.operators {
-            let same = constant_time_eq(n.as_bytes(), name.as_bytes()) & constant_time_eq(d, &digest);
+            let same =
+                constant_time_eq(n.as_bytes(), name.as_bytes()) & constant_time_eq(d, &digest);
             found |= same;
         }
         found
@@ -176,7 +191,10 @@ impl Operators {
             return None;
         }
         let name = String::from_utf8(unhex(name_hex)?).ok()?;
-        self.operators.iter().any(|(n, _)| *n == name).then_some(name)
+        self.operators
+            .iter()
+            .any(|(n, _)| *n == name)
+            .then_some(name)
     }
 
     /// The CSRF token that goes with a session cookie.
@@ -253,7 +271,10 @@ mod tests {
         assert_eq!(ops.verify(&cookie, 1_000 + 61_000), None);
         let forged = cookie.replace(&hex(b"alice"), &hex(b"bob"));
         assert_eq!(ops.verify(&forged, 2_000), None);
-        let other = Operators::new(vec![("alice".into(), "changed".into())], Duration::from_secs(60));
+        let other = Operators::new(
+            vec![("alice".into(), "changed".into())],
+            Duration::from_secs(60),
+        );
         assert_eq!(other.verify(&cookie, 2_000), None);
         let token = ops.csrf(&cookie);
         assert!(ops.csrf_ok(&cookie, &token));
@@ -263,7 +284,13 @@ mod tests {
     #[test]
     fn operator_lists_parse() {
         let ops = parse_operators("alice:pw1, bob:p:w2\n# comment\n").unwrap();
-        assert_eq!(ops, vec![("alice".into(), "pw1".into()), ("bob".into(), "p:w2".into())]);
+        assert_eq!(
+            ops,
+            vec![
+                ("alice".into(), "pw1".into()),
+                ("bob".into(), "p:w2".into())
+            ]
+        );
         assert!(parse_operators("alice").is_err());
         assert!(parse_operators("al ice:pw").is_err());
     }

@@ -115,9 +115,11 @@ impl IntoResponse for PageError {
     }
 }
 
-fn guard(state: &AppState, viewer: &Viewer) -> Result<(), Response> {
+fn guard(state: &AppState, viewer: &Viewer) -> Result<(), Box<Response>> {
     if state.config.console_private && viewer.operator.is_none() {
-        return Err((StatusCode::SEE_OTHER, [(LOCATION, "/login")]).into_response());
+        return Err(Box::new(
+            (StatusCode::SEE_OTHER, [(LOCATION, "/login")]).into_response(),
+        ));
     }
     Ok(())
 }
@@ -144,10 +146,12 @@ async fn models_page(
 ) -> Result<Response, PageError> {
     let viewer = viewer(&state, &headers);
     if let Err(r) = guard(&state, &viewer) {
-        return Ok(r);
+        return Ok(*r);
     }
     let models: ModelsReply = registry(&state, &state.platform.subjects().registry_models).await?;
-    let metric = q.compare.filter(|m| ml_shared::messages::Metrics::NAMES.contains(&m.as_str()));
+    let metric = q
+        .compare
+        .filter(|m| ml_shared::messages::Metrics::NAMES.contains(&m.as_str()));
     Ok(Html(pages::models(&viewer, &models, metric.as_deref())).into_response())
 }
 
@@ -158,7 +162,7 @@ async fn runs_page(
 ) -> Result<Response, PageError> {
     let viewer = viewer(&state, &headers);
     if let Err(r) = guard(&state, &viewer) {
-        return Ok(r);
+        return Ok(*r);
     }
     let runs: RunsReply = registry(&state, &state.platform.subjects().registry_runs).await?;
     let selection = pages::RunSelection::from_query(&q);
@@ -172,7 +176,7 @@ async fn runs_csv(
 ) -> Result<Response, PageError> {
     let viewer = viewer(&state, &headers);
     if let Err(r) = guard(&state, &viewer) {
-        return Ok(r);
+        return Ok(*r);
     }
     let runs: RunsReply = registry(&state, &state.platform.subjects().registry_runs).await?;
     let selection = pages::RunSelection::from_query(&q);
@@ -199,7 +203,7 @@ async fn lineage_page(
 ) -> Result<Response, PageError> {
     let viewer = viewer(&state, &headers);
     if let Err(r) = guard(&state, &viewer) {
-        return Ok(r);
+        return Ok(*r);
     }
     let version: u64 = version
         .parse()
@@ -214,7 +218,14 @@ async fn lineage_page(
             format!("the registry holds no version {version}"),
         ));
     };
-    Ok(Html(pages::lineage(&viewer, &models, model, &runs.runs, &history.moves)).into_response())
+    Ok(Html(pages::lineage(
+        &viewer,
+        &models,
+        model,
+        &runs.runs,
+        &history.moves,
+    ))
+    .into_response())
 }
 
 async fn history_page(
@@ -223,16 +234,17 @@ async fn history_page(
 ) -> Result<Response, PageError> {
     let viewer = viewer(&state, &headers);
     if let Err(r) = guard(&state, &viewer) {
-        return Ok(r);
+        return Ok(*r);
     }
-    let history: HistoryReply = registry(&state, &state.platform.subjects().registry_history).await?;
+    let history: HistoryReply =
+        registry(&state, &state.platform.subjects().registry_history).await?;
     Ok(Html(pages::history(&viewer, &history.moves)).into_response())
 }
 
 async fn live_page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let viewer = viewer(&state, &headers);
     if let Err(r) = guard(&state, &viewer) {
-        return r;
+        return *r;
     }
     Html(pages::live(&viewer)).into_response()
 }
@@ -288,7 +300,10 @@ async fn logout() -> Response {
             (LOCATION, "/models".to_owned()),
             (
                 SET_COOKIE,
-                format!("{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0", auth::COOKIE),
+                format!(
+                    "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+                    auth::COOKIE
+                ),
             ),
         ],
     )
@@ -296,7 +311,11 @@ async fn logout() -> Response {
 }
 
 /// The operator behind a state-changing form, or the refusal.
-fn operator_for_action(state: &AppState, headers: &HeaderMap, csrf: &str) -> Result<String, Response> {
+fn operator_for_action(
+    state: &AppState,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<String, Box<Response>> {
     let refuse = |status: StatusCode, why: &str| {
         tracing::warn!(%why, "console action refused");
         let body = pages::layout(
@@ -304,16 +323,25 @@ fn operator_for_action(state: &AppState, headers: &HeaderMap, csrf: &str) -> Res
             &Viewer::default(),
             &format!("<h1>Refused</h1><p class=\"error\">{}</p>", pages::esc(why)),
         );
-        (status, Html(body)).into_response()
+        Box::new((status, Html(body)).into_response())
     };
     let Some(cookie) = auth::session_cookie(headers) else {
-        return Err(refuse(StatusCode::UNAUTHORIZED, "sign in as an operator first"));
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "sign in as an operator first",
+        ));
     };
     let Some(operator) = state.operators.verify(&cookie, ml_shared::time::now_ms()) else {
-        return Err(refuse(StatusCode::UNAUTHORIZED, "the session is not valid: sign in again"));
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "the session is not valid: sign in again",
+        ));
     };
     if !auth::same_origin(headers) || !state.operators.csrf_ok(&cookie, csrf) {
-        return Err(refuse(StatusCode::FORBIDDEN, "the form's CSRF token or origin is wrong"));
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "the form's CSRF token or origin is wrong",
+        ));
     }
     Ok(operator)
 }
@@ -332,7 +360,7 @@ async fn promote(
 ) -> Response {
     let operator = match operator_for_action(&state, &headers, &form.csrf) {
         Ok(o) => o,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let request = PromoteRequest {
         version: form.version,
@@ -363,7 +391,7 @@ async fn rollback(
 ) -> Response {
     let operator = match operator_for_action(&state, &headers, &form.csrf) {
         Ok(o) => o,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let reason = form.reason.trim();
     let request = RollbackRequest {
@@ -409,11 +437,7 @@ fn action_result(
 }
 
 async fn script() -> Response {
-    (
-        [(CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        SCRIPT,
-    )
-        .into_response()
+    ([(CONTENT_TYPE, "text/javascript; charset=utf-8")], SCRIPT).into_response()
 }
 
 async fn style() -> Response {

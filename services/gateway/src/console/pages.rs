@@ -66,7 +66,8 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
 }
 
 fn num(v: Option<f64>) -> String {
-    v.map(|v| format!("{v:.5}")).unwrap_or_else(|| "–".to_owned())
+    v.map(|v| format!("{v:.5}"))
+        .unwrap_or_else(|| "–".to_owned())
 }
 
 fn short_fingerprint(f: &str) -> String {
@@ -95,7 +96,11 @@ pub fn models(viewer: &Viewer, models: &ModelsReply, compare: Option<&str>) -> S
     // Compare a metric across versions.
     let _ = write!(body, "<form method=\"get\" action=\"/models\" class=\"compare\"><label>Compare <select name=\"compare\" id=\"compare\">");
     for name in Metrics::NAMES {
-        let selected = if compare == Some(name) { " selected" } else { "" };
+        let selected = if compare == Some(name) {
+            " selected"
+        } else {
+            ""
+        };
         let _ = write!(body, "<option{selected}>{name}</option>");
     }
     body.push_str("</select></label> <button>Chart</button></form>");
@@ -168,7 +173,11 @@ fn chart(models: &ModelsReply, metric: &str) -> String {
             esc(metric)
         );
     }
-    let max = points.iter().map(|p| p.1.abs()).fold(0.0f64, f64::max).max(1e-12);
+    let max = points
+        .iter()
+        .map(|p| p.1.abs())
+        .fold(0.0f64, f64::max)
+        .max(1e-12);
     let bar = 28.0;
     let width = 640.0;
     let height = bar * points.len() as f64 + 10.0;
@@ -211,7 +220,9 @@ impl RunSelection {
         Self {
             conditions: q.get("where").cloned().unwrap_or_default(),
             sort: q.get("sort").cloned().unwrap_or_default(),
-            desc: q.get("desc").is_some_and(|d| d == "1" || d == "true" || d == "on"),
+            desc: q
+                .get("desc")
+                .is_some_and(|d| d == "1" || d == "true" || d == "on"),
         }
     }
 
@@ -243,8 +254,17 @@ impl RunSelection {
 }
 
 const RUN_COLUMNS: [&str; 11] = [
-    "timestamp", "version", "status", "run_id", "model", "rmse", "r2", "accuracy", "roc_auc",
-    "duration_ms", "data_fingerprint",
+    "timestamp",
+    "version",
+    "status",
+    "run_id",
+    "model",
+    "rmse",
+    "r2",
+    "accuracy",
+    "roc_auc",
+    "duration_ms",
+    "data_fingerprint",
 ];
 
 /// The runs page.
@@ -267,7 +287,11 @@ pub fn runs(viewer: &Viewer, rows: Vec<ExperimentRow>, selection: &RunSelection)
             .iter()
             .map(|c| format!(
                 "<option{}>{}</option>",
-                if *c == selection.sort { " selected" } else { "" },
+                if *c == selection.sort {
+                    " selected"
+                } else {
+                    ""
+                },
                 esc(c)
             ))
             .collect::<String>(),
@@ -275,7 +299,11 @@ pub fn runs(viewer: &Viewer, rows: Vec<ExperimentRow>, selection: &RunSelection)
         q = esc(&selection.query()),
     );
     if let Some(e) = error {
-        let _ = write!(body, "<p class=\"error\" id=\"filter-error\">{}</p>", esc(&e));
+        let _ = write!(
+            body,
+            "<p class=\"error\" id=\"filter-error\">{}</p>",
+            esc(&e)
+        );
     }
     let _ = write!(
         body,
@@ -324,7 +352,11 @@ pub fn csv(rows: &[ExperimentRow]) -> String {
         let _ = writer.serialize(ExperimentRow::default());
         // The header alone: drop the empty row.
         let text = String::from_utf8(writer.into_inner().unwrap_or_default()).unwrap_or_default();
-        return text.lines().next().map(|h| format!("{h}\n")).unwrap_or_default();
+        return text
+            .lines()
+            .next()
+            .map(|h| format!("{h}\n"))
+            .unwrap_or_default();
     }
     for r in rows {
         if writer.serialize(r).is_err() {
@@ -356,9 +388,8 @@ const MOVE_HEAD: &str = "<thead><tr><th>seq</th><th>when</th><th>alias</th><th>f
 
 /// The history page.
 pub fn history(viewer: &Viewer, moves: &[AliasMove]) -> String {
-    let mut body = format!(
-        "<h1>History</h1><table class=\"sortable\" id=\"history\">{MOVE_HEAD}<tbody>"
-    );
+    let mut body =
+        format!("<h1>History</h1><table class=\"sortable\" id=\"history\">{MOVE_HEAD}<tbody>");
     for m in moves.iter().rev() {
         body.push_str(&move_row(m));
     }
@@ -513,13 +544,19 @@ mod tests {
 
     #[test]
     fn escaping_covers_markup_and_quotes() {
-        assert_eq!(esc("<a href=\"x\">'&'</a>"), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
+        assert_eq!(
+            esc("<a href=\"x\">'&'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
     }
 
     #[test]
     fn csv_has_the_logs_header_even_when_empty() {
         let text = csv(&[]);
-        assert!(text.starts_with("timestamp,version,run_id,status"), "{text}");
+        assert!(
+            text.starts_with("timestamp,version,run_id,status"),
+            "{text}"
+        );
         assert_eq!(text.lines().count(), 1);
     }
 }

@@ -68,8 +68,20 @@ pub async fn http(
         head.push_str("\r\n");
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(body).await?;
+        // Read to the end of the body (some servers keep the connection
+        // open despite `Connection: close`).
         let mut bytes = Vec::new();
-        stream.read_to_end(&mut bytes).await?;
+        let mut buf = [0u8; 16384];
+        loop {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            bytes.extend_from_slice(&buf[..n]);
+            if complete(&bytes) {
+                break;
+            }
+        }
         Ok::<_, std::io::Error>(bytes)
     };
     let bytes = tokio::time::timeout(Duration::from_secs(30), exchange)
@@ -103,6 +115,27 @@ pub async fn http(
         headers,
         body,
     }
+}
+
+/// Whether `bytes` hold a whole response (by Content-Length, or the last chunk).
+fn complete(bytes: &[u8]) -> bool {
+    let Some(split) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&bytes[..split]).to_ascii_lowercase();
+    let body = &bytes[split + 4..];
+    if let Some(len) = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim() == "content-length")
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+    {
+        return body.len() >= len;
+    }
+    if head.contains("transfer-encoding: chunked") {
+        return body.ends_with(b"0\r\n\r\n");
+    }
+    false
 }
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
@@ -625,4 +658,505 @@ async fn v1_predict_mirrors_ml_predict_with_http_statuses_and_the_gateway_is_bou
     for s in services {
         s.stop().await;
     }
+}
+
+// ---------------------------------------------------------------------------
+// The console in headless Chromium, driven over the W3C WebDriver protocol
+// (Debian's `chromium` and `chromium-driver`; scripts/ci-browser-deps.sh).
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// A chromedriver process and one browser session.
+struct Browser {
+    driver: std::process::Child,
+    addr: String,
+    session: String,
+    shots: PathBuf,
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+impl Browser {
+    async fn start() -> Self {
+        let install = "the console tests need Chromium and its WebDriver: \
+                       apt-get install chromium chromium-driver (or run scripts/ci-browser-deps.sh)";
+        let driver_bin = std::env::var_os("CHROMEDRIVER")
+            .map(PathBuf::from)
+            .or_else(|| which("chromedriver"))
+            .unwrap_or_else(|| panic!("chromedriver not found; {install}"));
+        let chromium = std::env::var_os("CHROMIUM")
+            .map(PathBuf::from)
+            .or_else(|| which("chromium"))
+            .or_else(|| which("chromium-browser"))
+            .unwrap_or_else(|| panic!("chromium not found; {install}"));
+        let port = ml_tests::prometheus::free_port();
+        let driver = std::process::Command::new(driver_bin)
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let addr = format!("127.0.0.1:{port}");
+        wait_for("chromedriver ready", WAIT, || async {
+            let connected = tokio::net::TcpStream::connect(&addr).await.is_ok();
+            if !connected {
+                return None;
+            }
+            let r = http(&addr, "GET", "/status", &[], b"").await;
+            (r.json()["value"]["ready"] == true).then_some(())
+        })
+        .await;
+        let caps = json!({ "capabilities": { "alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--window-size=1400,1000"]
+            }
+        }}});
+        let r = http(
+            &addr,
+            "POST",
+            "/session",
+            &[("Content-Type", "application/json")],
+            caps.to_string().as_bytes(),
+        )
+        .await;
+        let session = r.json()["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {}", r.text()))
+            .to_owned();
+        let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/console-screenshots");
+        std::fs::create_dir_all(&shots).expect("screenshot directory");
+        Self {
+            driver,
+            addr,
+            session,
+            shots,
+        }
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Value) -> Value {
+        let path = format!("/session/{}{path}", self.session);
+        let body = if method == "GET" {
+            String::new()
+        } else {
+            body.to_string()
+        };
+        let r = http(
+            &self.addr,
+            method,
+            &path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+        .await;
+        let v = r.json();
+        assert_eq!(r.status, 200, "{method} {path}: {v}");
+        v["value"].clone()
+    }
+
+    async fn goto(&self, url: &str) {
+        self.call("POST", "/url", json!({ "url": url })).await;
+    }
+
+    async fn eval(&self, script: &str) -> Value {
+        self.call(
+            "POST",
+            "/execute/sync",
+            json!({ "script": script, "args": [] }),
+        )
+        .await
+    }
+
+    async fn find(&self, css: &str) -> String {
+        let v = self
+            .call(
+                "POST",
+                "/element",
+                json!({ "using": "css selector", "value": css }),
+            )
+            .await;
+        v[ELEMENT].as_str().expect("an element id").to_owned()
+    }
+
+    async fn text(&self, css: &str) -> String {
+        let id = self.find(css).await;
+        self.call("GET", &format!("/element/{id}/text"), Value::Null)
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    async fn click(&self, css: &str) {
+        let id = self.find(css).await;
+        self.call("POST", &format!("/element/{id}/click"), json!({}))
+            .await;
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let id = self.find(css).await;
+        self.call("POST", &format!("/element/{id}/clear"), json!({}))
+            .await;
+        self.call(
+            "POST",
+            &format!("/element/{id}/value"),
+            json!({ "text": text }),
+        )
+        .await;
+    }
+
+    async fn screenshot(&self, name: &str) {
+        let data = self.call("GET", "/screenshot", Value::Null).await;
+        let png = base64_decode(data.as_str().expect("base64 PNG"));
+        std::fs::write(self.shots.join(format!("{name}.png")), png).expect("write screenshot");
+    }
+
+    async fn stop(mut self) {
+        let path = format!("/session/{}", self.session);
+        let _ = http(&self.addr, "DELETE", &path, &[], b"").await;
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let digits: Vec<u32> = text.bytes().filter_map(value).collect();
+    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
+    for chunk in digits.chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, d)| acc | (d << (18 - 6 * i)));
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..chunk.len().saturating_sub(1)]);
+    }
+    out
+}
+
+/// Signs in over plain HTTP; returns the session cookie (`name=value`).
+async fn sign_in(addr: &str, name: &str, password: &str) -> HttpReply {
+    let body = format!("name={name}&password={password}");
+    http(
+        addr,
+        "POST",
+        "/login",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        body.as_bytes(),
+    )
+    .await
+}
+
+#[test]
+fn the_console_in_chromium_lists_filters_traces_lineage_and_lets_only_an_operator_promote() {
+    // On a thread with a large stack: the scenario's poll function, in a
+    // debug build, needs more than a test thread's 2 MiB.
+    std::thread::Builder::new()
+        .name("console-scenario".into())
+        .stack_size(64 << 20)
+        .spawn(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(console_scenario())
+        })
+        .expect("spawn the scenario")
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+}
+
+async fn console_scenario() {
+    let platform = Platform::start().await;
+    let (gw, addr) = gateway(
+        &platform.bed.url,
+        &[
+            "--operators",
+            "alice:open-sesame",
+            "--live-interval",
+            "200ms",
+        ],
+    )
+    .await;
+    let base = format!("http://{addr}");
+    let browser = Browser::start().await;
+    let models: Value = http(&addr, "GET", "/v1/models", &[], b"").await.json();
+    let v1_run = models["models"][0]["run_id"].as_str().unwrap().to_owned();
+
+    // Models: both versions, v2 production, no action for an anonymous viewer.
+    browser.goto(&format!("{base}/models")).await;
+    let versions = browser
+        .eval("return Array.from(document.querySelectorAll('#models tbody tr')).map(r => r.dataset.version)")
+        .await;
+    assert_eq!(versions, json!(["2", "1"]));
+    assert_eq!(browser.text("#production").await, "v2");
+    assert_eq!(
+        browser
+            .eval("return document.querySelectorAll('form.promote').length")
+            .await,
+        0
+    );
+    assert!(browser
+        .text("#models tbody tr.production")
+        .await
+        .contains("production"));
+    browser.screenshot("models").await;
+
+    // Compare a metric across versions.
+    browser.goto(&format!("{base}/models?compare=rmse")).await;
+    assert_eq!(
+        browser
+            .eval("return document.querySelectorAll('#chart rect').length")
+            .await,
+        2
+    );
+    browser.screenshot("models-compare-rmse").await;
+
+    // Runs: sorting by a header, filtering like `mlctl runs --where`, CSV.
+    browser.goto(&format!("{base}/runs")).await;
+    let column =
+        "Array.from(document.querySelectorAll('#runs tbody tr')).map(r => r.cells[1].textContent)";
+    browser.click("#runs thead th:nth-child(2)").await;
+    assert_eq!(
+        browser.eval(&format!("return {column}")).await,
+        json!(["v1", "v2"])
+    );
+    browser.click("#runs thead th:nth-child(2)").await;
+    assert_eq!(
+        browser.eval(&format!("return {column}")).await,
+        json!(["v2", "v1"])
+    );
+    browser.type_into("#where", "version == 1").await;
+    browser.click("#runs-filter button").await;
+    wait_for("filtered runs", WAIT, || async {
+        (browser.text("#run-count").await == "1").then_some(())
+    })
+    .await;
+    assert_eq!(
+        browser.eval(&format!("return {column}")).await,
+        json!(["v1"])
+    );
+    browser.screenshot("runs-filtered").await;
+    let csv = http(
+        &addr,
+        "GET",
+        "/runs.csv?where=version%20%3D%3D%201",
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(csv.status, 200);
+    assert!(csv.header("content-type").unwrap().starts_with("text/csv"));
+    let lines: Vec<&str> = csv
+        .body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| std::str::from_utf8(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{}", csv.text());
+    assert!(lines[0].starts_with("timestamp,version,run_id,status"));
+    assert!(lines[1].contains(&v1_run));
+    let bad = http(
+        &addr,
+        "GET",
+        "/runs.csv?where=nosuchcolumn%20%3E%201",
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+
+    // Lineage of v1: its run, its data, the alias moves naming it.
+    browser.goto(&format!("{base}/versions/1")).await;
+    assert!(browser.text("#lineage-run").await.contains(&v1_run));
+    assert!(browser.text("#lineage-data").await.contains("sha256:"));
+    let moves = browser.text("#moves").await;
+    assert!(
+        moves.contains("gate") && moves.contains("register"),
+        "{moves}"
+    );
+    browser.screenshot("lineage-v1").await;
+
+    // An anonymous action is refused; so is a signed-in one without the
+    // form's CSRF token, or from another origin.
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let r = http(
+        &addr,
+        "POST",
+        "/console/promote",
+        &form,
+        b"version=1&reason=x&csrf=x",
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    let wrong = sign_in(&addr, "alice", "wrong").await;
+    assert_eq!(wrong.status, 401);
+    assert!(wrong.header("set-cookie").is_none());
+    let ok = sign_in(&addr, "alice", "open-sesame").await;
+    assert_eq!(ok.status, 303);
+    let cookie = ok
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(ok
+        .header("set-cookie")
+        .unwrap()
+        .contains("HttpOnly; SameSite=Strict"));
+    let with_cookie = [
+        ("Content-Type", "application/x-www-form-urlencoded"),
+        ("Cookie", cookie.as_str()),
+    ];
+    let r = http(
+        &addr,
+        "POST",
+        "/console/promote",
+        &with_cookie,
+        b"version=1&reason=x&csrf=forged",
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let page = http(&addr, "GET", "/models", &[("Cookie", cookie.as_str())], b"")
+        .await
+        .text();
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    let foreign = [
+        ("Content-Type", "application/x-www-form-urlencoded"),
+        ("Cookie", cookie.as_str()),
+        ("Origin", "http://evil.example"),
+    ];
+    let r = http(
+        &addr,
+        "POST",
+        "/console/promote",
+        &foreign,
+        format!("version=1&reason=x&csrf={csrf}").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let history: Value = http(&addr, "GET", "/v1/history", &[], b"").await.json();
+    assert!(
+        history["moves"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["action"] != "promote"),
+        "a refused action moved nothing: {history}"
+    );
+
+    // The operator signs in in the browser and promotes v1; predictions switch.
+    browser.goto(&format!("{base}/login")).await;
+    browser.type_into("#name", "alice").await;
+    browser.type_into("#password", "open-sesame").await;
+    browser.click("#login-button").await;
+    wait_for("signed in", WAIT, || async {
+        browser
+            .text("#operator")
+            .await
+            .contains("alice")
+            .then_some(())
+    })
+    .await;
+    browser.screenshot("models-operator").await;
+    browser
+        .type_into(
+            "tr[data-version='1'] form.promote input[name='reason']",
+            "canary looked better",
+        )
+        .await;
+    browser
+        .click("tr[data-version='1'] form.promote button")
+        .await;
+    wait_for("promoted", WAIT, || async {
+        let moved = browser
+            .eval("return document.getElementById('moved')?.textContent ?? ''")
+            .await;
+        moved
+            .as_str()
+            .filter(|t| t.contains("v2 → v1"))
+            .map(str::to_owned)
+    })
+    .await;
+    browser.screenshot("promoted").await;
+    let probe = user_body(&platform.bed.data, 0);
+    wait_for("v1 served again", WAIT, || async {
+        let m = platform
+            .client
+            .request("ml.predict", probe.clone().into())
+            .await
+            .ok()?;
+        let v: Value = serde_json::from_slice(&m.payload).ok()?;
+        (v["model_version"] == 1).then_some(())
+    })
+    .await;
+    browser.goto(&format!("{base}/history")).await;
+    let latest = browser.text("#history tbody tr:first-child").await;
+    assert!(
+        latest.contains("promote")
+            && latest.contains("alice")
+            && latest.contains("canary looked better"),
+        "{latest}"
+    );
+    browser.screenshot("history").await;
+
+    // The live panel follows the monitor under load.
+    let load = {
+        let client = platform.client.clone();
+        let body = probe.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = client.request("ml.predict", body.clone().into()).await;
+            }
+        })
+    };
+    browser.goto(&format!("{base}/live")).await;
+    wait_for("live panel updated under load", WAIT, || async {
+        let v = browser
+            .eval("return [Number(document.body.dataset.updates ?? 0), document.getElementById('count').textContent, document.querySelector('#versions tbody')?.textContent ?? '']")
+            .await;
+        let updates = v[0].as_u64().unwrap_or(0);
+        let count: u64 = v[1].as_str().and_then(|c| c.parse().ok()).unwrap_or(0);
+        (updates >= 3 && count > 0 && v[2].as_str().unwrap_or("").contains("v1")).then_some(())
+    })
+    .await;
+    browser.screenshot("live").await;
+    load.abort();
+
+    browser.stop().await;
+    gw.stop().await;
+    platform.stop().await;
 }

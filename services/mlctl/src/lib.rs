@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod registry_view;
+pub mod top;
 pub mod up;
 
 use std::collections::BTreeMap;
@@ -138,6 +139,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Answer `<prefix>.bench.echo` with a constant (the floor `bench --echo` measures).
     Echo,
+    /// A live terminal view of the monitor's figures (`q` quits, `w` switches window/total).
+    Top(top::TopArgs),
 }
 
 fn parse_features(text: &str) -> Result<BTreeMap<String, f64>, String> {
@@ -172,6 +175,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up(args) => up::run(&nats, args).await,
         Command::Bench(args) => bench::run(&nats, args).await,
         Command::Echo => bench::echo(&nats).await,
+        Command::Top(args) => top::run(&nats, args).await,
         command => {
             let client = connect(&nats).await?;
             let subjects = nats.subjects();
@@ -288,7 +292,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("{}", String::from_utf8_lossy(&reply));
                     ExitCode::SUCCESS
                 }
-                Command::GenData { .. } | Command::Up(_) | Command::Bench(_) | Command::Echo => {
+                Command::GenData { .. }
+                | Command::Up(_)
+                | Command::Bench(_)
+                | Command::Echo
+                | Command::Top(_) => {
                     unreachable!("handled above")
                 }
             };

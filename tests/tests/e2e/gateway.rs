@@ -1160,3 +1160,101 @@ async fn console_scenario() {
     gw.stop().await;
     platform.stop().await;
 }
+
+// ---------------------------------------------------------------------------
+// `mlctl top` in a real terminal: tmux, 80×24.
+
+fn tmux(socket: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("tmux")
+        .arg("-L")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run tmux ({e}): apt-get install tmux"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mlctl_top_shows_throughput_and_the_serving_version_under_load_and_quits_on_q() {
+    let platform = Platform::start().await;
+    let mlctl = ml_tests::services::binary("mlctl");
+    let socket = format!("mlctl-top-{}", std::process::id());
+    let command = format!(
+        "env NATS_URL={} {} top --interval 200ms",
+        platform.bed.url,
+        mlctl.display()
+    );
+    let started = tmux(
+        &socket,
+        &[
+            "new-session",
+            "-d",
+            "-s",
+            "top",
+            "-x",
+            "80",
+            "-y",
+            "24",
+            &command,
+        ],
+    );
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let load = {
+        let client = platform.client.clone();
+        let body = user_body(&platform.bed.data, 0);
+        tokio::spawn(async move {
+            loop {
+                let _ = client.request("ml.predict", body.clone().into()).await;
+            }
+        })
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let screen = loop {
+        let out = tmux(&socket, &["capture-pane", "-p", "-t", "top"]);
+        let screen = String::from_utf8_lossy(&out.stdout).into_owned();
+        let rps = screen
+            .lines()
+            .find_map(|l| l.strip_prefix("│requests/s"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if rps > 0.0 && screen.contains("v2 ") && screen.contains("p99") {
+            break screen;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "top did not show the load; last screen:\n{screen}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(screen.lines().count(), 24, "{screen}");
+    assert!(screen.lines().all(|l| l.chars().count() <= 80), "{screen}");
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/console-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    std::fs::write(shots.join("mlctl-top.txt"), &screen).unwrap();
+
+    // `w` switches to the totals; `q` quits.
+    tmux(&socket, &["send-keys", "-t", "top", "w"]);
+    wait_for("totals shown", WAIT, || async {
+        let out = tmux(&socket, &["capture-pane", "-p", "-t", "top"]);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("since the monitor started")
+            .then_some(())
+    })
+    .await;
+    tmux(&socket, &["send-keys", "-t", "top", "q"]);
+    wait_for("top quit", WAIT, || async {
+        (!tmux(&socket, &["has-session", "-t", "top"])
+            .status
+            .success())
+        .then_some(())
+    })
+    .await;
+    load.abort();
+    tmux(&socket, &["kill-server"]);
+    platform.stop().await;
+}

@@ -82,7 +82,7 @@ function follow() {
     alerts.innerHTML = "";
     for (const alert of stats.alerts ?? []) {
       const li = document.createElement("li");
-      li.textContent = `${alert.alert} ${alert.state} ${alert.metric ?? ""}=${fmt(alert.value)}`;
+      li.textContent = `${alert.alert} ${alert.state}, value ${fmt(alert.value)}, since ${alert.active_since ?? "?"}`;
       alerts.appendChild(li);
     }
     if (!alerts.children.length) alerts.innerHTML = "<li>none</li>";

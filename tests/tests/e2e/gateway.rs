@@ -622,6 +622,36 @@ async fn v1_predict_mirrors_ml_predict_with_http_statuses_and_the_gateway_is_bou
     assert!(metrics.contains("gateway_infer_rows_total 2"), "{metrics}");
     assert!(!metrics.contains("/no/such/thing"));
 
+    // With GATEWAY_CONSOLE_PRIVATE the read-only pages want a session too;
+    // the APIs stay as they are.
+    let (private, private_addr) = gateway(
+        &platform.bed.url,
+        &["--console-private", "true", "--operators", "bob:pw"],
+    )
+    .await;
+    let r = http(&private_addr, "GET", "/models", &[], b"").await;
+    assert_eq!(r.status, 303);
+    assert_eq!(r.header("location"), Some("/login"));
+    let signed = sign_in(&private_addr, "bob", "pw").await;
+    let cookie = signed
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let r = http(
+        &private_addr,
+        "GET",
+        "/runs",
+        &[("Cookie", cookie.as_str())],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("signed in as <b>bob</b>"));
+    private.stop().await;
+
     // No predictor: 503 at once, not a timeout; readiness holds while a
     // production model exists (the registry says so) and NATS is up.
     let mut services = platform.services;

@@ -12,8 +12,10 @@
 //! * `GET /openapi.json`: an OpenAPI 3.1 document of every endpoint.
 //!
 //! Every request body is bounded (`GATEWAY_MAX_BODY`), every request has a
-//! deadline (`GATEWAY_REQUEST_TIMEOUT`), NATS requests in flight are bounded
-//! (`GATEWAY_MAX_IN_FLIGHT`), and errors are structured JSON.
+//! deadline (`GATEWAY_REQUEST_TIMEOUT`), requests in progress
+//! (`GATEWAY_MAX_REQUESTS`), NATS requests in flight
+//! (`GATEWAY_MAX_IN_FLIGHT`) and live streams (`GATEWAY_MAX_STREAMS`) are
+//! bounded, and errors are structured JSON.
 
 pub mod api;
 pub mod console;
@@ -85,6 +87,10 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_ROW_CONCURRENCY", default_value_t = 64)]
     pub row_concurrency: usize,
 
+    /// Most HTTP requests being answered at once (more: 503 busy at once).
+    #[arg(long, env = "GATEWAY_MAX_REQUESTS", default_value_t = 8192)]
+    pub max_requests: usize,
+
     /// Most NATS requests in flight for the whole gateway (more: 503 busy).
     #[arg(long, env = "GATEWAY_MAX_IN_FLIGHT", default_value_t = 4096)]
     pub max_in_flight: usize,
@@ -132,6 +138,8 @@ pub struct AppState {
     pub raw_features: Vec<String>,
     /// Permits for live streams.
     pub streams: Arc<Semaphore>,
+    /// Permits for HTTP requests being answered.
+    pub requests: Arc<Semaphore>,
     /// Becomes true when the gateway shuts down.
     pub shutdown: watch::Receiver<bool>,
     /// The console's operators and session keys.
@@ -193,11 +201,21 @@ async fn not_found(request: Request) -> Response {
     (StatusCode::NOT_FOUND, Json(json!({ "error": message }))).into_response()
 }
 
-/// Middleware: answers 504 when the handler takes longer than
+/// Middleware: answers 503 at once beyond `GATEWAY_MAX_REQUESTS` requests
+/// in progress, and 504 when the handler takes longer than
 /// `GATEWAY_REQUEST_TIMEOUT` (a stream's response head counts, not the
 /// stream).
 async fn deadline(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let v1 = request.uri().path().starts_with("/v1/");
+    let Ok(_permit) = state.requests.clone().try_acquire_owned() else {
+        let message =
+            "the gateway is busy: too many requests at once (GATEWAY_MAX_REQUESTS); retry";
+        return if v1 {
+            api::ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message).into_response()
+        } else {
+            oip::OipError::new(StatusCode::SERVICE_UNAVAILABLE, message).into_response()
+        };
+    };
     let limit = state.config.http_timeout;
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
@@ -242,6 +260,7 @@ pub async fn serve(
     let state = Arc::new(AppState {
         raw_features: FeatureRegistry::default().raw_names().to_vec(),
         streams: Arc::new(Semaphore::new(config.max_streams.max(1))),
+        requests: Arc::new(Semaphore::new(config.max_requests.max(1))),
         metrics: metrics::Metrics::new(),
         platform,
         shutdown: stopped,

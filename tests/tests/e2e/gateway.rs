@@ -652,6 +652,59 @@ async fn v1_predict_mirrors_ml_predict_with_http_statuses_and_the_gateway_is_bou
     assert!(r.text().contains("signed in as <b>bob</b>"));
     private.stop().await;
 
+    // Requests in progress are bounded (503 busy at once beyond), and one
+    // that does not finish in GATEWAY_REQUEST_TIMEOUT is answered 504: a
+    // client that sends a head and only part of its body holds a request.
+    let (small, small_addr) = gateway(
+        &platform.bed.url,
+        &["--max-requests", "1", "--http-timeout", "1s"],
+    )
+    .await;
+    // The held request and the probe race to the one permit: when the
+    // probe wins, the held request is the one refused; try again.
+    let mut attempts = 0;
+    let (mut stalled, busy) = loop {
+        attempts += 1;
+        assert!(attempts <= 20, "the held request never held the permit");
+        let mut stalled = tokio::net::TcpStream::connect(&small_addr).await.unwrap();
+        stalled
+            .write_all(
+                format!(
+                    "POST /v1/predict HTTP/1.1\r\nHost: {small_addr}\r\nContent-Length: 100\r\n\r\n{{\"user"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let r = http(&small_addr, "GET", "/v1/models", &[], b"").await;
+        if r.status == 503 {
+            break (stalled, r);
+        }
+        let mut refused = Vec::new();
+        tokio::time::timeout(WAIT, stalled.read_to_end(&mut refused))
+            .await
+            .expect("the refused request is answered")
+            .unwrap();
+        assert!(
+            refused.starts_with(b"HTTP/1.1 503"),
+            "{}",
+            String::from_utf8_lossy(&refused)
+        );
+    };
+    assert_eq!(busy.json()["error"]["code"], "busy", "{}", busy.text());
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, stalled.read_to_end(&mut answer))
+        .await
+        .expect("the stalled request is answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("GATEWAY_REQUEST_TIMEOUT"), "{answer}");
+    let r = http(&small_addr, "GET", "/v1/models", &[], b"").await;
+    assert_eq!(r.status, 200, "free again: {}", r.text());
+    small.stop().await;
+
     // No predictor: 503 at once, not a timeout; readiness holds while a
     // production model exists (the registry says so) and NATS is up.
     let mut services = platform.services;

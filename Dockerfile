@@ -20,7 +20,7 @@ COPY . .
 
 RUN cargo build --release --locked --bins \
  && mkdir -p /out \
- && for bin in trainer registry predictor monitor mlctl; do \
+ && for bin in trainer registry predictor monitor mlctl gateway; do \
         install -m 0755 "target/release/${bin}" "/out/${bin}"; \
     done
 

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod registry_view;
 pub mod secrets;
+pub mod top;
 pub mod up;
 
 use std::collections::BTreeMap;
@@ -141,6 +142,8 @@ pub enum Command {
     Echo,
     /// Print a `.env` for docker compose: a random password per NATS user and its bcrypt hash.
     Secrets,
+    /// A live terminal view of the monitor's figures (`q` quits, `w` switches window/total).
+    Top(top::TopArgs),
 }
 
 fn parse_features(text: &str) -> Result<BTreeMap<String, f64>, String> {
@@ -179,6 +182,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", secrets::env_file()?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Top(args) => top::run(&nats, args).await,
         command => {
             let client = connect(&nats).await?;
             let subjects = nats.subjects();
@@ -302,7 +306,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 | Command::Up(_)
                 | Command::Bench(_)
                 | Command::Echo
-                | Command::Secrets => {
+                | Command::Secrets
+                | Command::Top(_) => {
                     unreachable!("handled above")
                 }
             };

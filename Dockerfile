@@ -30,13 +30,13 @@ RUN set -eu; \
         mkdir -p "/skeleton/${crate}/src"; \
         cp "${manifest}" "/skeleton/${manifest}"; \
         if [ -f "${crate}/src/lib.rs" ] || [ ! -f "${crate}/src/main.rs" ]; then \
-            : > "/skeleton/${crate}/src/lib.rs"; \
+            echo '//! Stub of the dependency layer.' > "/skeleton/${crate}/src/lib.rs"; \
         fi; \
         for target in "${crate}/src/main.rs" "${crate}"/src/bin/*.rs "${crate}"/benches/*.rs \
                       "${crate}"/examples/*.rs "${crate}"/tests/*.rs; do \
             if [ -f "${target}" ]; then \
                 mkdir -p "/skeleton/$(dirname "${target}")"; \
-                echo 'fn main() {}' > "/skeleton/${target}"; \
+                printf '//! Stub of the dependency layer.\nfn main() {}\n' > "/skeleton/${target}"; \
             fi; \
         done; \
     done

@@ -57,6 +57,18 @@ if [ "${1:-}" = "--list" ]; then
     exit 0
 fi
 
+image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+
+missing=()
+for tag in "${DEBIAN_IMAGE}" "${RUST_IMAGE}" "${NATS_IMAGE}" "${PROM_IMAGE}"; do
+    image_exists "${tag}" || missing+=("${tag}")
+done
+if [ "${#missing[@]}" -eq 0 ]; then
+    log "${DEBIAN_IMAGE}, ${RUST_IMAGE}, ${NATS_IMAGE} and ${PROM_IMAGE} exist: nothing to do"
+    exit 0
+fi
+log "to make: ${missing[*]}"
+
 [ "$(id -u)" -eq 0 ] || die "run as root (debootstrap and the trees' file ownership need it)"
 for tool in docker debootstrap cargo rustc python3 tar; do
     command -v "${tool}" >/dev/null 2>&1 || die "${tool} not found"
@@ -65,8 +77,6 @@ done
 mkdir -p "${CACHE}/debs"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/local-images.XXXXXX")
 trap 'rm -rf "${WORK}"' EXIT
-
-image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 
 # rootfs NAME [PACKAGE,...]: the path of a cached tarball of a bookworm tree
 # (minbase plus the packages), made with debootstrap the first time.

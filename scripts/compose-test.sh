@@ -130,6 +130,9 @@ client() {
 
 USER_ID=$(sed -n '2p' data/user_data.csv | cut -d, -f2)
 predict_ok() { REQUEST_TIMEOUT=1s client predict "${USER_ID}" >"${WORK}/predict.out" 2>&1; }
+# predicted_by TEXT: a prediction whose reply contains TEXT.
+predicted_by() { predict_ok && grep -qF "$1" "${WORK}/predict.out"; }
+PRODUCTION_BEFORE=""
 
 # The operator's mlctl inside the compose network (the README's command).
 operator() { timeout 120 "${COMPOSE[@]}" -p "${PROJECT}" -f "${ROOT}/docker-compose.yml" run --rm -T mlctl "$@"; }
@@ -266,14 +269,31 @@ EOF2
         fail "run --rm mlctl models with LOG_FORMAT=json"
     fi
 
-    # 3. The operator's commands through `run --rm mlctl` (admin user).
+    # 3. The operator's commands through `run --rm mlctl` (admin user), and
+    # what promote and rollback do to the predictions' model version.
     local cmd
-    for cmd in "models" "runs" "train" "history" "promote 1 --reason compose-test" "rollback --reason compose-test" "history"; do
+    for cmd in "models" "runs" "train" "promote 1 --reason compose-test" "rollback --reason compose-test" "history"; do
         # shellcheck disable=SC2086
         if operator ${cmd} >"${WORK}/op.out" 2>&1; then
             log "run --rm mlctl ${cmd}: ok ($(wc -l <"${WORK}/op.out") lines)"
+            case "${cmd}" in
+            promote*)
+                wait_until 15 "predictions from version 1 after promote 1" predicted_by '"model_version":1}' ||
+                    fail "predictions do not come from version 1 after promote 1"
+                ;;
+            rollback*)
+                wait_until 15 "predictions from the version before promote 1 after rollback" \
+                    predicted_by "\"model_version\":${PRODUCTION_BEFORE}}" ||
+                    fail "predictions do not come from version ${PRODUCTION_BEFORE} after rollback"
+                ;;
+            train)
+                PRODUCTION_BEFORE=$(operator models --json 2>>"${WORK}/operator.err" |
+                    python3 -c 'import json, sys; print(json.load(sys.stdin)["production"])')
+                log "production after train: v${PRODUCTION_BEFORE}"
+                ;;
+            esac
         else
-            sed 's/^/    /' "${WORK}/op.out"
+            grep -v '^Creating' "${WORK}/op.out" | sed 's/^/    /'
             fail "run --rm mlctl ${cmd}"
         fi
     done

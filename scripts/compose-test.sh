@@ -276,6 +276,10 @@ EOF2
         # shellcheck disable=SC2086
         if operator ${cmd} >"${WORK}/op.out" 2>&1; then
             log "run --rm mlctl ${cmd}: ok ($(wc -l <"${WORK}/op.out") lines)"
+            # mlctl logs warnings only unless RUST_LOG says otherwise.
+            if grep -q ' INFO ' "${WORK}/op.out"; then
+                fail "run --rm mlctl ${cmd} printed INFO log lines"
+            fi
             case "${cmd}" in
             promote*)
                 wait_until 15 "predictions from version 1 after promote 1" predicted_by '"model_version":1}' ||

@@ -56,12 +56,12 @@ RUN cargo build --profile dist --locked --workspace --bins
 COPY . .
 # The stubs were built later than the real sources' modification times:
 # touch the sources so that cargo rebuilds the workspace's crates from them.
+# Every binary of the workspace goes to the image (a new service crate needs
+# no change here).
 RUN find . -path ./target -prune -o -name '*.rs' -exec touch {} + \
  && cargo build --profile dist --locked --workspace --bins \
  && mkdir -p /out \
- && for bin in trainer registry predictor monitor mlctl; do \
-        install -m 0755 "target/dist/${bin}" "/out/${bin}"; \
-    done
+ && find target/dist -maxdepth 1 -type f -perm -u+x -exec install -m 0755 -t /out {} +
 
 # ---------------------------------------------------------------------------
 # Runtime: a slim Debian with the binaries and the sample data.

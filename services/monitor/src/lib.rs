@@ -38,6 +38,8 @@ pub mod validate;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+
+use async_nats::service::ServiceExt;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -465,7 +467,20 @@ pub async fn run_with_output<W: Write>(
     .await?;
     let subjects = config.nats.subjects();
     let mut events = client.subscribe(subjects.monitor_events.clone()).await?;
-    let mut stats_requests = client.subscribe(subjects.monitor_stats.clone()).await?;
+    // `ml.monitor.stats` as the endpoint of the `monitor` micro service, so
+    // that discovery (`$SRV.PING.monitor`) finds it.
+    let service = client
+        .service_builder()
+        .description("Latency, errors, drift and alerts of the predictors")
+        .start("monitor", env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the micro-service: {e}"))?;
+    let mut stats_requests = service
+        .endpoint_builder()
+        .name("stats")
+        .add(subjects.monitor_stats.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("adding the stats endpoint: {e}"))?;
 
     // The production model, followed as a predictor does; releases reach
     // the loop below through a channel.
@@ -574,7 +589,8 @@ pub async fn run_with_output<W: Write>(
             }
             _ = discovery_ticker.tick() => discovery_wanted = true,
             Some(release) = releases.recv() => state.new_release(&release),
-            Some(message) = stats_requests.next() => {
+            Some(request) = stats_requests.next() => {
+                let message = &request.message;
                 if ml_shared::nats::accept_reply("monitor", &message.subject, message.reply.as_ref()).is_none() {
                     continue;
                 }
@@ -586,21 +602,22 @@ pub async fn run_with_output<W: Write>(
                     alerts: alerts.active(),
                     monitor: state.health(),
                 };
-                if let Some(to) = message.reply {
-                    let mut body = serde_json::to_vec(&reply).expect("snapshots serialise");
-                    let limit = client.server_info().max_payload;
-                    if body.len() > limit {
-                        // Bounded by design (the caps); this guards the rest
-                        // (thousands of alert rules, say).
-                        tracing::error!(bytes = body.len(), limit, "stats reply larger than the server's max_payload");
-                        body = serde_json::to_vec(&ml_shared::messages::ErrorReply::new(
-                            ml_shared::messages::ErrorCode::Internal,
-                            format!("the stats reply ({} bytes) exceeds the server's max_payload ({limit})", body.len()),
-                        )).expect("errors serialise");
-                    }
-                    if let Err(error) = client.publish(to, body.into()).await {
-                        tracing::warn!(%error, "cannot answer a stats request");
-                    }
+                let body = serde_json::to_vec(&reply).expect("snapshots serialise");
+                let limit = client.server_info().max_payload;
+                let sent = if body.len() > limit {
+                    // Bounded by design (the caps); this guards the rest
+                    // (thousands of alert rules, say).
+                    tracing::error!(bytes = body.len(), limit, "stats reply larger than the server's max_payload");
+                    let (body, headers) = ml_shared::nats::error_parts(&ml_shared::messages::ErrorReply::new(
+                        ml_shared::messages::ErrorCode::Internal,
+                        format!("the stats reply ({} bytes) exceeds the server's max_payload ({limit})", body.len()),
+                    ));
+                    request.respond_with_headers(Ok(body), headers).await
+                } else {
+                    request.respond(Ok(body.into())).await
+                };
+                if let Err(error) = sent {
+                    tracing::warn!(%error, "cannot answer a stats request");
                 }
             }
             _ = ticker.tick() => {

@@ -9,28 +9,38 @@
 //! `failed`. A scheduled run that could not reach the registry is retried
 //! after `TRAIN_RETRY`.
 //!
+//! A run streams the data file in passes ([`stream`]): memory does not grow
+//! with the file, and long runs log their progress (rows, MB/s, ETA).
+//!
 //! With `TRAIN_SKIP_UNCHANGED` (the default), a scheduled run is skipped,
 //! and says so in the log, when the data file's fingerprint and the training
-//! parameters are those of this trainer's last completed run (registered or
-//! failed): it would give the same result. A request on `ml.train` always
-//! trains.
+//! parameters are those of the last completed run (registered or failed):
+//! it would give the same result. The last run is this trainer's own, or,
+//! before it has made one, the newest run the registry recorded
+//! (`ml.registry.runs`), so a restarted trainer on unchanged data registers
+//! nothing new. When the registry cannot say, the trainer trains. A request
+//! on `ml.train` always trains.
 
 pub mod pipeline;
+pub mod solve;
+pub mod stream;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::Client;
+use bytes::Bytes;
 use clap::Parser;
 use futures::StreamExt;
-use ml_shared::data::{self, DataError};
+use ml_shared::data;
 use ml_shared::features::FeatureRegistry;
 use ml_shared::lifecycle::{FailedRun, RecordedReply};
 use ml_shared::messages::{
-    ApiReply, ErrorCode, ErrorReply, Submission, SubmitReply, TrainParams, TrainReply,
+    ApiReply, ErrorCode, ErrorReply, ExperimentRow, RunsReply, Submission, SubmitReply,
+    TrainParams, TrainReply,
 };
 use ml_shared::settings::{parse_duration, NatsSettings};
 use ml_shared::subjects::Subjects;
@@ -152,6 +162,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         config: Arc::new(config),
         registry: Arc::new(FeatureRegistry::default()),
         last: Arc::new(Mutex::new(None)),
+        asked_registry: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     };
     tracing::info!(
         data = %trainer.config.data_path.display(),
@@ -235,6 +246,68 @@ struct Trainer {
     config: Arc<Config>,
     registry: Arc<FeatureRegistry>,
     last: Arc<Mutex<Option<(RunKey, String)>>>,
+    /// Whether the registry has told us its newest run (once is enough:
+    /// afterwards this trainer's own runs are the newest).
+    asked_registry: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How long a scheduled run waits for the registry's newest run before
+/// training without knowing it.
+pub const LAST_RUN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Asks the registry for its newest recorded runs on `ml.registry.runs` and
+/// returns the newest; `None` when the registry does not answer in time, or
+/// answers with an error or something unreadable.
+///
+/// The request asks for one run (`{"limit":1}`); a registry that answers
+/// every run, oldest first, is read the same way: the newest is the one
+/// with the latest timestamp, the last of equals.
+pub async fn newest_recorded_run(
+    client: &Client,
+    subjects: &Subjects,
+    timeout: Duration,
+) -> Option<ExperimentRow> {
+    let request = client.request(
+        subjects.registry_runs.clone(),
+        Bytes::from_static(br#"{"limit":1}"#),
+    );
+    let message = match tokio::time::timeout(timeout, request).await {
+        Ok(Ok(m)) => m,
+        Ok(Err(error)) => {
+            tracing::info!(%error, "the registry's runs are unavailable");
+            return None;
+        }
+        Err(_) => {
+            tracing::info!("the registry's runs did not come in time");
+            return None;
+        }
+    };
+    match serde_json::from_slice::<ApiReply<RunsReply>>(&message.payload) {
+        Ok(ApiReply::Ok(reply)) => reply
+            .runs
+            .into_iter()
+            .max_by(|a, b| a.timestamp.cmp(&b.timestamp)),
+        Ok(ApiReply::Err(error)) => {
+            tracing::info!(%error, "the registry refused to list its runs");
+            None
+        }
+        Err(error) => {
+            tracing::info!(%error, "unreadable list of runs from the registry");
+            None
+        }
+    }
+}
+
+/// Whether a recorded run was trained with `spec`'s parameters. A
+/// registered run records the family it resolved to, so `auto` matches a
+/// `linear` or `logistic` run (on the same data, `auto` resolves the same
+/// way).
+pub fn same_params(row: &ExperimentRow, spec: &TrainSpec) -> bool {
+    let model = match spec.model {
+        ModelChoice::Auto => matches!(row.model.as_str(), "auto" | "linear" | "logistic"),
+        choice => row.model == choice.to_string(),
+    };
+    model && row.seed == spec.seed && row.validation_fraction == spec.validation_fraction
 }
 
 /// The blocking part of a run: read, maybe skip, train.
@@ -291,38 +364,55 @@ impl Trainer {
         let spec = self.config.spec();
         let run_id = format!("run-{:016x}", rand::random::<u64>());
         let started_ms = ml_shared::time::now_ms();
-        let last = (may_skip && self.config.skip_unchanged)
+        let may_skip = may_skip && self.config.skip_unchanged;
+        if may_skip
+            && !self
+                .asked_registry
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.learn_last_run(&spec).await;
+        }
+        let last = may_skip
             .then(|| self.last.lock().unwrap_or_else(|p| p.into_inner()).clone())
             .flatten();
         let (config, registry, id) = (self.config.clone(), self.registry.clone(), run_id.clone());
         let attempt = tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
             let path = &config.data_path;
-            let bytes = match std::fs::read(path) {
-                Ok(b) => b,
-                Err(source) => {
-                    let error = DataError::Io {
-                        path: path.clone(),
-                        source,
-                    };
+            let fingerprint = match data::fingerprint_file(path) {
+                Ok(f) => f,
+                Err(error) => {
                     return Attempt::Trained {
                         key: None,
                         result: Box::new(Err(error.into())),
                     };
                 }
             };
-            let key = RunKey {
-                fingerprint: data::fingerprint(&bytes),
-                spec,
-            };
+            let key = RunKey { fingerprint, spec };
             if let Some((last_key, last_run)) = last {
                 if last_key == key {
                     return Attempt::Skipped { key, last_run };
                 }
             }
-            let result = data::parse_csv(path, &bytes, registry.raw_names())
-                .map_err(TrainError::from)
-                .and_then(|d| pipeline::train_dataset(path, &d, &registry, &spec, id, started));
+            let result =
+                stream::train_file(path, &registry, &spec, id, Some(key.fingerprint.clone())).map(
+                    |trained| {
+                        let passes = &trained.report.passes;
+                        tracing::info!(
+                            rows = passes.first().map_or(0, |p| p.rows),
+                            passes = passes.len(),
+                            parse_mb_per_s = format_args!("{:.1}", trained.report.parse_mb_per_s()),
+                            rows_per_s = format_args!(
+                                "{:.0}",
+                                passes.first().map_or(0.0, |p| p.rows_per_s())
+                            ),
+                            newton_iterations =
+                                trained.report.convergence.as_ref().map(|c| c.iterations),
+                            gradient = trained.report.convergence.as_ref().map(|c| c.gradient),
+                            "model fitted"
+                        );
+                        (trained.artifact, trained.run)
+                    },
+                );
             Attempt::Trained {
                 key: Some(key),
                 result: Box::new(result),
@@ -409,6 +499,43 @@ impl Trainer {
             gate: ack.gate,
             run,
         })))
+    }
+
+    /// Before this trainer's first run: takes the registry's newest recorded
+    /// run as the last run, when it was trained with these parameters.
+    async fn learn_last_run(&self, spec: &TrainSpec) {
+        if self
+            .last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            self.asked_registry
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        let Some(row) = newest_recorded_run(&self.client, &self.subjects, LAST_RUN_TIMEOUT).await
+        else {
+            return;
+        };
+        self.asked_registry
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none() && same_params(&row, spec) && !row.data_fingerprint.is_empty() {
+            tracing::info!(
+                run_id = %row.run_id,
+                version = ?row.version,
+                fingerprint = %row.data_fingerprint,
+                "the registry's newest run has these parameters: unchanged data will not be retrained"
+            );
+            *last = Some((
+                RunKey {
+                    fingerprint: row.data_fingerprint,
+                    spec: *spec,
+                },
+                row.run_id,
+            ));
+        }
     }
 
     /// Reports a failed run to the registry, so that the experiments log has

@@ -1,6 +1,14 @@
 //! One training run, without any I/O but reading the data file: load through
 //! the feature store's registry, split, standardise, fit, score.
 //!
+//! [`train`] is the run the service makes: it streams the file in passes
+//! ([`crate::stream`]), in memory independent of the row count.
+//! [`train_in_memory`] loads the whole file and fits with `linfa-linear` and
+//! `linfa-logistic` on `ndarray` matrices: the reference the streaming fit
+//! is tested against, and the faster path for a file that fits in memory
+//! many times over. Both split by [`ml_shared::holdout::is_holdout`] on the
+//! entity id, so they hold out the same rows.
+//!
 //! The family is chosen by [`ModelChoice`]: `linear` (ordinary least
 //! squares), `logistic` (L2-regularised logistic regression with `C = 1`, as
 //! scikit-learn's default, through `linfa-logistic`), or `auto`, which picks
@@ -21,9 +29,8 @@ use ml_shared::messages::{Metrics, RunRecord, TrainParams};
 use ml_shared::model::{sigmoid, ModelArtifact, ModelError, ModelKind, Scaler};
 use ml_shared::profile::{ReferenceProfile, DEFAULT_BINS};
 use ndarray::{Array1, Array2};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+
+use crate::solve::DesignError;
 
 /// Fewest rows in each side of the split.
 pub const MIN_ROWS: usize = 2;
@@ -70,6 +77,19 @@ impl std::fmt::Display for ModelChoice {
             ModelChoice::Linear => "linear",
             ModelChoice::Logistic => "logistic",
         })
+    }
+}
+
+/// The family `choice` gives for a target whose first value other than 0
+/// and 1 is `non_binary` (`None`: every value is 0 or 1).
+pub fn resolve_kind(choice: ModelChoice, non_binary: Option<f64>) -> Result<ModelKind, TrainError> {
+    match (choice, non_binary) {
+        (ModelChoice::Linear, _) => Ok(ModelKind::Linear),
+        (ModelChoice::Logistic, None) | (ModelChoice::Auto, None) => Ok(ModelKind::Logistic),
+        (ModelChoice::Logistic, Some(bad)) => Err(TrainError::Params(format!(
+            "a logistic model needs a target of 0 and 1, and the data holds {bad}"
+        ))),
+        (ModelChoice::Auto, Some(_)) => Ok(ModelKind::Linear),
     }
 }
 
@@ -130,11 +150,18 @@ pub enum TrainError {
     #[error("{0}: no `target` column to learn from")]
     NoTarget(String),
     /// Too few rows to fit and validate.
-    #[error("{rows} rows: need at least {MIN_ROWS} for training and {MIN_ROWS} for validation")]
+    #[error("{rows} rows ({train} for training, {validation} held out): need at least {MIN_ROWS} on each side")]
     TooFewRows {
         /// Rows in the file.
         rows: usize,
+        /// Rows outside the holdout.
+        train: usize,
+        /// Rows in the holdout.
+        validation: usize,
     },
+    /// The design matrix cannot be fitted (a constant or collinear feature).
+    #[error("cannot fit: {0}")]
+    Design(#[from] DesignError),
     /// A model feature cannot be produced.
     #[error(transparent)]
     Feature(#[from] FeatureError),
@@ -160,14 +187,33 @@ pub enum TrainError {
     Params(String),
 }
 
-/// Splits `0..n` into (train, validation) indices, deterministically for a seed.
-pub fn split(n: usize, validation_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
-    let mut idx: Vec<usize> = (0..n).collect();
-    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-    let n_val = ((n as f64) * validation_fraction).round() as usize;
-    let n_val = n_val.clamp(MIN_ROWS.min(n), n.saturating_sub(MIN_ROWS));
-    let train = idx.split_off(n_val);
-    (train, idx)
+/// Splits rows into (train, validation) indices by the holdout rule on
+/// their entity ids, in file order: the same rows whatever reads them.
+pub fn split<'a>(
+    ids: impl IntoIterator<Item = &'a str>,
+    validation_fraction: f64,
+    seed: u64,
+) -> (Vec<usize>, Vec<usize>) {
+    let (mut train, mut validation) = (Vec::new(), Vec::new());
+    for (i, id) in ids.into_iter().enumerate() {
+        if ml_shared::holdout::is_holdout(id, validation_fraction, seed) {
+            validation.push(i);
+        } else {
+            train.push(i);
+        }
+    }
+    (train, validation)
+}
+
+/// Checks the parameters that do not depend on the data.
+pub fn check_spec(spec: &TrainSpec) -> Result<(), TrainError> {
+    if !(spec.validation_fraction > 0.0 && spec.validation_fraction < 1.0) {
+        return Err(TrainError::Params(format!(
+            "validation fraction {} is not in (0, 1)",
+            spec.validation_fraction
+        )));
+    }
+    Ok(())
 }
 
 /// The design matrix of `rows`: one line per row, features in model order.
@@ -270,9 +316,19 @@ pub fn reference_profile(artifact: &ModelArtifact, x: &Array2<f64>) -> Reference
     .expect("finite training data and a validated model give finite histograms")
 }
 
-/// Loads `data_path`, fits the chosen family on the training split, scores
-/// it on the validation split.
+/// Streams `data_path` ([`crate::stream::train_file`]): fits the chosen
+/// family on the training split, scores it on the holdout.
 pub fn train(
+    data_path: &Path,
+    registry: &FeatureRegistry,
+    spec: &TrainSpec,
+    run_id: String,
+) -> Result<(ModelArtifact, RunRecord), TrainError> {
+    crate::stream::train_file(data_path, registry, spec, run_id, None).map(|t| (t.artifact, t.run))
+}
+
+/// Loads `data_path` into memory and fits with `linfa` ([`train_dataset`]).
+pub fn train_in_memory(
     data_path: &Path,
     registry: &FeatureRegistry,
     spec: &TrainSpec,
@@ -294,22 +350,25 @@ pub fn train_dataset(
     started: Instant,
 ) -> Result<(ModelArtifact, RunRecord), TrainError> {
     let started_ms = ml_shared::time::now_ms().saturating_sub(started.elapsed().as_millis() as u64);
-    if !(0.0..1.0).contains(&spec.validation_fraction) || spec.validation_fraction <= 0.0 {
-        return Err(TrainError::Params(format!(
-            "validation fraction {} is not in (0, 1)",
-            spec.validation_fraction
-        )));
-    }
+    check_spec(spec)?;
     let targets = data
         .targets
         .as_ref()
         .ok_or_else(|| TrainError::NoTarget(data_path.display().to_string()))?;
-    if data.len() < 2 * MIN_ROWS {
-        return Err(TrainError::TooFewRows { rows: data.len() });
-    }
     let kind = spec.model.resolve(targets)?;
     let names: Vec<String> = registry.names().map(str::to_owned).collect();
-    let (train_rows, val_rows) = split(data.len(), spec.validation_fraction, spec.seed);
+    let (train_rows, val_rows) = split(
+        data.user_ids.iter().map(String::as_str),
+        spec.validation_fraction,
+        spec.seed,
+    );
+    if train_rows.len() < MIN_ROWS || val_rows.len() < MIN_ROWS {
+        return Err(TrainError::TooFewRows {
+            rows: data.len(),
+            train: train_rows.len(),
+            validation: val_rows.len(),
+        });
+    }
 
     let mut x = design_matrix(data, registry, &names, &train_rows)?;
     let scaler = Scaler::fit(
@@ -384,9 +443,9 @@ pub fn train_dataset(
 }
 
 /// Fits an L2-regularised logistic regression on standardised `x` and 0/1
-/// `y`; returns (coefficients, intercept), after checking that the solver
-/// reached the optimum.
-fn fit_logistic(
+/// `y` with `linfa-logistic`; returns (coefficients, intercept), after
+/// checking that the solver reached the optimum.
+pub fn fit_logistic(
     x: Array2<f64>,
     y: &Array1<f64>,
     max_iterations: u64,
@@ -464,14 +523,20 @@ mod tests {
 
     #[test]
     fn split_is_deterministic_disjoint_and_complete() {
-        let (t1, v1) = split(100, 0.2, 7);
-        let (t2, v2) = split(100, 0.2, 7);
+        let ids: Vec<String> = (0..1000).map(|i| format!("user-{i}")).collect();
+        let ids = || ids.iter().map(String::as_str);
+        let (t1, v1) = split(ids(), 0.2, 7);
+        let (t2, v2) = split(ids(), 0.2, 7);
         assert_eq!((&t1, &v1), (&t2, &v2));
-        assert_eq!(v1.len(), 20);
+        assert!((150..250).contains(&v1.len()), "{}", v1.len());
         let mut all: Vec<usize> = t1.iter().chain(&v1).copied().collect();
         all.sort();
-        assert_eq!(all, (0..100).collect::<Vec<_>>());
-        assert_ne!(split(100, 0.2, 8).1, v1);
+        assert_eq!(all, (0..1000).collect::<Vec<_>>());
+        assert_ne!(split(ids(), 0.2, 8).1, v1);
+        // The rule is the shared one: a row's side depends on its id alone.
+        for &i in &v1 {
+            assert!(ml_shared::holdout::is_holdout(&format!("user-{i}"), 0.2, 7));
+        }
     }
 
     #[test]

@@ -730,6 +730,155 @@ mod tests {
         assert!(matches!(err, TrainError::NoTarget(_)), "{err}");
     }
 
+    /// The streaming fit and `linfa-linear` on the same rows: the same
+    /// least-squares solution, to 1e-9 relative.
+    #[test]
+    fn the_streaming_linear_fit_equals_linfa_in_memory() {
+        let (_dir, path) = data(20_000, 5, gen::Target::Regression);
+        let registry = FeatureRegistry::default();
+        let s = spec(ModelChoice::Linear);
+        let (streamed, run) = train(&path, &registry, &s, "s".into()).unwrap();
+        let (in_memory, run_mem) = train_in_memory(&path, &registry, &s, "m".into()).unwrap();
+        assert_eq!(
+            (run.rows_train, run.rows_validation),
+            (run_mem.rows_train, run_mem.rows_validation)
+        );
+        assert_eq!(run.data_fingerprint, run_mem.data_fingerprint);
+        let (c1, b1) = streamed.unscaled();
+        let (c2, b2) = in_memory.unscaled();
+        for (a, b) in c1.iter().chain([&b1]).zip(c2.iter().chain([&b2])) {
+            let rel = (a - b).abs() / b.abs();
+            assert!(rel < 1e-9, "{c1:?} {b1} vs {c2:?} {b2}: {rel:e}");
+        }
+        let s1 = streamed.scaler.as_ref().unwrap();
+        let s2 = in_memory.scaler.as_ref().unwrap();
+        for (a, b) in s1.mean.iter().chain(&s1.scale).zip(s2.mean.iter().chain(&s2.scale)) {
+            assert!((a - b).abs() <= 1e-12 * b.abs().max(1.0), "{s1:?} vs {s2:?}");
+        }
+        for (name, value) in run.metrics.fields() {
+            let other = run_mem.metrics.fields().into_iter().find(|(n, _)| *n == name).unwrap().1;
+            match (value, other) {
+                (Some(a), Some(b)) => assert!((a - b).abs() <= 1e-9 * b.abs(), "{name}: {a} vs {b}"),
+                (a, b) => assert_eq!(a, b, "{name}"),
+            }
+        }
+        // Fewer training rows than the sample: the same reference profile.
+        assert_eq!(
+            streamed.profile.as_ref().unwrap().features,
+            in_memory.profile.as_ref().unwrap().features
+        );
+    }
+
+    /// The streaming Newton fit and `linfa-logistic` on the reference
+    /// classification data: the same optimum, the same accuracy.
+    #[test]
+    fn the_streaming_logistic_fit_matches_linfa_in_memory() {
+        let (_dir, path) = data(4000, 2, gen::Target::Binary);
+        let registry = FeatureRegistry::default();
+        let s = spec(ModelChoice::Auto);
+        let trained = crate::stream::train_file(&path, &registry, &s, "s".into(), None).unwrap();
+        let (in_memory, run_mem) = train_in_memory(&path, &registry, &s, "m".into()).unwrap();
+        assert_eq!(trained.artifact.kind, ModelKind::Logistic);
+        let convergence = trained.report.convergence.clone().expect("reported");
+        assert!(convergence.gradient <= CONVERGENCE_TOLERANCE, "{convergence:?}");
+        assert!(convergence.iterations < 15, "{convergence:?}");
+        let (c1, b1) = trained.artifact.unscaled();
+        let (c2, b2) = in_memory.unscaled();
+        for (a, b) in c1.iter().chain([&b1]).zip(c2.iter().chain([&b2])) {
+            assert!((a - b).abs() < 1e-3, "{c1:?} {b1} vs {c2:?} {b2}");
+        }
+        let (a1, a2) = (
+            trained.run.metrics.accuracy.unwrap(),
+            run_mem.metrics.accuracy.unwrap(),
+        );
+        assert!((a1 - a2).abs() <= 0.005, "accuracy {a1} streamed vs {a2} in memory");
+        let (l1, l2) = (
+            trained.run.metrics.log_loss.unwrap(),
+            run_mem.metrics.log_loss.unwrap(),
+        );
+        assert!((l1 - l2).abs() < 1e-3, "log-loss {l1} vs {l2}");
+        let (u1, u2) = (
+            trained.run.metrics.roc_auc.unwrap(),
+            run_mem.metrics.roc_auc.unwrap(),
+        );
+        assert!((u1 - u2).abs() < 1e-3, "AUC {u1} vs {u2}");
+        // Passes: statistics, one per Newton iteration, scoring.
+        assert_eq!(
+            trained.report.passes.len() as u64,
+            convergence.iterations + 2,
+            "{:?}",
+            trained.report
+        );
+    }
+
+    #[test]
+    fn a_constant_or_collinear_feature_fails_the_run_with_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.csv");
+        let mut text = String::from("user_id,feature_1,feature_2,target\n");
+        for i in 0..200 {
+            text.push_str(&format!("u{i},{},4.5,{}\n", i % 7, i % 5));
+        }
+        std::fs::write(&path, text).unwrap();
+        let err = train(
+            &path,
+            &FeatureRegistry::default(),
+            &spec(ModelChoice::Linear),
+            "r".into(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, TrainError::Design(_)), "{err}");
+        assert!(err.to_string().contains("feature_2 is constant"), "{err}");
+
+        // feature_2 = 2·feature_1 − 1 exactly.
+        let mut text = String::from("user_id,feature_1,feature_2,target\n");
+        for i in 0..200 {
+            let f1 = (i % 11) as f64 / 4.0;
+            text.push_str(&format!("u{i},{f1},{},{}\n", 2.0 * f1 - 1.0, i % 3));
+        }
+        std::fs::write(&path, text).unwrap();
+        let err = train(
+            &path,
+            &FeatureRegistry::default(),
+            &spec(ModelChoice::Linear),
+            "r".into(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, TrainError::Design(_)), "{err}");
+        assert!(
+            err.to_string().contains("feature_2 is a linear combination"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_duplicate_id_fails_the_run_with_both_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.csv");
+        gen::write_csv(std::fs::File::create(&path).unwrap(), 500, 9).unwrap();
+        let mut lines: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        // Line 301 repeats the id of line 11.
+        let id = lines[10].split(',').nth(1).unwrap().to_owned();
+        let mut fields: Vec<String> = lines[300].split(',').map(str::to_owned).collect();
+        fields[1] = id.clone();
+        lines[300] = fields.join(",");
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let err = train(
+            &path,
+            &FeatureRegistry::default(),
+            &spec(ModelChoice::Auto),
+            "r".into(),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("d.csv:301"), "{text}");
+        assert!(text.contains(&format!("duplicate user_id {id:?} (first on line 11)")), "{text}");
+    }
+
     #[test]
     fn model_choices_parse_and_resolve() {
         assert_eq!("auto".parse::<ModelChoice>(), Ok(ModelChoice::Auto));

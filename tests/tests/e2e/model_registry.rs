@@ -801,7 +801,7 @@ async fn the_reference_classifier_workload_trains_serves_and_reports_accuracy() 
 
     // Ask the predictor about every validation user: its labels give the
     // accuracy the trainer reported, and its probabilities the log-loss.
-    let (_, validation) = trainer::pipeline::split(rows.len(), 0.2, 42);
+    let (_, validation) = trainer::pipeline::split(rows.iter().map(|r| r.0.as_str()), 0.2, 42);
     let (mut correct, mut loss) = (0usize, 0.0);
     for &i in &validation {
         let (user, target) = rows[i].clone();

@@ -378,7 +378,16 @@ impl Trainer {
         let (config, registry, id) = (self.config.clone(), self.registry.clone(), run_id.clone());
         let attempt = tokio::task::spawn_blocking(move || {
             let path = &config.data_path;
-            let fingerprint = match data::fingerprint_file(path) {
+            // The stamp taken before the fingerprint: the file the run
+            // reads must be the one fingerprinted.
+            let fingerprint = data::FileStamp::of(path).and_then(|stamp| {
+                let fingerprint = data::fingerprint_file(path)?;
+                if data::FileStamp::of(path)? != stamp {
+                    return Err(data::DataError::Changed { path: path.clone() });
+                }
+                Ok((fingerprint, stamp))
+            });
+            let fingerprint = match fingerprint {
                 Ok(f) => f,
                 Err(error) => {
                     return Attempt::Trained {
@@ -387,32 +396,34 @@ impl Trainer {
                     };
                 }
             };
+            let (fingerprint, stamp) = fingerprint;
             let key = RunKey { fingerprint, spec };
             if let Some((last_key, last_run)) = last {
                 if last_key == key {
                     return Attempt::Skipped { key, last_run };
                 }
             }
-            let result =
-                stream::train_file(path, &registry, &spec, id, Some(key.fingerprint.clone())).map(
-                    |trained| {
-                        let passes = &trained.report.passes;
-                        tracing::info!(
-                            rows = passes.first().map_or(0, |p| p.rows),
-                            passes = passes.len(),
-                            parse_mb_per_s = format_args!("{:.1}", trained.report.parse_mb_per_s()),
-                            rows_per_s = format_args!(
-                                "{:.0}",
-                                passes.first().map_or(0.0, |p| p.rows_per_s())
-                            ),
-                            newton_iterations =
-                                trained.report.convergence.as_ref().map(|c| c.iterations),
-                            gradient = trained.report.convergence.as_ref().map(|c| c.gradient),
-                            "model fitted"
-                        );
-                        (trained.artifact, trained.run)
-                    },
+            let result = stream::train_file(
+                path,
+                &registry,
+                &spec,
+                id,
+                Some((key.fingerprint.clone(), stamp)),
+            )
+            .map(|trained| {
+                let passes = &trained.report.passes;
+                tracing::info!(
+                    rows = passes.first().map_or(0, |p| p.rows),
+                    passes = passes.len(),
+                    parse_mb_per_s = format_args!("{:.1}", trained.report.parse_mb_per_s()),
+                    rows_per_s =
+                        format_args!("{:.0}", passes.first().map_or(0.0, |p| p.rows_per_s())),
+                    newton_iterations = trained.report.convergence.as_ref().map(|c| c.iterations),
+                    gradient = trained.report.convergence.as_ref().map(|c| c.gradient),
+                    "model fitted"
                 );
+                (trained.artifact, trained.run)
+            });
             Attempt::Trained {
                 key: Some(key),
                 result: Box::new(result),
@@ -563,5 +574,50 @@ impl Trainer {
                 "the registry did not record the failed run"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_run_matches_the_parameters_it_was_trained_with() {
+        let spec = TrainSpec::default();
+        let row = ExperimentRow {
+            model: "linear".into(),
+            seed: spec.seed,
+            validation_fraction: spec.validation_fraction,
+            data_fingerprint: "sha256:ab".into(),
+            ..ExperimentRow::default()
+        };
+        assert!(
+            same_params(&row, &spec),
+            "auto resolves to what it resolved to"
+        );
+        let linear = TrainSpec {
+            model: ModelChoice::Linear,
+            ..spec
+        };
+        assert!(same_params(&row, &linear));
+        let logistic = TrainSpec {
+            model: ModelChoice::Logistic,
+            ..spec
+        };
+        assert!(!same_params(&row, &logistic));
+        assert!(!same_params(&row, &TrainSpec { seed: 7, ..spec }));
+        assert!(!same_params(
+            &row,
+            &TrainSpec {
+                validation_fraction: 0.3,
+                ..spec
+            }
+        ));
+        let failed = ExperimentRow {
+            model: "auto".into(),
+            ..row
+        };
+        assert!(same_params(&failed, &spec));
+        assert!(!same_params(&failed, &linear));
     }
 }

@@ -752,13 +752,29 @@ mod tests {
         }
         let s1 = streamed.scaler.as_ref().unwrap();
         let s2 = in_memory.scaler.as_ref().unwrap();
-        for (a, b) in s1.mean.iter().chain(&s1.scale).zip(s2.mean.iter().chain(&s2.scale)) {
-            assert!((a - b).abs() <= 1e-12 * b.abs().max(1.0), "{s1:?} vs {s2:?}");
+        for (a, b) in s1
+            .mean
+            .iter()
+            .chain(&s1.scale)
+            .zip(s2.mean.iter().chain(&s2.scale))
+        {
+            assert!(
+                (a - b).abs() <= 1e-12 * b.abs().max(1.0),
+                "{s1:?} vs {s2:?}"
+            );
         }
         for (name, value) in run.metrics.fields() {
-            let other = run_mem.metrics.fields().into_iter().find(|(n, _)| *n == name).unwrap().1;
+            let other = run_mem
+                .metrics
+                .fields()
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .unwrap()
+                .1;
             match (value, other) {
-                (Some(a), Some(b)) => assert!((a - b).abs() <= 1e-9 * b.abs(), "{name}: {a} vs {b}"),
+                (Some(a), Some(b)) => {
+                    assert!((a - b).abs() <= 1e-9 * b.abs(), "{name}: {a} vs {b}")
+                }
                 (a, b) => assert_eq!(a, b, "{name}"),
             }
         }
@@ -780,7 +796,10 @@ mod tests {
         let (in_memory, run_mem) = train_in_memory(&path, &registry, &s, "m".into()).unwrap();
         assert_eq!(trained.artifact.kind, ModelKind::Logistic);
         let convergence = trained.report.convergence.clone().expect("reported");
-        assert!(convergence.gradient <= CONVERGENCE_TOLERANCE, "{convergence:?}");
+        assert!(
+            convergence.gradient <= CONVERGENCE_TOLERANCE,
+            "{convergence:?}"
+        );
         assert!(convergence.iterations < 15, "{convergence:?}");
         let (c1, b1) = trained.artifact.unscaled();
         let (c2, b2) = in_memory.unscaled();
@@ -791,7 +810,10 @@ mod tests {
             trained.run.metrics.accuracy.unwrap(),
             run_mem.metrics.accuracy.unwrap(),
         );
-        assert!((a1 - a2).abs() <= 0.005, "accuracy {a1} streamed vs {a2} in memory");
+        assert!(
+            (a1 - a2).abs() <= 0.005,
+            "accuracy {a1} streamed vs {a2} in memory"
+        );
         let (l1, l2) = (
             trained.run.metrics.log_loss.unwrap(),
             run_mem.metrics.log_loss.unwrap(),
@@ -846,7 +868,8 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, TrainError::Design(_)), "{err}");
         assert!(
-            err.to_string().contains("feature_2 is a linear combination"),
+            err.to_string()
+                .contains("feature_2 is a linear combination"),
             "{err}"
         );
     }
@@ -876,7 +899,10 @@ mod tests {
         .unwrap_err();
         let text = err.to_string();
         assert!(text.contains("d.csv:301"), "{text}");
-        assert!(text.contains(&format!("duplicate user_id {id:?} (first on line 11)")), "{text}");
+        assert!(
+            text.contains(&format!("duplicate user_id {id:?} (first on line 11)")),
+            "{text}"
+        );
     }
 
     #[test]

@@ -297,13 +297,15 @@ impl Reservoir {
 }
 
 /// Trains on the file at `path` in passes (see the module documentation).
-/// `fingerprint` is the file's, when the caller already took it.
+/// `fingerprinted` is the file's fingerprint and its stamp when it was
+/// taken, when the caller already took it: a file changed since fails the
+/// run.
 pub fn train_file(
     path: &Path,
     registry: &FeatureRegistry,
     spec: &TrainSpec,
     run_id: String,
-    fingerprint: Option<String>,
+    fingerprinted: Option<(String, FileStamp)>,
 ) -> Result<Trained, TrainError> {
     let started = Instant::now();
     let started_ms = ml_shared::time::now_ms();
@@ -311,8 +313,13 @@ pub fn train_file(
     let source = Source {
         path,
         raw_names: registry.raw_names(),
-        stamp: FileStamp::of(path)?,
+        stamp: match &fingerprinted {
+            Some((_, stamp)) => *stamp,
+            None => FileStamp::of(path)?,
+        },
     };
+    source.check_unchanged()?;
+    let fingerprint = fingerprinted.map(|(f, _)| f);
     let names: Vec<String> = registry.names().map(str::to_owned).collect();
     let plan = registry.plan(&names)?;
     let p = names.len();

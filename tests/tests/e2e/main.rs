@@ -13,3 +13,4 @@ mod monitoring;
 mod pipeline;
 mod processes;
 mod swaps;
+mod trainer_scale;

@@ -203,23 +203,25 @@ impl Source<'_> {
 }
 
 /// A Bloom filter over hashes of ids, and the hashes it could not rule out.
+/// Blocked: the probes of one id fall in one 64-byte block (one cache line),
+/// so an insertion costs one memory access however large the filter.
 struct IdFilter {
-    bits: Vec<u64>,
+    blocks: Vec<[u64; 8]>,
     mask: u64,
     candidates: HashSet<u64>,
 }
 
-const FILTER_PROBES: u64 = 6;
+const FILTER_PROBES: u32 = 6;
 
 impl IdFilter {
     /// A filter sized for a file of `file_len` bytes (about 16 bits per
     /// row of 70 bytes), at most [`MAX_FILTER_BYTES`].
     fn for_file(file_len: u64) -> Self {
-        let bits = (file_len / 4).clamp(1 << 12, (MAX_FILTER_BYTES as u64) * 8);
-        let bits = bits.next_power_of_two();
+        let bytes = (file_len / 32).clamp(1 << 12, MAX_FILTER_BYTES as u64);
+        let blocks = (bytes / 64).next_power_of_two();
         Self {
-            bits: vec![0; (bits / 64) as usize],
-            mask: bits - 1,
+            blocks: vec![[0; 8]; blocks as usize],
+            mask: blocks - 1,
             candidates: HashSet::new(),
         }
     }
@@ -230,14 +232,18 @@ impl IdFilter {
 
     /// Records `h`; remembers it as a candidate duplicate when every probe
     /// was already set.
+    #[inline]
     fn insert(&mut self, h: u64) {
-        let step = h.rotate_left(32) | 1;
+        // The low bits choose the block; 9 bits of the rest each probe.
+        let block = &mut self.blocks[(h & self.mask) as usize];
+        let mut bits = h.rotate_right(20);
         let mut seen = true;
-        for i in 0..FILTER_PROBES {
-            let bit = h.wrapping_add(i.wrapping_mul(step)) & self.mask;
-            let (word, mask) = ((bit / 64) as usize, 1u64 << (bit % 64));
-            seen &= self.bits[word] & mask != 0;
-            self.bits[word] |= mask;
+        for _ in 0..FILTER_PROBES {
+            let bit = (bits & 511) as usize;
+            bits >>= 9;
+            let (word, mask) = (bit / 64, 1u64 << (bit % 64));
+            seen &= block[word] & mask != 0;
+            block[word] |= mask;
         }
         if seen {
             self.candidates.insert(h);

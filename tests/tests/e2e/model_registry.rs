@@ -277,10 +277,13 @@ async fn two_trainer_processes_submitting_at_once_get_distinct_versions() {
     // Each trainer trains at start (two submissions at once), then on
     // requests sent concurrently.
     let log = |i: usize| dir.path().join(format!("trainer-{i}.log"));
+    // Both train at start even when the other's run is already recorded
+    // (a trainer otherwise skips data the registry's newest run trained on).
     let env = [
         ("NATS_URL", url.as_str()),
         ("DATA_PATH", data.to_str().unwrap()),
         ("TRAIN_INTERVAL", "1h"),
+        ("TRAIN_SKIP_UNCHANGED", "false"),
     ];
     let _trainers: Vec<Process> = (0..2)
         .map(|i| Process::start("trainer", &[], &env, &log(i)))

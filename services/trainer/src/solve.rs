@@ -270,11 +270,11 @@ pub fn check_constant(s: &Summary, features: usize, names: &[String]) -> Result<
     if s.n == 0 {
         return Err(DesignError::NoRows);
     }
-    for j in 0..features {
+    for (j, name) in names.iter().enumerate().take(features) {
         let sd = s.sd(j);
         if sd == 0.0 || sd <= 1e-12 * s.mean[j].abs() {
             return Err(DesignError::Constant {
-                feature: names[j].clone(),
+                feature: name.clone(),
                 value: s.mean[j],
             });
         }
@@ -433,9 +433,9 @@ impl NewtonStep {
     /// Adds the penalty `α/2·‖w‖²` at `theta` and completes the Hessian.
     pub fn finish(&mut self, alpha: f64, theta: &[f64]) {
         let dim = self.dim;
-        for i in 0..dim - 1 {
-            self.loss += 0.5 * alpha * theta[i] * theta[i];
-            self.gradient[i] += alpha * theta[i];
+        for (i, t) in theta.iter().enumerate().take(dim - 1) {
+            self.loss += 0.5 * alpha * t * t;
+            self.gradient[i] += alpha * t;
             self.hessian[i * dim + i] += alpha;
         }
         for i in 0..dim {

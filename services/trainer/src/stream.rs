@@ -164,7 +164,7 @@ impl Source<'_> {
         while rows.advance()? {
             row(&rows)?;
             n += 1;
-            if n % 16_384 == 0 {
+            if n.is_multiple_of(16_384) {
                 let now = Instant::now();
                 if now >= next_log {
                     next_log = now + PROGRESS_INTERVAL;
@@ -565,7 +565,8 @@ fn newton(
             "logistic fit: Newton iteration"
         );
         if let Some((previous, last)) = &accepted {
-            if !(eval.loss <= last.loss + 1e-12 * last.loss.abs()) {
+            let decreased = eval.loss <= last.loss + 1e-12 * last.loss.abs();
+            if !decreased {
                 // No decrease: halve the step from the accepted point.
                 step *= 0.5;
                 if step < 1e-8 {

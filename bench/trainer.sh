@@ -37,7 +37,7 @@ gen() { # rows target file
     t0=$(now)
     "${MLCTL}" gen-data --rows "$1" --target "$2" --seed 42 --out "$3" 2>/dev/null
     t1=$(now)
-    echo "{\"rows\": $1, \"target\": \"$2\", \"seconds\": $(echo "$t1 - $t0" | bc), \"bytes\": $(stat -c %s "$3")}"
+    echo "{\"rows\": $1, \"target\": \"$2\", \"seconds\": $(awk "BEGIN {printf \"%.3f\", $t1 - $t0}"), \"bytes\": $(stat -c %s "$3")}"
 }
 log "generating data"
 gen 1000000 regression "${WORK}/rows-1e6.csv" >"${OUT}/gen-1e6.json"
@@ -129,7 +129,7 @@ train() { # name file model
     t1=$(now)
     hwm=$(awk '/VmHWM/ {print $2}' "/proc/${pid}/status")
     stop "${WORK}/trainer.pid"
-    echo "{\"name\": \"${name}\", \"model\": \"${model}\", \"bytes\": $(stat -c %s "${file}"), \"seconds\": $(echo "$t1 - $t0" | bc), \"vmhwm_kb\": ${hwm}}" >"${OUT}/${name}.json"
+    echo "{\"name\": \"${name}\", \"model\": \"${model}\", \"bytes\": $(stat -c %s "${file}"), \"seconds\": $(awk "BEGIN {printf \"%.3f\", $t1 - $t0}"), \"vmhwm_kb\": ${hwm}}" >"${OUT}/${name}.json"
     log "${name}: $(cat "${OUT}/${name}.json")"
 }
 train train-1e6 "${WORK}/rows-1e6.csv" linear
@@ -138,7 +138,12 @@ train train-big-logistic "${WORK}/rows-big-binary.csv" logistic
 cleanup
 trap - EXIT
 
-uname -a >"${OUT}/machine.txt"
-nproc >>"${OUT}/machine.txt"
-rustc --version >>"${OUT}/machine.txt"
+{
+    uname -a
+    nproc
+    rustc --version
+    lscpu | sed -n 's/^Model name:[[:space:]]*//p'
+    free -g | awk '/Mem:/ {print $2}'
+    cut -d' ' -f1-3 /proc/loadavg
+} >"${OUT}/machine.txt"
 python3 bench/trainer_report.py "${OUT}"

@@ -17,14 +17,18 @@
 //!   gradient and Hessian of the same objective as `linfa-logistic`, with a
 //!   step halved when the loss does not decrease; the number of passes and
 //!   the final gradient norm are reported.
-//! - **Last pass, scoring.** Validation metrics of the fitted artifact on
-//!   the holdout rows (only their numbers are parsed), and the check that no
-//!   `user_id` repeats (below).
+//! - **Scoring.** Validation metrics of the fitted artifact on the holdout
+//!   rows, and the check that no `user_id` repeats (below). When the holdout
+//!   fits in [`HOLDOUT_BUFFER_ROWS`] (kept from pass 1) and no id is
+//!   suspect, this needs no further read; otherwise a last pass reads the
+//!   file again (parsing only the holdout rows' numbers).
 //!
-//! Duplicate ids are found in bounded memory: pass 1 inserts a hash of every
-//! id into a Bloom filter of at most 16 MiB and keeps the hashes the filter
-//! reports as possibly seen; the scoring pass compares the actual ids of the
-//! rows carrying those hashes, and reports a true duplicate with both lines.
+//! Duplicate ids are found in bounded memory: pass 1 hashes every id (64
+//! bits); up to [`SMALL_FILE_ROWS`] rows the hashes are kept and sorted,
+//! beyond that a Bloom filter of at most 16 MiB keeps the hashes it reports
+//! as possibly seen. Only when some hash is suspect does a last pass compare
+//! the actual ids of the rows carrying it, and report a true duplicate with
+//! both lines.
 //!
 //! The file's size and modification time are checked after every pass: a
 //! file replaced during the run abandons it. Progress (rows, MB/s, ETA) is
@@ -61,6 +65,14 @@ pub const NEWTON_TOLERANCE: f64 = 1e-10;
 
 /// Most bytes of the duplicate-id filter.
 pub const MAX_FILTER_BYTES: usize = 16 << 20;
+
+/// Files of at most this many rows keep every id's 64-bit hash (16 MiB at
+/// most) for an exact duplicate check by sorting, instead of the filter's.
+pub const SMALL_FILE_ROWS: usize = 1 << 21;
+
+/// Most holdout rows kept in memory (16 MiB with three features): when the
+/// holdout fits and no id is suspect, it is scored without a last pass.
+pub const HOLDOUT_BUFFER_ROWS: usize = 1 << 19;
 
 /// One pass over the file.
 #[derive(Debug, Clone, PartialEq)]
@@ -339,9 +351,23 @@ pub fn train_file(
     let mut n_validation = 0u64;
     let mut raw = vec![0.0; source.raw_names.len()];
     let mut row = vec![0.0; p + 1];
+    // While they fit their budgets: every id's hash (an exact duplicate
+    // check by sorting) and the holdout rows (scored without a last pass).
+    // Reserved whole: untouched pages cost nothing, and no doubling
+    // reallocation holds two copies at once.
+    let mut id_hashes: Option<Vec<u64>> = Some(Vec::with_capacity(SMALL_FILE_ROWS));
+    let mut holdout: Option<Vec<f64>> = Some(Vec::with_capacity(HOLDOUT_BUFFER_ROWS * (p + 1)));
     let collect = |rows: &RowReader<_>| -> Result<(), TrainError> {
         let id = rows.user_id()?;
-        filter.insert(IdFilter::hash(id));
+        let h = IdFilter::hash(id);
+        filter.insert(h);
+        if let Some(hashes) = id_hashes.as_mut() {
+            if hashes.len() < SMALL_FILE_ROWS {
+                hashes.push(h);
+            } else {
+                id_hashes = None;
+            }
+        }
         rows.features_into(&mut raw)?;
         let Some(y) = rows.target()? else {
             return Err(TrainError::NoTarget(path.display().to_string()));
@@ -349,11 +375,18 @@ pub fn train_file(
         if non_binary.is_none() && y != 0.0 && y != 1.0 {
             non_binary = Some(y);
         }
+        plan.compute_into(&raw, &mut row[..p]);
+        row[p] = y;
         if is_holdout(id, spec.validation_fraction, spec.seed) {
             n_validation += 1;
+            if let Some(kept) = holdout.as_mut() {
+                if kept.len() < HOLDOUT_BUFFER_ROWS * (p + 1) {
+                    kept.extend_from_slice(&row);
+                } else {
+                    holdout = None;
+                }
+            }
         } else {
-            plan.compute_into(&raw, &mut row[..p]);
-            row[p] = y;
             moments.push(&row);
             sample.offer(&row[..p]);
         }
@@ -376,8 +409,21 @@ pub fn train_file(
         }
         .into());
     }
+    // Suspected duplicates: exactly those hashes seen twice when every
+    // hash was kept, else what the filter could not rule out.
+    let candidates = match id_hashes {
+        Some(mut hashes) => {
+            hashes.sort_unstable();
+            hashes
+                .windows(2)
+                .filter(|w| w[0] == w[1])
+                .map(|w| w[0])
+                .collect()
+        }
+        None => std::mem::take(&mut filter.candidates),
+    };
     let mut duplicates = DuplicateCheck {
-        candidates: std::mem::take(&mut filter.candidates),
+        candidates,
         first_line: HashMap::new(),
     };
     drop(filter);
@@ -475,21 +521,32 @@ pub fn train_file(
     drop((columns, predictions));
     artifact.profile = Some(Box::new(profile));
 
-    // Last pass: the holdout's metrics and the duplicate check.
-    let mut x = vec![0.0; p];
+    // The holdout's metrics, and the duplicate check: from the rows kept in
+    // memory when they all fit and no id is suspect, else in a last pass.
     let mut scores = Scoring::new(artifact.kind);
-    let (pass, _) = source.pass("scoring", source.open()?, |rows| {
-        let id = rows.user_id()?;
-        duplicates.check(rows, id)?;
-        if is_holdout(id, spec.validation_fraction, spec.seed) {
-            rows.features_into(&mut raw)?;
-            let y = rows.target()?.expect("the target column was checked");
-            plan.compute_into(&raw, &mut x);
-            scores.add(y, artifact.predict(&x));
+    match holdout {
+        Some(kept) if duplicates.candidates.is_empty() => {
+            for r in kept.chunks_exact(p + 1) {
+                scores.add(r[p], artifact.predict(&r[..p]));
+            }
         }
-        Ok(())
-    })?;
-    report.passes.push(pass);
+        kept => {
+            drop(kept);
+            let mut x = vec![0.0; p];
+            let (pass, _) = source.pass("scoring", source.open()?, |rows| {
+                let id = rows.user_id()?;
+                duplicates.check(rows, id)?;
+                if is_holdout(id, spec.validation_fraction, spec.seed) {
+                    rows.features_into(&mut raw)?;
+                    let y = rows.target()?.expect("the target column was checked");
+                    plan.compute_into(&raw, &mut x);
+                    scores.add(y, artifact.predict(&x));
+                }
+                Ok(())
+            })?;
+            report.passes.push(pass);
+        }
+    }
     let metrics = scores.finish();
     if !metrics.all_finite() {
         return Err(TrainError::Metrics(

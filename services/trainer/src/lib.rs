@@ -255,9 +255,19 @@ struct Trainer {
 /// training without knowing it.
 pub const LAST_RUN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Asks the registry for its newest recorded runs on `ml.registry.runs` and
-/// returns the newest; `None` when the registry does not answer in time, or
-/// answers with an error or something unreadable.
+/// What the registry said about its runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordedRuns {
+    /// It answered: its newest run, if it has any (boxed: a row is large).
+    Newest(Option<Box<ExperimentRow>>),
+    /// Nobody answers yet (the registry is not up): ask again next time.
+    NotYet,
+    /// The request timed out (for instance, not permitted) or the answer
+    /// was an error or unreadable: do without.
+    Unavailable,
+}
+
+/// Asks the registry for its newest recorded runs on `ml.registry.runs`.
 ///
 /// The request asks for one run (`{"limit":1}`); a registry that answers
 /// every run, oldest first, is read the same way: the newest is the one
@@ -266,34 +276,41 @@ pub async fn newest_recorded_run(
     client: &Client,
     subjects: &Subjects,
     timeout: Duration,
-) -> Option<ExperimentRow> {
+) -> RecordedRuns {
     let request = client.request(
         subjects.registry_runs.clone(),
         Bytes::from_static(br#"{"limit":1}"#),
     );
     let message = match tokio::time::timeout(timeout, request).await {
         Ok(Ok(m)) => m,
+        Ok(Err(error)) if error.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+            tracing::info!("no registry answers for its runs yet");
+            return RecordedRuns::NotYet;
+        }
         Ok(Err(error)) => {
             tracing::info!(%error, "the registry's runs are unavailable");
-            return None;
+            return RecordedRuns::Unavailable;
         }
         Err(_) => {
             tracing::info!("the registry's runs did not come in time");
-            return None;
+            return RecordedRuns::Unavailable;
         }
     };
     match serde_json::from_slice::<ApiReply<RunsReply>>(&message.payload) {
-        Ok(ApiReply::Ok(reply)) => reply
-            .runs
-            .into_iter()
-            .max_by(|a, b| a.timestamp.cmp(&b.timestamp)),
+        Ok(ApiReply::Ok(reply)) => RecordedRuns::Newest(
+            reply
+                .runs
+                .into_iter()
+                .max_by(|a, b| a.timestamp.cmp(&b.timestamp))
+                .map(Box::new),
+        ),
         Ok(ApiReply::Err(error)) => {
             tracing::info!(%error, "the registry refused to list its runs");
-            None
+            RecordedRuns::Unavailable
         }
         Err(error) => {
             tracing::info!(%error, "unreadable list of runs from the registry");
-            None
+            RecordedRuns::Unavailable
         }
     }
 }
@@ -525,12 +542,16 @@ impl Trainer {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             return;
         }
-        let Some(row) = newest_recorded_run(&self.client, &self.subjects, LAST_RUN_TIMEOUT).await
-        else {
+        let answer = newest_recorded_run(&self.client, &self.subjects, LAST_RUN_TIMEOUT).await;
+        if answer == RecordedRuns::NotYet {
             return;
-        };
+        }
         self.asked_registry
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        let RecordedRuns::Newest(Some(row)) = answer else {
+            return;
+        };
+        let row = *row;
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_none() && same_params(&row, spec) && !row.data_fingerprint.is_empty() {
             tracing::info!(

@@ -62,8 +62,12 @@ fn trainer_process(url: &str, data: &Path, log: &Path, extra_env: &[(&str, &str)
     Process::start("trainer", &[], &env, log)
 }
 
+/// The registered versions; none while the registry does not answer yet.
 async fn versions(client: &async_nats::Client) -> Vec<u64> {
-    let models = request_json(client, "ml.registry.models", "").await;
+    let Ok(reply) = client.request("ml.registry.models", "".into()).await else {
+        return Vec::new();
+    };
+    let models: Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
     models["models"]
         .as_array()
         .map(|m| m.iter().filter_map(|v| v["version"].as_u64()).collect())
@@ -92,6 +96,10 @@ async fn a_large_file_trains_in_bounded_memory() {
     );
     let registry = services::registry(&bed.url, &bed.dir.path().join("registry"));
     let client = client(&bed.url).await;
+    wait_for("the registry answers", LONG, || async {
+        client.request("ml.registry.models", "".into()).await.ok()
+    })
+    .await;
     let log = bed.dir.path().join("trainer.log");
     let started = std::time::Instant::now();
     let mut trainer = trainer_process(&bed.url, &data, &log, &[]);
@@ -141,6 +149,10 @@ async fn a_corrupt_row_in_the_middle_fails_the_run_with_its_line_and_promotes_no
     let registry = services::registry(&bed.url, &bed.dir.path().join("registry"));
     let trainer = services::trainer(&bed.url, &bed.data, "0");
     let client = client(&bed.url).await;
+    wait_for("the registry answers", LONG, || async {
+        client.request("ml.registry.models", "".into()).await.ok()
+    })
+    .await;
     let reply: Value = wait_for("the trainer answers", LONG, || async {
         let m = client.request("ml.train", "".into()).await.ok()?;
         serde_json::from_slice(&m.payload).ok()

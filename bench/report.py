@@ -108,3 +108,9 @@ if "median_s" in sk:
     print(f"\nscikit-learn {sk['version']} `LinearRegression().fit(X, y)` on the same 10⁶ rows (numpy arrays already built): median {sk['median_s']*1000:.1f} ms over 10 runs (min {sk['min_s']*1000:.1f} ms).")
 else:
     print(f"\nscikit-learn: {sk.get('error')}.")
+
+trainer = os.path.join(out, "trainer")
+if os.path.isdir(trainer):
+    print()
+    sys.stdout.flush()
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "trainer_report.py"), trainer], check=True)

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Regenerates BENCHMARKS.md: every figure in it comes from this script.
 #
-#   bench/run.sh            # about 10 minutes; needs nats-server and python3
+#   bench/run.sh            # about 20 minutes; needs nats-server and python3
 #
 # It builds the release binaries, starts a private platform (bench/stack.sh),
 # measures the echo floor and the predictor with `mlctl bench`, batches, an
 # open loop at 5,000 req/s for 60 s with the predictor's memory, 50 promotions
 # under 2,000 req/s, scale-out over 1-3 replicas, runs the criterion benches,
-# and times scikit-learn's LinearRegression.fit on the same data (installed,
-# pinned, into a throwaway virtualenv from PyPI).
+# times scikit-learn's LinearRegression.fit on the same data (installed,
+# pinned, into a throwaway virtualenv from PyPI), and runs bench/trainer.sh
+# (the trainer on 10^6 and 10^7 rows against pandas and scikit-learn).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PATH="${PATH}:/usr/sbin"
@@ -99,6 +100,9 @@ PY
 else
     echo '{"error": "scikit-learn could not be installed"}' >"${OUT}/sklearn.json"
 fi
+
+log "the trainer at scale (bench/trainer.sh)"
+BENCH_DIR="${BENCH_DIR}" bench/trainer.sh >/dev/null
 
 log "writing BENCHMARKS.md"
 python3 bench/report.py "${OUT}" >BENCHMARKS.md

@@ -4,8 +4,14 @@
 //! columns (`feature_1`, `feature_2`) and, when present, `target`. Any other
 //! column (a pandas index column, say) is ignored. Loading never skips a row
 //! silently: the first row that cannot be used is reported with its line.
+//!
+//! [`RowReader`] reads a file row by row with the `csv` crate's byte records
+//! and parses numbers from the bytes in place (no allocation per row or per
+//! field), so a file of any size is read in constant memory; [`parse_csv`]
+//! loads a whole file through it.
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -43,6 +49,12 @@ pub enum DataError {
         line: u64,
         /// What is wrong with it.
         reason: String,
+    },
+    /// The file changed while it was being read in several passes.
+    #[error("{path} changed while the run read it; the run is abandoned")]
+    Changed {
+        /// The file.
+        path: PathBuf,
     },
     /// The file has a header but no data row.
     #[error("{path}: no data rows")]
@@ -96,70 +108,28 @@ pub fn load_csv(path: &Path, raw_names: &[String]) -> Result<Dataset, DataError>
 
 /// Parses CSV bytes; `path` is used in error messages only.
 pub fn parse_csv(path: &Path, bytes: &[u8], raw_names: &[String]) -> Result<Dataset, DataError> {
-    let bad_row = |line: u64, reason: String| DataError::BadRow {
-        path: path.to_owned(),
-        line,
-        reason,
-    };
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(false)
-        .from_reader(bytes);
-    let headers = reader
-        .headers()
-        .map_err(|e| bad_row(1, e.to_string()))?
-        .clone();
-    let find = |column: &str| headers.iter().position(|h| h.trim() == column);
-    let missing = |column: &str| DataError::MissingColumn {
-        path: path.to_owned(),
-        column: column.to_owned(),
-    };
-    let id_col = find(USER_ID).ok_or_else(|| missing(USER_ID))?;
-    let feature_cols = raw_names
-        .iter()
-        .map(|name| find(name).ok_or_else(|| missing(name)))
-        .collect::<Result<Vec<_>, _>>()?;
-    let target_col = find(TARGET);
-
+    let mut rows = RowReader::new(path, bytes, raw_names)?;
     let mut data = Dataset {
         raw_names: raw_names.to_vec(),
         user_ids: Vec::new(),
         features: Vec::new(),
-        targets: target_col.map(|_| Vec::new()),
+        targets: rows.has_target().then(Vec::new),
         fingerprint: fingerprint(bytes),
     };
     let mut first_seen: HashMap<String, u64> = HashMap::new();
-    let mut record = csv::StringRecord::new();
-    loop {
-        let line = reader.position().line();
-        match reader.read_record(&mut record) {
-            Ok(false) => break,
-            Ok(true) => {}
-            Err(e) => {
-                let line = e.position().map_or(line, |p| p.line());
-                return Err(bad_row(line, e.to_string()));
-            }
-        }
-        let line = record.position().map_or(line, |p| p.line());
-        let user_id = record[id_col].trim();
-        if user_id.is_empty() {
-            return Err(bad_row(line, "empty user_id".into()));
-        }
+    let mut raw = vec![0.0; raw_names.len()];
+    while rows.advance()? {
+        let line = rows.line();
+        let user_id = rows.user_id()?;
         if let Some(first) = first_seen.insert(user_id.to_owned(), line) {
-            return Err(bad_row(
-                line,
-                format!("duplicate user_id {user_id:?} (first on line {first})"),
-            ));
+            return Err(rows.bad_row(format!(
+                "duplicate user_id {user_id:?} (first on line {first})"
+            )));
         }
-        for (name, &col) in raw_names.iter().zip(&feature_cols) {
-            data.features.push(
-                parse_number(&record[col]).map_err(|r| bad_row(line, format!("{name}: {r}")))?,
-            );
-        }
-        if let (Some(col), Some(targets)) = (target_col, data.targets.as_mut()) {
-            targets.push(
-                parse_number(&record[col]).map_err(|r| bad_row(line, format!("{TARGET}: {r}")))?,
-            );
+        rows.features_into(&mut raw)?;
+        data.features.extend_from_slice(&raw);
+        if let (Some(t), Some(targets)) = (rows.target()?, data.targets.as_mut()) {
+            targets.push(t);
         }
         data.user_ids.push(user_id.to_owned());
     }
@@ -171,6 +141,172 @@ pub fn parse_csv(path: &Path, bytes: &[u8], raw_names: &[String]) -> Result<Data
     Ok(data)
 }
 
+/// Reads a data file row by row, without allocating per row or per field:
+/// the `csv` crate's byte records, numbers parsed from the bytes in place.
+/// Columns are found by name in the header row, as [`parse_csv`] does; each
+/// accessor reports a bad value with the row's line.
+pub struct RowReader<R: Read> {
+    path: PathBuf,
+    reader: csv::Reader<R>,
+    record: csv::ByteRecord,
+    id_col: usize,
+    feature_cols: Vec<usize>,
+    feature_names: Vec<String>,
+    target_col: Option<usize>,
+    line: u64,
+}
+
+impl<R: Read> RowReader<R> {
+    /// Reads the header row of `source` and finds the columns; `path` is
+    /// used in error messages only.
+    pub fn new(path: &Path, source: R, raw_names: &[String]) -> Result<Self, DataError> {
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .flexible(false)
+            .buffer_capacity(1 << 16)
+            .from_reader(source);
+        let headers = match reader.headers() {
+            Ok(h) => h.clone(),
+            Err(e) => {
+                return Err(DataError::BadRow {
+                    path: path.to_owned(),
+                    line: 1,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        let find = |column: &str| headers.iter().position(|h| h.trim() == column);
+        let missing = |column: &str| DataError::MissingColumn {
+            path: path.to_owned(),
+            column: column.to_owned(),
+        };
+        let id_col = find(USER_ID).ok_or_else(|| missing(USER_ID))?;
+        let feature_cols = raw_names
+            .iter()
+            .map(|name| find(name).ok_or_else(|| missing(name)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let target_col = find(TARGET);
+        Ok(Self {
+            path: path.to_owned(),
+            reader,
+            record: csv::ByteRecord::new(),
+            id_col,
+            feature_cols,
+            feature_names: raw_names.to_vec(),
+            target_col,
+            line: 1,
+        })
+    }
+
+    /// Whether the file has a `target` column.
+    pub fn has_target(&self) -> bool {
+        self.target_col.is_some()
+    }
+
+    /// Moves to the next row; `false` at the end of the file.
+    pub fn advance(&mut self) -> Result<bool, DataError> {
+        let before = self.reader.position().line();
+        match self.reader.read_byte_record(&mut self.record) {
+            Ok(false) => Ok(false),
+            Ok(true) => {
+                self.line = self.record.position().map_or(before, |p| p.line());
+                Ok(true)
+            }
+            Err(e) => {
+                self.line = e.position().map_or(before, |p| p.line());
+                Err(self.bad_row(e.to_string()))
+            }
+        }
+    }
+
+    /// The 1-based line of the current row.
+    pub fn line(&self) -> u64 {
+        self.line
+    }
+
+    /// Bytes consumed so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.reader.position().byte()
+    }
+
+    /// The underlying reader.
+    pub fn into_inner(self) -> R {
+        self.reader.into_inner()
+    }
+
+    /// An error about the current row.
+    pub fn bad_row(&self, reason: String) -> DataError {
+        DataError::BadRow {
+            path: self.path.clone(),
+            line: self.line,
+            reason,
+        }
+    }
+
+    /// The current row's `user_id` (trimmed, not empty).
+    pub fn user_id(&self) -> Result<&str, DataError> {
+        let field = trim_ascii(&self.record[self.id_col]);
+        let id = std::str::from_utf8(field)
+            .map_err(|_| self.bad_row("user_id is not valid UTF-8".into()))?;
+        if id.is_empty() {
+            return Err(self.bad_row("empty user_id".into()));
+        }
+        Ok(id)
+    }
+
+    /// The current row's raw features, in the order of the names given to
+    /// [`RowReader::new`], written into `out`.
+    pub fn features_into(&self, out: &mut [f64]) -> Result<(), DataError> {
+        for ((slot, &col), name) in out
+            .iter_mut()
+            .zip(&self.feature_cols)
+            .zip(&self.feature_names)
+        {
+            *slot = parse_number_bytes(&self.record[col])
+                .map_err(|r| self.bad_row(format!("{name}: {r}")))?;
+        }
+        Ok(())
+    }
+
+    /// The current row's target, when the file has a target column.
+    pub fn target(&self) -> Result<Option<f64>, DataError> {
+        self.target_col
+            .map(|col| {
+                parse_number_bytes(&self.record[col])
+                    .map_err(|r| self.bad_row(format!("{TARGET}: {r}")))
+            })
+            .transpose()
+    }
+}
+
+fn trim_ascii(mut field: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = field {
+        if first.is_ascii_whitespace() {
+            field = rest;
+        } else {
+            break;
+        }
+    }
+    while let [rest @ .., last] = field {
+        if last.is_ascii_whitespace() {
+            field = rest;
+        } else {
+            break;
+        }
+    }
+    field
+}
+
+fn parse_number_bytes(field: &[u8]) -> Result<f64, String> {
+    match std::str::from_utf8(trim_ascii(field)) {
+        Ok(text) => parse_number(text),
+        Err(_) => Err(format!(
+            "{:?} is not a number",
+            String::from_utf8_lossy(field)
+        )),
+    }
+}
+
 fn parse_number(text: &str) -> Result<f64, String> {
     let text = text.trim();
     match text.parse::<f64>() {
@@ -180,13 +316,97 @@ fn parse_number(text: &str) -> Result<f64, String> {
     }
 }
 
+/// Size and modification time of a file: a file read in several passes
+/// must keep the same stamp throughout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    /// Length in bytes.
+    pub len: u64,
+    /// Modification time.
+    pub modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    /// The stamp of `path` now.
+    pub fn of(path: &Path) -> Result<Self, DataError> {
+        let meta = std::fs::metadata(path).map_err(|source| DataError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
+}
+
+/// `sha256:<hex>` of a file's bytes, read in blocks (memory independent of
+/// the file's size).
+pub fn fingerprint_file(path: &Path) -> Result<String, DataError> {
+    let io = |source| DataError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = HashingReader::new(&mut file);
+    std::io::copy(&mut hasher, &mut std::io::sink()).map_err(io)?;
+    Ok(hasher.fingerprint().expect("a hashing reader"))
+}
+
+/// A reader that hashes what passes through it: the fingerprint of a file
+/// read once for another purpose. [`HashingReader::plain`] passes the bytes
+/// through without hashing.
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Option<Sha256>,
+}
+
+impl<R: Read> HashingReader<R> {
+    /// Wraps `inner`, hashing.
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            hasher: Some(Sha256::new()),
+        }
+    }
+
+    /// Wraps `inner` without hashing.
+    pub fn plain(inner: R) -> Self {
+        Self {
+            inner,
+            hasher: None,
+        }
+    }
+
+    /// `sha256:<hex>` of everything read so far (`None` without hashing).
+    pub fn fingerprint(&self) -> Option<String> {
+        self.hasher
+            .as_ref()
+            .map(|h| hex_fingerprint(&h.clone().finalize()))
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
 /// `sha256:<hex>` of some bytes: the data fingerprint recorded with each run.
 pub fn fingerprint(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
+    hex_fingerprint(&Sha256::digest(bytes))
+}
+
+fn hex_fingerprint(digest: &[u8]) -> String {
+    use std::fmt::Write;
     let mut out = String::with_capacity(7 + 64);
     out.push_str("sha256:");
     for b in digest {
-        out.push_str(&format!("{b:02x}"));
+        write!(out, "{b:02x}").expect("writing to a string");
     }
     out
 }

@@ -286,7 +286,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
                 Command::Train { timeout } => {
-                    let request = client.request(subjects.train.clone(), Bytes::new());
+                    // The connection's request timeout is for quick
+                    // requests; a run on a large file takes longer.
+                    let request = client.send_request(
+                        subjects.train.clone(),
+                        async_nats::Request::new()
+                            .payload(Bytes::new())
+                            .timeout(Some(timeout)),
+                    );
                     let reply = tokio::time::timeout(timeout, request)
                         .await
                         .map_err(|_| {

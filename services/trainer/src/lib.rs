@@ -9,28 +9,39 @@
 //! `failed`. A scheduled run that could not reach the registry is retried
 //! after `TRAIN_RETRY`.
 //!
+//! A run streams the data file in passes ([`stream`]): memory does not grow
+//! with the file, and long runs log their progress (rows, MB/s, ETA).
+//!
 //! With `TRAIN_SKIP_UNCHANGED` (the default), a scheduled run is skipped,
 //! and says so in the log, when the data file's fingerprint and the training
-//! parameters are those of this trainer's last completed run (registered or
-//! failed): it would give the same result. A request on `ml.train` always
-//! trains.
+//! parameters are those of the last completed run (registered or failed):
+//! it would give the same result. The last run is this trainer's own, or,
+//! before it has made one, the newest run the registry recorded
+//! (`ml.registry.runs`), so a restarted trainer on unchanged data registers
+//! nothing new. When the registry cannot say, the trainer trains. A request
+//! on `ml.train` always trains.
 
 pub mod pipeline;
+pub mod solve;
+pub mod stream;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
+use async_nats::service::ServiceExt;
 use async_nats::Client;
+use bytes::Bytes;
 use clap::Parser;
 use futures::StreamExt;
-use ml_shared::data::{self, DataError};
+use ml_shared::data;
 use ml_shared::features::FeatureRegistry;
 use ml_shared::lifecycle::{FailedRun, RecordedReply};
 use ml_shared::messages::{
-    ApiReply, ErrorCode, ErrorReply, Submission, SubmitReply, TrainParams, TrainReply,
+    ApiReply, ErrorCode, ErrorReply, ExperimentRow, RunsReply, Submission, SubmitReply,
+    TrainParams, TrainReply,
 };
 use ml_shared::settings::{parse_duration, NatsSettings};
 use ml_shared::subjects::Subjects;
@@ -142,16 +153,28 @@ impl RunError {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let client = ml_shared::nats::connect(&config.nats, "trainer").await?;
     let subjects = config.nats.subjects();
-    let mut triggers = client
-        .queue_subscribe(subjects.train.clone(), QUEUE_GROUP.into())
+    // `ml.train` as the endpoint of the `trainer` micro service (one
+    // trainer of the queue group answers a request).
+    let service = client
+        .service_builder()
+        .description("Trains models and submits them to the registry")
+        .queue_group(QUEUE_GROUP)
+        .start("trainer", env!("CARGO_PKG_VERSION"))
         .await
-        .context("subscribing to the train subject")?;
+        .map_err(|e| anyhow::anyhow!("starting the micro-service: {e}"))?;
+    let mut triggers = service
+        .endpoint_builder()
+        .name("train")
+        .add(subjects.train.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("adding the train endpoint: {e}"))?;
     let trainer = Trainer {
         client: client.clone(),
         subjects,
         config: Arc::new(config),
         registry: Arc::new(FeatureRegistry::default()),
         last: Arc::new(Mutex::new(None)),
+        asked_registry: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     };
     tracing::info!(
         data = %trainer.config.data_path.display(),
@@ -200,21 +223,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                     ticker.reset_after(trainer.config.train_retry);
                 }
             }
-            message = triggers.next() => {
-                let Some(message) = message else { break };
+            request = triggers.next() => {
+                let Some(request) = request else { break };
                 // A request must name an inbox to answer (a reflected reply
                 // has none): otherwise it trains nothing.
-                let Some(reply) = ml_shared::nats::accept_reply(
-                    "trainer", &message.subject, message.reply.as_ref(),
-                ).cloned() else { continue };
-                let outcome = trainer.run_once("request").await;
-                let body = match &outcome {
-                    Ok(Outcome::Registered(reply)) => serde_json::to_vec(reply),
-                    Ok(Outcome::Skipped) => unreachable!("requests always train"),
-                    Err(e) => serde_json::to_vec(&e.to_reply()),
+                let message = &request.message;
+                if ml_shared::nats::accept_reply("trainer", &message.subject, message.reply.as_ref()).is_none() {
+                    continue;
                 }
-                .expect("replies serialise");
-                if let Err(error) = client.publish(reply, body.into()).await {
+                let sent = match trainer.run_once("request").await {
+                    Ok(Outcome::Registered(reply)) => {
+                        let body = serde_json::to_vec(&reply).expect("replies serialise");
+                        request.respond(Ok(body.into())).await
+                    }
+                    Ok(Outcome::Skipped) => unreachable!("requests always train"),
+                    Err(e) => {
+                        let (body, headers) = ml_shared::nats::error_parts(&e.to_reply());
+                        request.respond_with_headers(Ok(body), headers).await
+                    }
+                };
+                if let Err(error) = sent {
                     tracing::warn!(%error, "cannot answer the train request");
                 }
             }
@@ -238,6 +266,85 @@ struct Trainer {
     config: Arc<Config>,
     registry: Arc<FeatureRegistry>,
     last: Arc<Mutex<Option<(RunKey, String)>>>,
+    /// Whether the registry has told us its newest run (once is enough:
+    /// afterwards this trainer's own runs are the newest).
+    asked_registry: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How long a scheduled run waits for the registry's newest run before
+/// training without knowing it.
+pub const LAST_RUN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the registry said about its runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordedRuns {
+    /// It answered: its newest run, if it has any (boxed: a row is large).
+    Newest(Option<Box<ExperimentRow>>),
+    /// Nobody answers yet (the registry is not up): ask again next time.
+    NotYet,
+    /// The request timed out (for instance, not permitted) or the answer
+    /// was an error or unreadable: do without.
+    Unavailable,
+}
+
+/// Asks the registry for its newest recorded runs on `ml.registry.runs`.
+///
+/// The request asks for one run (`{"limit":1}`); a registry that answers
+/// every run, oldest first, is read the same way: the newest is the one
+/// with the latest timestamp, the last of equals.
+pub async fn newest_recorded_run(
+    client: &Client,
+    subjects: &Subjects,
+    timeout: Duration,
+) -> RecordedRuns {
+    let request = client.request(
+        subjects.registry_runs.clone(),
+        Bytes::from_static(br#"{"limit":1}"#),
+    );
+    let message = match tokio::time::timeout(timeout, request).await {
+        Ok(Ok(m)) => m,
+        Ok(Err(error)) if error.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+            tracing::info!("no registry answers for its runs yet");
+            return RecordedRuns::NotYet;
+        }
+        Ok(Err(error)) => {
+            tracing::info!(%error, "the registry's runs are unavailable");
+            return RecordedRuns::Unavailable;
+        }
+        Err(_) => {
+            tracing::info!("the registry's runs did not come in time");
+            return RecordedRuns::Unavailable;
+        }
+    };
+    match serde_json::from_slice::<ApiReply<RunsReply>>(&message.payload) {
+        Ok(ApiReply::Ok(reply)) => RecordedRuns::Newest(
+            reply
+                .runs
+                .into_iter()
+                .max_by(|a, b| a.timestamp.cmp(&b.timestamp))
+                .map(Box::new),
+        ),
+        Ok(ApiReply::Err(error)) => {
+            tracing::info!(%error, "the registry refused to list its runs");
+            RecordedRuns::Unavailable
+        }
+        Err(error) => {
+            tracing::info!(%error, "unreadable list of runs from the registry");
+            RecordedRuns::Unavailable
+        }
+    }
+}
+
+/// Whether a recorded run was trained with `spec`'s parameters. A
+/// registered run records the family it resolved to, so `auto` matches a
+/// `linear` or `logistic` run (on the same data, `auto` resolves the same
+/// way).
+pub fn same_params(row: &ExperimentRow, spec: &TrainSpec) -> bool {
+    let model = match spec.model {
+        ModelChoice::Auto => matches!(row.model.as_str(), "auto" | "linear" | "logistic"),
+        choice => row.model == choice.to_string(),
+    };
+    model && row.seed == spec.seed && row.validation_fraction == spec.validation_fraction
 }
 
 /// The blocking part of a run: read, maybe skip, train.
@@ -294,38 +401,66 @@ impl Trainer {
         let spec = self.config.spec();
         let run_id = format!("run-{:016x}", rand::random::<u64>());
         let started_ms = ml_shared::time::now_ms();
-        let last = (may_skip && self.config.skip_unchanged)
+        let may_skip = may_skip && self.config.skip_unchanged;
+        if may_skip
+            && !self
+                .asked_registry
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.learn_last_run(&spec).await;
+        }
+        let last = may_skip
             .then(|| self.last.lock().unwrap_or_else(|p| p.into_inner()).clone())
             .flatten();
         let (config, registry, id) = (self.config.clone(), self.registry.clone(), run_id.clone());
         let attempt = tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
             let path = &config.data_path;
-            let bytes = match std::fs::read(path) {
-                Ok(b) => b,
-                Err(source) => {
-                    let error = DataError::Io {
-                        path: path.clone(),
-                        source,
-                    };
+            // The stamp taken before the fingerprint: the file the run
+            // reads must be the one fingerprinted.
+            let fingerprint = data::FileStamp::of(path).and_then(|stamp| {
+                let fingerprint = data::fingerprint_file(path)?;
+                if data::FileStamp::of(path)? != stamp {
+                    return Err(data::DataError::Changed { path: path.clone() });
+                }
+                Ok((fingerprint, stamp))
+            });
+            let fingerprint = match fingerprint {
+                Ok(f) => f,
+                Err(error) => {
                     return Attempt::Trained {
                         key: None,
                         result: Box::new(Err(error.into())),
                     };
                 }
             };
-            let key = RunKey {
-                fingerprint: data::fingerprint(&bytes),
-                spec,
-            };
+            let (fingerprint, stamp) = fingerprint;
+            let key = RunKey { fingerprint, spec };
             if let Some((last_key, last_run)) = last {
                 if last_key == key {
                     return Attempt::Skipped { key, last_run };
                 }
             }
-            let result = data::parse_csv(path, &bytes, registry.raw_names())
-                .map_err(TrainError::from)
-                .and_then(|d| pipeline::train_dataset(path, &d, &registry, &spec, id, started));
+            let result = stream::train_file(
+                path,
+                &registry,
+                &spec,
+                id,
+                Some((key.fingerprint.clone(), stamp)),
+            )
+            .map(|trained| {
+                let passes = &trained.report.passes;
+                tracing::info!(
+                    rows = passes.first().map_or(0, |p| p.rows),
+                    passes = passes.len(),
+                    parse_mb_per_s = format_args!("{:.1}", trained.report.parse_mb_per_s()),
+                    rows_per_s =
+                        format_args!("{:.0}", passes.first().map_or(0.0, |p| p.rows_per_s())),
+                    newton_iterations = trained.report.convergence.as_ref().map(|c| c.iterations),
+                    gradient = trained.report.convergence.as_ref().map(|c| c.gradient),
+                    "model fitted"
+                );
+                (trained.artifact, trained.run)
+            });
             Attempt::Trained {
                 key: Some(key),
                 result: Box::new(result),
@@ -414,6 +549,47 @@ impl Trainer {
         })))
     }
 
+    /// Before this trainer's first run: takes the registry's newest recorded
+    /// run as the last run, when it was trained with these parameters.
+    async fn learn_last_run(&self, spec: &TrainSpec) {
+        if self
+            .last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            self.asked_registry
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        let answer = newest_recorded_run(&self.client, &self.subjects, LAST_RUN_TIMEOUT).await;
+        if answer == RecordedRuns::NotYet {
+            return;
+        }
+        self.asked_registry
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let RecordedRuns::Newest(Some(row)) = answer else {
+            return;
+        };
+        let row = *row;
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none() && same_params(&row, spec) && !row.data_fingerprint.is_empty() {
+            tracing::info!(
+                run_id = %row.run_id,
+                version = ?row.version,
+                fingerprint = %row.data_fingerprint,
+                "the registry's newest run has these parameters: unchanged data will not be retrained"
+            );
+            *last = Some((
+                RunKey {
+                    fingerprint: row.data_fingerprint,
+                    spec: *spec,
+                },
+                row.run_id,
+            ));
+        }
+    }
+
     /// Reports a failed run to the registry, so that the experiments log has
     /// it; a registry that cannot be reached only costs a log line.
     async fn report_failure(&self, failed: &FailedRun) {
@@ -439,5 +615,50 @@ impl Trainer {
                 "the registry did not record the failed run"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_run_matches_the_parameters_it_was_trained_with() {
+        let spec = TrainSpec::default();
+        let row = ExperimentRow {
+            model: "linear".into(),
+            seed: spec.seed,
+            validation_fraction: spec.validation_fraction,
+            data_fingerprint: "sha256:ab".into(),
+            ..ExperimentRow::default()
+        };
+        assert!(
+            same_params(&row, &spec),
+            "auto resolves to what it resolved to"
+        );
+        let linear = TrainSpec {
+            model: ModelChoice::Linear,
+            ..spec
+        };
+        assert!(same_params(&row, &linear));
+        let logistic = TrainSpec {
+            model: ModelChoice::Logistic,
+            ..spec
+        };
+        assert!(!same_params(&row, &logistic));
+        assert!(!same_params(&row, &TrainSpec { seed: 7, ..spec }));
+        assert!(!same_params(
+            &row,
+            &TrainSpec {
+                validation_fraction: 0.3,
+                ..spec
+            }
+        ));
+        let failed = ExperimentRow {
+            model: "auto".into(),
+            ..row
+        };
+        assert!(same_params(&failed, &spec));
+        assert!(!same_params(&failed, &linear));
     }
 }

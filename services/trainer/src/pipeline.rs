@@ -1,6 +1,14 @@
 //! One training run, without any I/O but reading the data file: load through
 //! the feature store's registry, split, standardise, fit, score.
 //!
+//! [`train`] is the run the service makes: it streams the file in passes
+//! ([`crate::stream`]), in memory independent of the row count.
+//! [`train_in_memory`] loads the whole file and fits with `linfa-linear` and
+//! `linfa-logistic` on `ndarray` matrices: the reference the streaming fit
+//! is tested against, and the faster path for a file that fits in memory
+//! many times over. Both split by [`ml_shared::holdout::is_holdout`] on the
+//! entity id, so they hold out the same rows.
+//!
 //! The family is chosen by [`ModelChoice`]: `linear` (ordinary least
 //! squares), `logistic` (L2-regularised logistic regression with `C = 1`, as
 //! scikit-learn's default, through `linfa-logistic`), or `auto`, which picks
@@ -17,13 +25,12 @@ use linfa_linear::LinearRegression;
 use linfa_logistic::LogisticRegression;
 use ml_shared::data::{self, DataError, Dataset};
 use ml_shared::features::{FeatureError, FeatureRegistry};
-use ml_shared::messages::{Metrics, RunRecord, TrainParams};
+use ml_shared::messages::{RunRecord, TrainParams};
 use ml_shared::model::{sigmoid, ModelArtifact, ModelError, ModelKind, Scaler};
 use ml_shared::profile::{ReferenceProfile, DEFAULT_BINS};
 use ndarray::{Array1, Array2};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+
+use crate::solve::DesignError;
 
 /// Fewest rows in each side of the split.
 pub const MIN_ROWS: usize = 2;
@@ -70,6 +77,19 @@ impl std::fmt::Display for ModelChoice {
             ModelChoice::Linear => "linear",
             ModelChoice::Logistic => "logistic",
         })
+    }
+}
+
+/// The family `choice` gives for a target whose first value other than 0
+/// and 1 is `non_binary` (`None`: every value is 0 or 1).
+pub fn resolve_kind(choice: ModelChoice, non_binary: Option<f64>) -> Result<ModelKind, TrainError> {
+    match (choice, non_binary) {
+        (ModelChoice::Linear, _) => Ok(ModelKind::Linear),
+        (ModelChoice::Logistic, None) | (ModelChoice::Auto, None) => Ok(ModelKind::Logistic),
+        (ModelChoice::Logistic, Some(bad)) => Err(TrainError::Params(format!(
+            "a logistic model needs a target of 0 and 1, and the data holds {bad}"
+        ))),
+        (ModelChoice::Auto, Some(_)) => Ok(ModelKind::Linear),
     }
 }
 
@@ -130,11 +150,18 @@ pub enum TrainError {
     #[error("{0}: no `target` column to learn from")]
     NoTarget(String),
     /// Too few rows to fit and validate.
-    #[error("{rows} rows: need at least {MIN_ROWS} for training and {MIN_ROWS} for validation")]
+    #[error("{rows} rows ({train} for training, {validation} held out): need at least {MIN_ROWS} on each side")]
     TooFewRows {
         /// Rows in the file.
         rows: usize,
+        /// Rows outside the holdout.
+        train: usize,
+        /// Rows in the holdout.
+        validation: usize,
     },
+    /// The design matrix cannot be fitted (a constant or collinear feature).
+    #[error("cannot fit: {0}")]
+    Design(#[from] DesignError),
     /// A model feature cannot be produced.
     #[error(transparent)]
     Feature(#[from] FeatureError),
@@ -160,14 +187,33 @@ pub enum TrainError {
     Params(String),
 }
 
-/// Splits `0..n` into (train, validation) indices, deterministically for a seed.
-pub fn split(n: usize, validation_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
-    let mut idx: Vec<usize> = (0..n).collect();
-    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-    let n_val = ((n as f64) * validation_fraction).round() as usize;
-    let n_val = n_val.clamp(MIN_ROWS.min(n), n.saturating_sub(MIN_ROWS));
-    let train = idx.split_off(n_val);
-    (train, idx)
+/// Splits rows into (train, validation) indices by the holdout rule on
+/// their entity ids, in file order: the same rows whatever reads them.
+pub fn split<'a>(
+    ids: impl IntoIterator<Item = &'a str>,
+    validation_fraction: f64,
+    seed: u64,
+) -> (Vec<usize>, Vec<usize>) {
+    let (mut train, mut validation) = (Vec::new(), Vec::new());
+    for (i, id) in ids.into_iter().enumerate() {
+        if ml_shared::holdout::is_holdout(id, validation_fraction, seed) {
+            validation.push(i);
+        } else {
+            train.push(i);
+        }
+    }
+    (train, validation)
+}
+
+/// Checks the parameters that do not depend on the data.
+pub fn check_spec(spec: &TrainSpec) -> Result<(), TrainError> {
+    if !(spec.validation_fraction > 0.0 && spec.validation_fraction < 1.0) {
+        return Err(TrainError::Params(format!(
+            "validation fraction {} is not in (0, 1)",
+            spec.validation_fraction
+        )));
+    }
+    Ok(())
 }
 
 /// The design matrix of `rows`: one line per row, features in model order.
@@ -189,66 +235,8 @@ pub fn design_matrix(
     Ok(x)
 }
 
-/// RMSE, MAE and R² of predictions against the truth.
-pub fn regression_metrics(truth: &[f64], predicted: &[f64]) -> Metrics {
-    let n = truth.len() as f64;
-    let mean = truth.iter().sum::<f64>() / n;
-    let (mut sse, mut sae, mut sst) = (0.0, 0.0, 0.0);
-    for (t, p) in truth.iter().zip(predicted) {
-        sse += (t - p) * (t - p);
-        sae += (t - p).abs();
-        sst += (t - mean) * (t - mean);
-    }
-    Metrics::regression(
-        (sse / n).sqrt(),
-        sae / n,
-        if sst > 0.0 { 1.0 - sse / sst } else { f64::NAN },
-    )
-}
-
-/// Accuracy (threshold 0.5), log-loss and ROC AUC of probabilities of class
-/// 1 against 0/1 labels. AUC is NaN when one class is absent.
-pub fn classification_metrics(truth: &[f64], probability: &[f64]) -> Metrics {
-    let n = truth.len() as f64;
-    let mut correct = 0usize;
-    let mut loss = 0.0;
-    for (&t, &p) in truth.iter().zip(probability) {
-        if (p >= ml_shared::model::DECISION_THRESHOLD) == (t == 1.0) {
-            correct += 1;
-        }
-        let p = p.clamp(1e-15, 1.0 - 1e-15);
-        loss -= if t == 1.0 { p.ln() } else { (1.0 - p).ln() };
-    }
-    Metrics::classification(correct as f64 / n, loss / n, roc_auc(truth, probability))
-}
-
-/// Area under the ROC curve, by the rank-sum (Mann–Whitney) formula with
-/// tied scores given their mean rank.
-pub fn roc_auc(truth: &[f64], score: &[f64]) -> f64 {
-    let mut order: Vec<usize> = (0..score.len()).collect();
-    order.sort_by(|&a, &b| score[a].total_cmp(&score[b]));
-    let mut positive_rank_sum = 0.0;
-    let mut i = 0;
-    while i < order.len() {
-        let mut j = i;
-        while j + 1 < order.len() && score[order[j + 1]] == score[order[i]] {
-            j += 1;
-        }
-        let mean_rank = (i + j) as f64 / 2.0 + 1.0;
-        for &k in &order[i..=j] {
-            if truth[k] == 1.0 {
-                positive_rank_sum += mean_rank;
-            }
-        }
-        i = j + 1;
-    }
-    let positives = truth.iter().filter(|&&t| t == 1.0).count() as f64;
-    let negatives = truth.len() as f64 - positives;
-    if positives == 0.0 || negatives == 0.0 {
-        return f64::NAN;
-    }
-    (positive_rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives)
-}
+// The metrics are the registry's too: one definition, in the shared crate.
+pub use ml_shared::evaluation::{classification_metrics, regression_metrics, roc_auc};
 
 /// The reference profile of a model's training split: quantile bins of each
 /// column of `x` (the training rows' model features, unscaled) and of the
@@ -270,9 +258,19 @@ pub fn reference_profile(artifact: &ModelArtifact, x: &Array2<f64>) -> Reference
     .expect("finite training data and a validated model give finite histograms")
 }
 
-/// Loads `data_path`, fits the chosen family on the training split, scores
-/// it on the validation split.
+/// Streams `data_path` ([`crate::stream::train_file`]): fits the chosen
+/// family on the training split, scores it on the holdout.
 pub fn train(
+    data_path: &Path,
+    registry: &FeatureRegistry,
+    spec: &TrainSpec,
+    run_id: String,
+) -> Result<(ModelArtifact, RunRecord), TrainError> {
+    crate::stream::train_file(data_path, registry, spec, run_id, None).map(|t| (t.artifact, t.run))
+}
+
+/// Loads `data_path` into memory and fits with `linfa` ([`train_dataset`]).
+pub fn train_in_memory(
     data_path: &Path,
     registry: &FeatureRegistry,
     spec: &TrainSpec,
@@ -294,22 +292,25 @@ pub fn train_dataset(
     started: Instant,
 ) -> Result<(ModelArtifact, RunRecord), TrainError> {
     let started_ms = ml_shared::time::now_ms().saturating_sub(started.elapsed().as_millis() as u64);
-    if !(0.0..1.0).contains(&spec.validation_fraction) || spec.validation_fraction <= 0.0 {
-        return Err(TrainError::Params(format!(
-            "validation fraction {} is not in (0, 1)",
-            spec.validation_fraction
-        )));
-    }
+    check_spec(spec)?;
     let targets = data
         .targets
         .as_ref()
         .ok_or_else(|| TrainError::NoTarget(data_path.display().to_string()))?;
-    if data.len() < 2 * MIN_ROWS {
-        return Err(TrainError::TooFewRows { rows: data.len() });
-    }
     let kind = spec.model.resolve(targets)?;
     let names: Vec<String> = registry.names().map(str::to_owned).collect();
-    let (train_rows, val_rows) = split(data.len(), spec.validation_fraction, spec.seed);
+    let (train_rows, val_rows) = split(
+        data.user_ids.iter().map(String::as_str),
+        spec.validation_fraction,
+        spec.seed,
+    );
+    if train_rows.len() < MIN_ROWS || val_rows.len() < MIN_ROWS {
+        return Err(TrainError::TooFewRows {
+            rows: data.len(),
+            train: train_rows.len(),
+            validation: val_rows.len(),
+        });
+    }
 
     let mut x = design_matrix(data, registry, &names, &train_rows)?;
     let scaler = Scaler::fit(
@@ -384,9 +385,9 @@ pub fn train_dataset(
 }
 
 /// Fits an L2-regularised logistic regression on standardised `x` and 0/1
-/// `y`; returns (coefficients, intercept), after checking that the solver
-/// reached the optimum.
-fn fit_logistic(
+/// `y` with `linfa-logistic`; returns (coefficients, intercept), after
+/// checking that the solver reached the optimum.
+pub fn fit_logistic(
     x: Array2<f64>,
     y: &Array1<f64>,
     max_iterations: u64,
@@ -464,14 +465,20 @@ mod tests {
 
     #[test]
     fn split_is_deterministic_disjoint_and_complete() {
-        let (t1, v1) = split(100, 0.2, 7);
-        let (t2, v2) = split(100, 0.2, 7);
+        let ids: Vec<String> = (0..1000).map(|i| format!("user-{i}")).collect();
+        let ids = || ids.iter().map(String::as_str);
+        let (t1, v1) = split(ids(), 0.2, 7);
+        let (t2, v2) = split(ids(), 0.2, 7);
         assert_eq!((&t1, &v1), (&t2, &v2));
-        assert_eq!(v1.len(), 20);
+        assert!((150..250).contains(&v1.len()), "{}", v1.len());
         let mut all: Vec<usize> = t1.iter().chain(&v1).copied().collect();
         all.sort();
-        assert_eq!(all, (0..100).collect::<Vec<_>>());
-        assert_ne!(split(100, 0.2, 8).1, v1);
+        assert_eq!(all, (0..1000).collect::<Vec<_>>());
+        assert_ne!(split(ids(), 0.2, 8).1, v1);
+        // The rule is the shared one: a row's side depends on its id alone.
+        for &i in &v1 {
+            assert!(ml_shared::holdout::is_holdout(&format!("user-{i}"), 0.2, 7));
+        }
     }
 
     #[test]
@@ -663,6 +670,182 @@ mod tests {
         std::fs::write(&path, "user_id,feature_1,feature_2\na,1,2\n").unwrap();
         let err = train(&path, &FeatureRegistry::default(), &s, "r".into()).unwrap_err();
         assert!(matches!(err, TrainError::NoTarget(_)), "{err}");
+    }
+
+    /// The streaming fit and `linfa-linear` on the same rows: the same
+    /// least-squares solution, to 1e-9 relative.
+    #[test]
+    fn the_streaming_linear_fit_equals_linfa_in_memory() {
+        let (_dir, path) = data(20_000, 5, gen::Target::Regression);
+        let registry = FeatureRegistry::default();
+        let s = spec(ModelChoice::Linear);
+        let (streamed, run) = train(&path, &registry, &s, "s".into()).unwrap();
+        let (in_memory, run_mem) = train_in_memory(&path, &registry, &s, "m".into()).unwrap();
+        assert_eq!(
+            (run.rows_train, run.rows_validation),
+            (run_mem.rows_train, run_mem.rows_validation)
+        );
+        assert_eq!(run.data_fingerprint, run_mem.data_fingerprint);
+        let (c1, b1) = streamed.unscaled();
+        let (c2, b2) = in_memory.unscaled();
+        for (a, b) in c1.iter().chain([&b1]).zip(c2.iter().chain([&b2])) {
+            let rel = (a - b).abs() / b.abs();
+            assert!(rel < 1e-9, "{c1:?} {b1} vs {c2:?} {b2}: {rel:e}");
+        }
+        let s1 = streamed.scaler.as_ref().unwrap();
+        let s2 = in_memory.scaler.as_ref().unwrap();
+        for (a, b) in s1
+            .mean
+            .iter()
+            .chain(&s1.scale)
+            .zip(s2.mean.iter().chain(&s2.scale))
+        {
+            assert!(
+                (a - b).abs() <= 1e-12 * b.abs().max(1.0),
+                "{s1:?} vs {s2:?}"
+            );
+        }
+        for (name, value) in run.metrics.fields() {
+            let other = run_mem
+                .metrics
+                .fields()
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .unwrap()
+                .1;
+            match (value, other) {
+                (Some(a), Some(b)) => {
+                    assert!((a - b).abs() <= 1e-9 * b.abs(), "{name}: {a} vs {b}")
+                }
+                (a, b) => assert_eq!(a, b, "{name}"),
+            }
+        }
+        // Fewer training rows than the sample: the same reference profile.
+        assert_eq!(
+            streamed.profile.as_ref().unwrap().features,
+            in_memory.profile.as_ref().unwrap().features
+        );
+    }
+
+    /// The streaming Newton fit and `linfa-logistic` on the reference
+    /// classification data: the same optimum, the same accuracy.
+    #[test]
+    fn the_streaming_logistic_fit_matches_linfa_in_memory() {
+        let (_dir, path) = data(4000, 2, gen::Target::Binary);
+        let registry = FeatureRegistry::default();
+        let s = spec(ModelChoice::Auto);
+        let trained = crate::stream::train_file(&path, &registry, &s, "s".into(), None).unwrap();
+        let (in_memory, run_mem) = train_in_memory(&path, &registry, &s, "m".into()).unwrap();
+        assert_eq!(trained.artifact.kind, ModelKind::Logistic);
+        let convergence = trained.report.convergence.clone().expect("reported");
+        assert!(
+            convergence.gradient <= CONVERGENCE_TOLERANCE,
+            "{convergence:?}"
+        );
+        assert!(convergence.iterations < 15, "{convergence:?}");
+        let (c1, b1) = trained.artifact.unscaled();
+        let (c2, b2) = in_memory.unscaled();
+        for (a, b) in c1.iter().chain([&b1]).zip(c2.iter().chain([&b2])) {
+            assert!((a - b).abs() < 1e-3, "{c1:?} {b1} vs {c2:?} {b2}");
+        }
+        let (a1, a2) = (
+            trained.run.metrics.accuracy.unwrap(),
+            run_mem.metrics.accuracy.unwrap(),
+        );
+        assert!(
+            (a1 - a2).abs() <= 0.005,
+            "accuracy {a1} streamed vs {a2} in memory"
+        );
+        let (l1, l2) = (
+            trained.run.metrics.log_loss.unwrap(),
+            run_mem.metrics.log_loss.unwrap(),
+        );
+        assert!((l1 - l2).abs() < 1e-3, "log-loss {l1} vs {l2}");
+        let (u1, u2) = (
+            trained.run.metrics.roc_auc.unwrap(),
+            run_mem.metrics.roc_auc.unwrap(),
+        );
+        assert!((u1 - u2).abs() < 1e-3, "AUC {u1} vs {u2}");
+        // Passes: statistics and one per Newton iteration; the holdout is
+        // small enough to be scored from memory.
+        assert_eq!(
+            trained.report.passes.len() as u64,
+            convergence.iterations + 1,
+            "{:?}",
+            trained.report
+        );
+    }
+
+    #[test]
+    fn a_constant_or_collinear_feature_fails_the_run_with_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.csv");
+        let mut text = String::from("user_id,feature_1,feature_2,target\n");
+        for i in 0..200 {
+            text.push_str(&format!("u{i},{},4.5,{}\n", i % 7, i % 5));
+        }
+        std::fs::write(&path, text).unwrap();
+        let err = train(
+            &path,
+            &FeatureRegistry::default(),
+            &spec(ModelChoice::Linear),
+            "r".into(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, TrainError::Design(_)), "{err}");
+        assert!(err.to_string().contains("feature_2 is constant"), "{err}");
+
+        // feature_2 = 2·feature_1 − 1 exactly.
+        let mut text = String::from("user_id,feature_1,feature_2,target\n");
+        for i in 0..200 {
+            let f1 = (i % 11) as f64 / 4.0;
+            text.push_str(&format!("u{i},{f1},{},{}\n", 2.0 * f1 - 1.0, i % 3));
+        }
+        std::fs::write(&path, text).unwrap();
+        let err = train(
+            &path,
+            &FeatureRegistry::default(),
+            &spec(ModelChoice::Linear),
+            "r".into(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, TrainError::Design(_)), "{err}");
+        assert!(
+            err.to_string()
+                .contains("feature_2 is a linear combination"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_duplicate_id_fails_the_run_with_both_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.csv");
+        gen::write_csv(std::fs::File::create(&path).unwrap(), 500, 9).unwrap();
+        let mut lines: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        // Line 301 repeats the id of line 11.
+        let id = lines[10].split(',').nth(1).unwrap().to_owned();
+        let mut fields: Vec<String> = lines[300].split(',').map(str::to_owned).collect();
+        fields[1] = id.clone();
+        lines[300] = fields.join(",");
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let err = train(
+            &path,
+            &FeatureRegistry::default(),
+            &spec(ModelChoice::Auto),
+            "r".into(),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("d.csv:301"), "{text}");
+        assert!(
+            text.contains(&format!("duplicate user_id {id:?} (first on line 11)")),
+            "{text}"
+        );
     }
 
     #[test]

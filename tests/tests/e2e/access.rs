@@ -363,7 +363,7 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
     };
     let before = production().await;
     // Discovery answers the operator from every service.
-    for name in ["registry", "predictor"] {
+    for name in ["registry", "trainer", "predictor", "monitor"] {
         let m = admin
             .request(format!("$SRV.PING.{name}"), "".into())
             .await

@@ -15,4 +15,5 @@ mod monitoring;
 mod pipeline;
 mod processes;
 mod swaps;
+mod trainer_scale;
 mod trust;

@@ -292,10 +292,13 @@ async fn two_trainer_processes_submitting_at_once_get_distinct_versions() {
     // Each trainer trains at start (two submissions at once), then on
     // requests sent concurrently.
     let log = |i: usize| dir.path().join(format!("trainer-{i}.log"));
+    // Both train at start even when the other's run is already recorded
+    // (a trainer otherwise skips data the registry's newest run trained on).
     let env = [
         ("NATS_URL", url.as_str()),
         ("DATA_PATH", data.to_str().unwrap()),
         ("TRAIN_INTERVAL", "1h"),
+        ("TRAIN_SKIP_UNCHANGED", "false"),
     ];
     let _trainers: Vec<Process> = (0..2)
         .map(|i| Process::start("trainer", &[], &env, &log(i)))
@@ -827,7 +830,7 @@ async fn the_reference_classifier_workload_trains_serves_and_reports_accuracy() 
 
     // Ask the predictor about every validation user: its labels give the
     // accuracy the trainer reported, and its probabilities the log-loss.
-    let (_, validation) = trainer::pipeline::split(rows.len(), 0.2, 42);
+    let (_, validation) = trainer::pipeline::split(rows.iter().map(|r| r.0.as_str()), 0.2, 42);
     let (mut correct, mut loss) = (0usize, 0.0);
     for &i in &validation {
         let (user, target) = rows[i].clone();

@@ -49,7 +49,7 @@ async fn trains_registers_serves_monitors_and_retrains() {
 
     // The prediction is the least-squares fit on the same training split,
     // solved here independently.
-    let (train_rows, _) = trainer::pipeline::split(rows.len(), 0.2, 42);
+    let (train_rows, _) = trainer::pipeline::split(rows.iter().map(|r| r.0.as_str()), 0.2, 42);
     let beta = least_squares(&rows, &train_rows);
     assert_close(
         reply["prediction"].as_f64().unwrap(),
@@ -179,7 +179,7 @@ async fn trains_registers_serves_monitors_and_retrains() {
     })
     .await;
     assert_eq!(version, 2);
-    let (train_rows, _) = trainer::pipeline::split(rows.len(), 0.2, 42);
+    let (train_rows, _) = trainer::pipeline::split(rows.iter().map(|r| r.0.as_str()), 0.2, 42);
     let beta = least_squares(&rows, &train_rows);
     assert_close(
         reply["prediction"].as_f64().unwrap(),

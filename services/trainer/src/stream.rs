@@ -1,0 +1,846 @@
+//! The streaming run: a data file of any size trained in passes over the
+//! file, in memory that does not grow with the row count.
+//!
+//! - **Pass 1, statistics.** Each row is parsed in place
+//!   ([`ml_shared::data::RowReader`]), put in the training split or the
+//!   holdout by [`ml_shared::holdout::is_holdout`] on its `user_id` (so the
+//!   split does not depend on the order or number of passes), and its model
+//!   features and target go into a [`Moments`] accumulator (count, means,
+//!   centred co-moments). A reservoir sample of [`SAMPLE_ROWS`] training rows
+//!   (seeded, so reproducible) keeps what the reference profile's quantile
+//!   bins are cut from; with fewer training rows the sample is all of them
+//!   and the profile is exactly the in-memory one. The file's SHA-256 is
+//!   taken on the way when the caller has not already taken it.
+//! - **The fit.** Linear: least squares solved from the co-moments
+//!   ([`crate::solve::solve_linear`]): no further pass. Logistic: Newton's
+//!   method (IRLS), one pass per iteration, each accumulating the loss,
+//!   gradient and Hessian of the same objective as `linfa-logistic`, with a
+//!   step halved when the loss does not decrease; the number of passes and
+//!   the final gradient norm are reported.
+//! - **Scoring.** Validation metrics of the fitted artifact on the holdout
+//!   rows, and the check that no `user_id` repeats (below). When the holdout
+//!   fits in [`HOLDOUT_BUFFER_ROWS`] (kept from pass 1) and no id is
+//!   suspect, this needs no further read; otherwise a last pass reads the
+//!   file again (parsing only the holdout rows' numbers).
+//!
+//! Duplicate ids are found in bounded memory: pass 1 hashes every id (64
+//! bits); up to [`SMALL_FILE_ROWS`] rows the hashes are kept and sorted,
+//! beyond that a Bloom filter of at most 16 MiB keeps the hashes it reports
+//! as possibly seen. Only when some hash is suspect does a last pass compare
+//! the actual ids of the rows carrying it, and report a true duplicate with
+//! both lines.
+//!
+//! The file's size and modification time are checked after every pass: a
+//! file replaced during the run abandons it. Progress (rows, MB/s, ETA) is
+//! logged every [`PROGRESS_INTERVAL`] of a pass.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::io::Read;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ml_shared::data::{DataError, FileStamp, HashingReader, RowReader};
+use ml_shared::features::FeatureRegistry;
+use ml_shared::holdout::is_holdout;
+use ml_shared::messages::{Metrics, RunRecord, TrainParams};
+use ml_shared::model::{ModelArtifact, ModelKind, Scaler, DECISION_THRESHOLD};
+use ml_shared::profile::{ReferenceProfile, DEFAULT_BINS};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::pipeline::{self, TrainError, TrainSpec, LOGISTIC_C, MIN_ROWS};
+use crate::solve::{Moments, NewtonStep};
+
+/// Training rows kept (uniformly at random) for the reference profile's
+/// quantile bins.
+pub const SAMPLE_ROWS: usize = 65_536;
+
+/// Time between two progress lines of a pass.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Gradient norm (of the mean loss) at which Newton's method stops early:
+/// far below [`pipeline::CONVERGENCE_TOLERANCE`], which decides success.
+pub const NEWTON_TOLERANCE: f64 = 1e-10;
+
+/// Most bytes of the duplicate-id filter.
+pub const MAX_FILTER_BYTES: usize = 16 << 20;
+
+/// Files of at most this many rows keep every id's 64-bit hash (16 MiB at
+/// most) for an exact duplicate check by sorting, instead of the filter's.
+pub const SMALL_FILE_ROWS: usize = 1 << 21;
+
+/// Most holdout rows kept in memory (16 MiB with three features): when the
+/// holdout fits and no id is suspect, it is scored without a last pass.
+pub const HOLDOUT_BUFFER_ROWS: usize = 1 << 19;
+
+/// One pass over the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PassReport {
+    /// What the pass did.
+    pub name: &'static str,
+    /// Rows read.
+    pub rows: u64,
+    /// Bytes read.
+    pub bytes: u64,
+    /// How long it took.
+    pub seconds: f64,
+}
+
+impl PassReport {
+    /// Read throughput in MB/s (10⁶ bytes).
+    pub fn mb_per_s(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.seconds.max(1e-9)
+    }
+
+    /// Rows per second.
+    pub fn rows_per_s(&self) -> f64 {
+        self.rows as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// How the logistic optimiser ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Convergence {
+    /// Newton iterations (each one pass over the file).
+    pub iterations: u64,
+    /// Norm of the mean loss's gradient at the returned parameters.
+    pub gradient: f64,
+    /// The objective there (sum of log-losses plus the penalty).
+    pub loss: f64,
+}
+
+/// What a streaming run did, besides its result.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RunReport {
+    /// Every pass, in order.
+    pub passes: Vec<PassReport>,
+    /// The logistic optimiser's end, for a logistic model.
+    pub convergence: Option<Convergence>,
+}
+
+impl RunReport {
+    /// Parse throughput of the first pass, in MB/s.
+    pub fn parse_mb_per_s(&self) -> f64 {
+        self.passes.first().map_or(0.0, PassReport::mb_per_s)
+    }
+}
+
+/// A trained model, its run record, and how the run went.
+#[derive(Debug)]
+pub struct Trained {
+    /// The artifact.
+    pub artifact: ModelArtifact,
+    /// The run.
+    pub run: RunRecord,
+    /// Passes and convergence.
+    pub report: RunReport,
+}
+
+/// The file and what stays true across passes.
+struct Source<'a> {
+    path: &'a Path,
+    raw_names: &'a [String],
+    stamp: FileStamp,
+}
+
+impl Source<'_> {
+    fn open(&self) -> Result<std::fs::File, DataError> {
+        std::fs::File::open(self.path).map_err(|source| DataError::Io {
+            path: self.path.to_owned(),
+            source,
+        })
+    }
+
+    fn check_unchanged(&self) -> Result<(), DataError> {
+        if FileStamp::of(self.path)? == self.stamp {
+            Ok(())
+        } else {
+            Err(DataError::Changed {
+                path: self.path.to_owned(),
+            })
+        }
+    }
+
+    /// Reads every row of `reader`, calling `row` on each; logs progress.
+    fn pass<R: Read>(
+        &self,
+        name: &'static str,
+        reader: R,
+        mut row: impl FnMut(&RowReader<R>) -> Result<(), TrainError>,
+    ) -> Result<(PassReport, R), TrainError> {
+        let started = Instant::now();
+        let mut rows = RowReader::new(self.path, reader, self.raw_names)?;
+        let mut n = 0u64;
+        let mut next_log = started + PROGRESS_INTERVAL;
+        while rows.advance()? {
+            row(&rows)?;
+            n += 1;
+            if n.is_multiple_of(16_384) {
+                let now = Instant::now();
+                if now >= next_log {
+                    next_log = now + PROGRESS_INTERVAL;
+                    let seconds = (now - started).as_secs_f64();
+                    let bytes = rows.bytes_read();
+                    let rate = bytes as f64 / seconds;
+                    let eta = self.stamp.len.saturating_sub(bytes) as f64 / rate.max(1.0);
+                    tracing::info!(
+                        pass = name,
+                        rows = n,
+                        mb = bytes as f64 / 1e6,
+                        mb_per_s = format_args!("{:.1}", rate / 1e6),
+                        rows_per_s = format_args!("{:.0}", n as f64 / seconds),
+                        eta_s = format_args!("{eta:.1}"),
+                        "reading the data"
+                    );
+                }
+            }
+        }
+        let report = PassReport {
+            name,
+            rows: n,
+            bytes: rows.bytes_read(),
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        tracing::debug!(
+            pass = name,
+            rows = n,
+            mb_per_s = format_args!("{:.1}", report.mb_per_s()),
+            seconds = format_args!("{:.3}", report.seconds),
+            "pass done"
+        );
+        self.check_unchanged()?;
+        Ok((report, rows.into_inner()))
+    }
+}
+
+/// A Bloom filter over hashes of ids, and the hashes it could not rule out.
+/// Blocked: the probes of one id fall in one 64-byte block (one cache line),
+/// so an insertion costs one memory access however large the filter.
+struct IdFilter {
+    blocks: Vec<[u64; 8]>,
+    mask: u64,
+    candidates: HashSet<u64>,
+}
+
+const FILTER_PROBES: u32 = 6;
+
+impl IdFilter {
+    /// A filter sized for a file of `file_len` bytes (about 16 bits per
+    /// row of 70 bytes), at most [`MAX_FILTER_BYTES`].
+    fn for_file(file_len: u64) -> Self {
+        let bytes = (file_len / 32).clamp(1 << 12, MAX_FILTER_BYTES as u64);
+        let blocks = (bytes / 64).next_power_of_two();
+        Self {
+            blocks: vec![[0; 8]; blocks as usize],
+            mask: blocks - 1,
+            candidates: HashSet::new(),
+        }
+    }
+
+    fn hash(id: &str) -> u64 {
+        foldhash::quality::FixedState::with_seed(0x6d6c_706c_6174_666f).hash_one(id)
+    }
+
+    /// Records `h`; remembers it as a candidate duplicate when every probe
+    /// was already set.
+    #[inline]
+    fn insert(&mut self, h: u64) {
+        // The low bits choose the block; 9 bits of the rest each probe.
+        let block = &mut self.blocks[(h & self.mask) as usize];
+        let mut bits = h.rotate_right(20);
+        let mut seen = true;
+        for _ in 0..FILTER_PROBES {
+            let bit = (bits & 511) as usize;
+            bits >>= 9;
+            let (word, mask) = (bit / 64, 1u64 << (bit % 64));
+            seen &= block[word] & mask != 0;
+            block[word] |= mask;
+        }
+        if seen {
+            self.candidates.insert(h);
+        }
+    }
+}
+
+/// Exact duplicate check of the candidate ids during a later pass.
+struct DuplicateCheck {
+    candidates: HashSet<u64>,
+    first_line: HashMap<String, u64>,
+}
+
+impl DuplicateCheck {
+    fn check<R: Read>(&mut self, rows: &RowReader<R>, id: &str) -> Result<(), DataError> {
+        if self.candidates.is_empty() || !self.candidates.contains(&IdFilter::hash(id)) {
+            return Ok(());
+        }
+        if let Some(&first) = self.first_line.get(id) {
+            return Err(rows.bad_row(format!("duplicate user_id {id:?} (first on line {first})")));
+        }
+        self.first_line.insert(id.to_owned(), rows.line());
+        Ok(())
+    }
+}
+
+/// Algorithm R over training rows' model features.
+struct Reservoir {
+    width: usize,
+    rows: Vec<f64>,
+    seen: u64,
+    rng: ChaCha8Rng,
+}
+
+impl Reservoir {
+    fn new(width: usize, seed: u64) -> Self {
+        Self {
+            width,
+            rows: Vec::new(),
+            seen: 0,
+            rng: ChaCha8Rng::seed_from_u64(seed ^ 0x7265_7365_7276_6f69),
+        }
+    }
+
+    #[inline]
+    fn offer(&mut self, x: &[f64]) {
+        self.seen += 1;
+        if self.rows.len() < SAMPLE_ROWS * self.width {
+            self.rows.extend_from_slice(x);
+        } else {
+            let j = self.rng.gen_range(0..self.seen) as usize;
+            if j < SAMPLE_ROWS {
+                self.rows[j * self.width..(j + 1) * self.width].copy_from_slice(x);
+            }
+        }
+    }
+}
+
+/// Trains on the file at `path` in passes (see the module documentation).
+/// `fingerprinted` is the file's fingerprint and its stamp when it was
+/// taken, when the caller already took it: a file changed since fails the
+/// run.
+pub fn train_file(
+    path: &Path,
+    registry: &FeatureRegistry,
+    spec: &TrainSpec,
+    run_id: String,
+    fingerprinted: Option<(String, FileStamp)>,
+) -> Result<Trained, TrainError> {
+    let started = Instant::now();
+    let started_ms = ml_shared::time::now_ms();
+    pipeline::check_spec(spec)?;
+    let source = Source {
+        path,
+        raw_names: registry.raw_names(),
+        stamp: match &fingerprinted {
+            Some((_, stamp)) => *stamp,
+            None => FileStamp::of(path)?,
+        },
+    };
+    source.check_unchanged()?;
+    let fingerprint = fingerprinted.map(|(f, _)| f);
+    let names: Vec<String> = registry.names().map(str::to_owned).collect();
+    let plan = registry.plan(&names)?;
+    let p = names.len();
+    let mut report = RunReport::default();
+
+    // Pass 1: statistics, sample, id filter, fingerprint.
+    let mut moments = Moments::new(p + 1);
+    let mut sample = Reservoir::new(p, spec.seed);
+    let mut filter = IdFilter::for_file(source.stamp.len);
+    let mut non_binary: Option<f64> = None;
+    let mut n_validation = 0u64;
+    let mut raw = vec![0.0; source.raw_names.len()];
+    let mut row = vec![0.0; p + 1];
+    // While they fit their budgets: every id's hash (an exact duplicate
+    // check by sorting) and the holdout rows (scored without a last pass).
+    // Reserved whole: untouched pages cost nothing, and no doubling
+    // reallocation holds two copies at once.
+    let mut id_hashes: Option<Vec<u64>> = Some(Vec::with_capacity(SMALL_FILE_ROWS));
+    let mut holdout: Option<Vec<f64>> = Some(Vec::with_capacity(HOLDOUT_BUFFER_ROWS * (p + 1)));
+    let collect = |rows: &RowReader<_>| -> Result<(), TrainError> {
+        let id = rows.user_id()?;
+        let h = IdFilter::hash(id);
+        filter.insert(h);
+        if let Some(hashes) = id_hashes.as_mut() {
+            if hashes.len() < SMALL_FILE_ROWS {
+                hashes.push(h);
+            } else {
+                id_hashes = None;
+            }
+        }
+        rows.features_into(&mut raw)?;
+        let Some(y) = rows.target()? else {
+            return Err(TrainError::NoTarget(path.display().to_string()));
+        };
+        if non_binary.is_none() && y != 0.0 && y != 1.0 {
+            non_binary = Some(y);
+        }
+        plan.compute_into(&raw, &mut row[..p]);
+        row[p] = y;
+        if is_holdout(id, spec.validation_fraction, spec.seed) {
+            n_validation += 1;
+            if let Some(kept) = holdout.as_mut() {
+                if kept.len() < HOLDOUT_BUFFER_ROWS * (p + 1) {
+                    kept.extend_from_slice(&row);
+                } else {
+                    holdout = None;
+                }
+            }
+        } else {
+            moments.push(&row);
+            sample.offer(&row[..p]);
+        }
+        Ok(())
+    };
+    let file = source.open()?;
+    let reader = match fingerprint {
+        Some(_) => HashingReader::plain(file),
+        None => HashingReader::new(file),
+    };
+    let (pass, reader) = source.pass("statistics", reader, collect)?;
+    report.passes.push(pass);
+    let fingerprint = fingerprint
+        .or_else(|| reader.fingerprint())
+        .expect("a fingerprint given or taken");
+    let total = report.passes[0].rows;
+    if total == 0 {
+        return Err(DataError::Empty {
+            path: path.to_owned(),
+        }
+        .into());
+    }
+    // Suspected duplicates: exactly those hashes seen twice when every
+    // hash was kept, else what the filter could not rule out.
+    let candidates = match id_hashes {
+        Some(mut hashes) => {
+            hashes.sort_unstable();
+            hashes
+                .windows(2)
+                .filter(|w| w[0] == w[1])
+                .map(|w| w[0])
+                .collect()
+        }
+        None => std::mem::take(&mut filter.candidates),
+    };
+    let mut duplicates = DuplicateCheck {
+        candidates,
+        first_line: HashMap::new(),
+    };
+    drop(filter);
+    let stats = moments.finish();
+    let n_train = stats.n;
+
+    // Anything that fails before the scoring pass first makes sure the
+    // failure is not a duplicate id, which would be the truer reason.
+    let fitted = (|| {
+        if (n_train as usize) < MIN_ROWS || (n_validation as usize) < MIN_ROWS {
+            return Err(TrainError::TooFewRows {
+                rows: total as usize,
+                train: n_train as usize,
+                validation: n_validation as usize,
+            });
+        }
+        let kind = pipeline::resolve_kind(spec.model, non_binary)?;
+        let scaler = Scaler {
+            mean: stats.mean[..p].to_vec(),
+            scale: (0..p)
+                .map(|j| {
+                    let sd = stats.sd(j);
+                    if sd > f64::EPSILON {
+                        sd
+                    } else {
+                        1.0
+                    }
+                })
+                .collect(),
+        };
+        let (coefficients, intercept) = match kind {
+            ModelKind::Linear => {
+                let fit = crate::solve::solve_linear(&stats, &names)?;
+                // In the artifact's standardised units: z = (x − m)/s.
+                let coefficients: Vec<f64> = fit
+                    .coefficients
+                    .iter()
+                    .zip(&scaler.scale)
+                    .map(|(b, s)| b * s)
+                    .collect();
+                let intercept = fit.intercept
+                    + fit
+                        .coefficients
+                        .iter()
+                        .zip(&scaler.mean)
+                        .map(|(b, m)| b * m)
+                        .sum::<f64>();
+                (coefficients, intercept)
+            }
+            ModelKind::Logistic => {
+                crate::solve::check_constant(&stats, p, &names)?;
+                let (theta, convergence) = newton(&source, spec, &plan, &scaler, p, &mut report)?;
+                report.convergence = Some(convergence);
+                (theta[..p].to_vec(), theta[p])
+            }
+        };
+        let artifact = ModelArtifact {
+            kind,
+            feature_names: names.clone(),
+            coefficients,
+            intercept,
+            scaler: Some(scaler),
+            profile: None,
+        };
+        artifact.validate()?;
+        Ok(artifact)
+    })();
+    let mut artifact = match fitted {
+        Ok(a) => a,
+        Err(error) => {
+            if !duplicates.candidates.is_empty() {
+                let (pass, _) = source.pass("duplicate check", source.open()?, |rows| {
+                    Ok(duplicates.check(rows, rows.user_id()?)?)
+                })?;
+                report.passes.push(pass);
+            }
+            return Err(error);
+        }
+    };
+
+    // The reference profile, from the sample of training rows.
+    let sample_rows = sample.rows.len() / p.max(1);
+    let columns: Vec<Vec<f64>> = (0..p)
+        .map(|j| (0..sample_rows).map(|i| sample.rows[i * p + j]).collect())
+        .collect();
+    let predictions: Vec<f64> = sample
+        .rows
+        .chunks_exact(p)
+        .map(|x| artifact.predict(x))
+        .collect();
+    drop(sample);
+    let mut profile = ReferenceProfile::from_columns(&names, &columns, &predictions, DEFAULT_BINS)
+        .expect("finite training data and a validated model give finite histograms");
+    profile.rows = n_train;
+    drop((columns, predictions));
+    artifact.profile = Some(Box::new(profile));
+
+    // The holdout's metrics, and the duplicate check: from the rows kept in
+    // memory when they all fit and no id is suspect, else in a last pass.
+    let mut scores = Scoring::new(artifact.kind);
+    match holdout {
+        Some(kept) if duplicates.candidates.is_empty() => {
+            for r in kept.chunks_exact(p + 1) {
+                scores.add(r[p], artifact.predict(&r[..p]));
+            }
+        }
+        kept => {
+            drop(kept);
+            let mut x = vec![0.0; p];
+            let (pass, _) = source.pass("scoring", source.open()?, |rows| {
+                let id = rows.user_id()?;
+                duplicates.check(rows, id)?;
+                if is_holdout(id, spec.validation_fraction, spec.seed) {
+                    rows.features_into(&mut raw)?;
+                    let y = rows.target()?.expect("the target column was checked");
+                    plan.compute_into(&raw, &mut x);
+                    scores.add(y, artifact.predict(&x));
+                }
+                Ok(())
+            })?;
+            report.passes.push(pass);
+        }
+    }
+    let metrics = scores.finish();
+    if !metrics.all_finite() {
+        return Err(TrainError::Metrics(
+            serde_json::to_string(&metrics.fields().map(|(n, v)| (n, v.map(|v| v.to_string()))))
+                .expect("serialisable"),
+        ));
+    }
+    let run = RunRecord {
+        run_id,
+        started_ms,
+        duration_ms: started.elapsed().as_millis() as u64,
+        params: TrainParams {
+            model: artifact.kind.as_str().into(),
+            seed: spec.seed,
+            validation_fraction: spec.validation_fraction,
+        },
+        metrics,
+        rows_train: n_train as usize,
+        rows_validation: n_validation as usize,
+        data_path: path.display().to_string(),
+        data_fingerprint: fingerprint,
+        feature_names: names,
+    };
+    Ok(Trained {
+        artifact,
+        run,
+        report,
+    })
+}
+
+/// Newton's method on the regularised logistic loss, one pass per
+/// iteration. Returns `θ = [w₁ … w_p, b]` in standardised units.
+fn newton(
+    source: &Source<'_>,
+    spec: &TrainSpec,
+    plan: &ml_shared::features::FeaturePlan,
+    scaler: &Scaler,
+    p: usize,
+    report: &mut RunReport,
+) -> Result<(Vec<f64>, Convergence), TrainError> {
+    let alpha = 1.0 / LOGISTIC_C;
+    let mut theta = vec![0.0; p + 1];
+    // The last point whose loss was accepted, its evaluation, and the
+    // direction taken from it.
+    let mut accepted: Option<(Vec<f64>, NewtonStep)> = None;
+    let mut direction: Vec<f64> = Vec::new();
+    let mut step = 1.0;
+    let mut raw = vec![0.0; source.raw_names.len()];
+    let mut z = vec![0.0; p];
+    let mut iterations = 0u64;
+    while iterations < spec.max_iterations {
+        iterations += 1;
+        let mut eval = NewtonStep::new(p);
+        let (pass, _) = source.pass("newton", source.open()?, |rows| {
+            let id = rows.user_id()?;
+            if !is_holdout(id, spec.validation_fraction, spec.seed) {
+                rows.features_into(&mut raw)?;
+                let y = rows.target()?.expect("the target column was checked");
+                plan.compute_into(&raw, &mut z);
+                scaler.transform(&mut z);
+                eval.add(&z, y, &theta);
+            }
+            Ok(())
+        })?;
+        report.passes.push(pass);
+        eval.finish(alpha, &theta);
+        let gradient = eval.gradient_norm();
+        tracing::info!(
+            iteration = iterations,
+            loss = eval.loss,
+            gradient,
+            step,
+            "logistic fit: Newton iteration"
+        );
+        if let Some((previous, last)) = &accepted {
+            let decreased = eval.loss <= last.loss + 1e-12 * last.loss.abs();
+            if !decreased {
+                // No decrease: halve the step from the accepted point.
+                step *= 0.5;
+                if step < 1e-8 {
+                    break;
+                }
+                theta = previous
+                    .iter()
+                    .zip(&direction)
+                    .map(|(t, d)| t + step * d)
+                    .collect();
+                continue;
+            }
+        }
+        let done = gradient <= NEWTON_TOLERANCE;
+        direction = if done { Vec::new() } else { eval.direction()? };
+        let tiny = direction
+            .iter()
+            .zip(&theta)
+            .all(|(d, t)| d.abs() <= 1e-13 * (1.0 + t.abs()));
+        accepted = Some((theta.clone(), eval));
+        if done || tiny {
+            break;
+        }
+        step = 1.0;
+        theta = theta.iter().zip(&direction).map(|(t, d)| t + d).collect();
+    }
+    let (theta, last) = accepted.ok_or(TrainError::NotConverged {
+        iterations,
+        gradient: f64::NAN,
+    })?;
+    let gradient = last.gradient_norm();
+    if !gradient.is_finite() || gradient > pipeline::CONVERGENCE_TOLERANCE {
+        return Err(TrainError::NotConverged {
+            iterations,
+            gradient,
+        });
+    }
+    let convergence = Convergence {
+        iterations,
+        gradient,
+        loss: last.loss,
+    };
+    tracing::info!(
+        iterations,
+        gradient,
+        loss = last.loss,
+        "logistic fit converged"
+    );
+    Ok((theta, convergence))
+}
+
+/// Validation metrics accumulated over the holdout rows.
+enum Scoring {
+    Regression {
+        n: u64,
+        sse: f64,
+        sae: f64,
+        mean: f64,
+        m2: f64,
+    },
+    Classification {
+        n: u64,
+        correct: u64,
+        loss: f64,
+        positives: Vec<f64>,
+        negatives: Vec<f64>,
+    },
+}
+
+impl Scoring {
+    fn new(kind: ModelKind) -> Self {
+        match kind {
+            ModelKind::Linear => Scoring::Regression {
+                n: 0,
+                sse: 0.0,
+                sae: 0.0,
+                mean: 0.0,
+                m2: 0.0,
+            },
+            ModelKind::Logistic => Scoring::Classification {
+                n: 0,
+                correct: 0,
+                loss: 0.0,
+                positives: Vec::new(),
+                negatives: Vec::new(),
+            },
+        }
+    }
+
+    fn add(&mut self, truth: f64, predicted: f64) {
+        match self {
+            Scoring::Regression {
+                n,
+                sse,
+                sae,
+                mean,
+                m2,
+            } => {
+                *n += 1;
+                let e = truth - predicted;
+                *sse += e * e;
+                *sae += e.abs();
+                let delta = truth - *mean;
+                *mean += delta / *n as f64;
+                *m2 += delta * (truth - *mean);
+            }
+            Scoring::Classification {
+                n,
+                correct,
+                loss,
+                positives,
+                negatives,
+            } => {
+                *n += 1;
+                if (predicted >= DECISION_THRESHOLD) == (truth == 1.0) {
+                    *correct += 1;
+                }
+                let q = predicted.clamp(1e-15, 1.0 - 1e-15);
+                *loss -= if truth == 1.0 { q.ln() } else { (1.0 - q).ln() };
+                if truth == 1.0 {
+                    positives.push(predicted);
+                } else {
+                    negatives.push(predicted);
+                }
+            }
+        }
+    }
+
+    fn finish(self) -> Metrics {
+        match self {
+            Scoring::Regression {
+                n, sse, sae, m2, ..
+            } => {
+                let n = n as f64;
+                Metrics::regression(
+                    (sse / n).sqrt(),
+                    sae / n,
+                    if m2 > 0.0 { 1.0 - sse / m2 } else { f64::NAN },
+                )
+            }
+            Scoring::Classification {
+                n,
+                correct,
+                loss,
+                mut positives,
+                mut negatives,
+            } => {
+                let auc = auc_of_sorted({
+                    positives.sort_by(f64::total_cmp);
+                    negatives.sort_by(f64::total_cmp);
+                    (&positives, &negatives)
+                });
+                Metrics::classification(correct as f64 / n as f64, loss / n as f64, auc)
+            }
+        }
+    }
+}
+
+/// ROC AUC from the sorted scores of the positives and of the negatives:
+/// the share of (positive, negative) pairs ranked right, ties counting half
+/// (the same figure as [`pipeline::roc_auc`]). NaN when a class is absent.
+pub fn auc_of_sorted((positives, negatives): (&[f64], &[f64])) -> f64 {
+    if positives.is_empty() || negatives.is_empty() {
+        return f64::NAN;
+    }
+    // For each positive: negatives strictly below it, plus half the equal.
+    let (mut below, mut upto) = (0usize, 0usize);
+    let mut wins = 0.0;
+    for &s in positives {
+        while below < negatives.len() && negatives[below] < s {
+            below += 1;
+        }
+        upto = upto.max(below);
+        while upto < negatives.len() && negatives[upto] <= s {
+            upto += 1;
+        }
+        wins += below as f64 + 0.5 * (upto - below) as f64;
+    }
+    wins / (positives.len() as f64 * negatives.len() as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auc_from_sorted_classes_matches_the_rank_formula() {
+        let truth = [0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0];
+        let score = [0.1, 0.6, 0.4, 0.9, 0.6, 0.6, 0.2];
+        let mut pos: Vec<f64> = truth
+            .iter()
+            .zip(&score)
+            .filter(|(t, _)| **t == 1.0)
+            .map(|(_, s)| *s)
+            .collect();
+        let mut neg: Vec<f64> = truth
+            .iter()
+            .zip(&score)
+            .filter(|(t, _)| **t == 0.0)
+            .map(|(_, s)| *s)
+            .collect();
+        pos.sort_by(f64::total_cmp);
+        neg.sort_by(f64::total_cmp);
+        let want = pipeline::roc_auc(&truth, &score);
+        let got = auc_of_sorted((&pos, &neg));
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        assert!(auc_of_sorted((&[], &[0.5])).is_nan());
+    }
+
+    #[test]
+    fn the_filter_flags_every_repeat() {
+        let mut f = IdFilter::for_file(1 << 20);
+        for i in 0..1000 {
+            f.insert(IdFilter::hash(&format!("id-{i}")));
+        }
+        f.insert(IdFilter::hash("id-17"));
+        assert!(f.candidates.contains(&IdFilter::hash("id-17")));
+        assert!(f.candidates.len() < 5, "{}", f.candidates.len());
+    }
+}

@@ -93,13 +93,24 @@ fn exact_holdout(dir: &Path) -> std::path::PathBuf {
     path
 }
 
-/// The registry's model list, once it answers.
+/// The registry's model list, every page of it, once it answers.
 async fn models(client: &async_nats::Client) -> ModelsReply {
-    wait_for("the registry lists its models", WAIT, || async {
-        let m = client.request("ml.registry.models", "".into()).await.ok()?;
+    let page = |offset: usize| async move {
+        let body = format!(r#"{{"limit":500,"offset":{offset}}}"#);
+        let m = client
+            .request("ml.registry.models", body.into())
+            .await
+            .ok()?;
         serde_json::from_slice::<ModelsReply>(&m.payload).ok()
-    })
-    .await
+    };
+    let mut listed = wait_for("the registry lists its models", WAIT, || page(0)).await;
+    while listed.models.len() < listed.total {
+        let mut older = page(listed.models.len()).await.expect("an older page");
+        assert!(!older.models.is_empty(), "a page in the middle is empty");
+        older.models.append(&mut listed.models);
+        listed.models = older.models;
+    }
+    listed
 }
 
 fn sigkill(p: &mut Process) {

@@ -196,9 +196,34 @@ async fn violations(events: &mut mpsc::UnboundedReceiver<Event>) -> BTreeSet<(St
     seen
 }
 
+/// The subjects of the README's subjects table (its rows' first cells).
+fn readme_subjects() -> BTreeSet<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let text = std::fs::read_to_string(path).expect("README.md");
+    let table = text
+        .split("## Subjects")
+        .nth(1)
+        .expect("a Subjects section");
+    table
+        .lines()
+        .take_while(|l| !l.starts_with('#'))
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_owned)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_user_may_use_exactly_the_subjects_the_shipped_config_gives_it() {
     ml_tests::init_logging();
+    let covered: BTreeSet<String> = RULES.iter().map(|r| r.subject.to_owned()).collect();
+    let documented = readme_subjects();
+    assert!(documented.len() >= 14, "{documented:?}");
+    let missing: Vec<&String> = documented.difference(&covered).collect();
+    assert!(
+        missing.is_empty(),
+        "README subjects without an access rule: {missing:?}"
+    );
     let shipped = Shipped::start();
     let (url, password) = (shipped.url.clone(), |user: &str| shipped.password(user));
     for user in USERS {

@@ -58,7 +58,9 @@ fn submission(i: u64, rmse: f64) -> Submission {
 async fn submit(client: &async_nats::Client, s: &Submission) -> Result<SubmitReply, String> {
     let payload = ml_shared::codec::encode(s);
     let request = client.request("ml.registry.submit", payload.into());
-    let message = tokio::time::timeout(Duration::from_secs(3), request)
+    // Bounded, with room for a loaded machine: the registry evaluates the
+    // model on its holdout and fsyncs before it answers.
+    let message = tokio::time::timeout(Duration::from_secs(10), request)
         .await
         .map_err(|_| "no reply in time".to_owned())?
         .map_err(|e| e.to_string())?;

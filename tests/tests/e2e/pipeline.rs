@@ -285,7 +285,12 @@ async fn a_failed_run_registers_nothing_and_says_why() {
     );
     assert!(message.contains("feature_2"), "column in {message:?}");
 
-    let models = request_json(&client, "ml.registry.models", "").await;
+    // The registry may still be starting (the trainer answered first).
+    let models = wait_for("the registry answers", WAIT, || async {
+        let m = client.request("ml.registry.models", "".into()).await.ok()?;
+        serde_json::from_slice::<Value>(&m.payload).ok()
+    })
+    .await;
     assert_eq!(models["models"].as_array().unwrap().len(), 0, "{models}");
     assert_eq!(models["production"], Value::Null);
     // The experiments log has the failed run, with its reason.

@@ -497,6 +497,10 @@ async fn a_bad_data_file_fails_the_run_with_line_and_reason_and_promotes_nothing
             &["users.csv:2", "feature_1"],
         ),
     ];
+    wait_for("registry answers", WAIT, || async {
+        client.request("ml.registry.models", "".into()).await.ok()
+    })
+    .await;
     wait_for("trainer subscribed", WAIT, || async {
         client.request("ml.train", "".into()).await.ok()
     })

@@ -325,8 +325,13 @@ async fn two_trainers_submitting_at_once_get_distinct_versions() {
         .map(|_| services::trainer(&url, &data, "0"))
         .collect();
     let client = client(&url).await;
-    wait_for("trainers subscribed", WAIT, || async {
-        client.request("ml.train", "".into()).await.ok()
+    // A first run that registers a version: both the trainers and the
+    // registry are up (a reply alone could be the trainer's "registry
+    // unavailable" while the registry is still starting).
+    wait_for("a first run registers a version", WAIT, || async {
+        let m = client.request("ml.train", "".into()).await.ok()?;
+        let reply: Value = serde_json::from_slice(&m.payload).ok()?;
+        reply["version"].as_u64()
     })
     .await;
 

@@ -629,6 +629,65 @@ pub struct TrainReply {
     pub run: RunRecord,
 }
 
+/// A request on `ml.train` (JSON; an empty body is the default, `{}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainRequest {
+    /// Send progress messages ([`TrainProgress`]) to the reply subject
+    /// before the final reply.
+    #[serde(default)]
+    pub progress: bool,
+}
+
+/// What a progress message reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgressEvent {
+    /// A pass over the data file is under way (sent about once a second).
+    Reading,
+    /// A pass over the data file is done.
+    PassDone,
+    /// The model is fitted and scored; the registry is evaluating it.
+    Submitting,
+}
+
+/// A progress message of a run asked for with `{"progress":true}`: sent to
+/// the request's reply subject before the final reply, which is a
+/// [`TrainReply`] or an error. Its one key, `progress`, tells them apart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainProgress {
+    /// The report.
+    pub progress: ProgressReport,
+}
+
+/// Where a run is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressReport {
+    /// What happened.
+    pub event: ProgressEvent,
+    /// The pass (`statistics`, `newton`, `scoring`), while reading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pass: Option<String>,
+    /// The pass's number, from 1.
+    pub pass_number: u32,
+    /// Rows read in this pass so far.
+    pub rows: u64,
+    /// Bytes read in this pass so far.
+    pub bytes: u64,
+    /// Size of the data file in bytes.
+    pub total_bytes: u64,
+    /// Seconds since the run started.
+    pub elapsed_s: f64,
+    /// Read rate of this pass, rows per second.
+    pub rows_per_s: f64,
+    /// Read rate of this pass, MB (10⁶ bytes) per second.
+    pub mb_per_s: f64,
+    /// Seconds left in this pass at its rate so far (a logistic fit makes
+    /// as many passes as its solver needs, so no run-wide estimate exists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<f64>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -687,5 +746,31 @@ mod tests {
         );
         let o: Outcome = serde_json::from_str(r#""bad_request""#).unwrap();
         assert_eq!(o, Outcome::Error(ErrorCode::BadRequest));
+    }
+
+    #[test]
+    fn train_requests_default_to_no_progress_and_refuse_unknown_fields() {
+        let r: TrainRequest = serde_json::from_str("{}").unwrap();
+        assert!(!r.progress);
+        let r: TrainRequest = serde_json::from_str(r#"{"progress":true}"#).unwrap();
+        assert!(r.progress);
+        assert!(serde_json::from_str::<TrainRequest>(r#"{"progres":true}"#).is_err());
+        let p = TrainProgress {
+            progress: ProgressReport {
+                event: ProgressEvent::PassDone,
+                pass: Some("statistics".into()),
+                pass_number: 1,
+                rows: 10,
+                bytes: 100,
+                total_bytes: 100,
+                elapsed_s: 0.5,
+                rows_per_s: 20.0,
+                mb_per_s: 0.0002,
+                eta_s: None,
+            },
+        };
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(json.starts_with(r#"{"progress":{"event":"pass_done","pass":"statistics""#));
+        assert_eq!(serde_json::from_str::<TrainProgress>(&json).unwrap(), p);
     }
 }

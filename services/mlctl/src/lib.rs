@@ -10,6 +10,7 @@ pub mod bench;
 pub mod registry_view;
 pub mod secrets;
 pub mod top;
+pub mod train;
 pub mod up;
 
 use std::collections::BTreeMap;
@@ -28,7 +29,7 @@ use ml_shared::lifecycle::{
 };
 use ml_shared::messages::{
     ApiReply, BatchPredictReply, ErrorReply, ModelsReply, Page, PredictReply, PredictRequest,
-    RunsReply, TrainReply,
+    RunsReply,
 };
 use ml_shared::settings::{parse_duration, NatsSettings};
 use serde::de::DeserializeOwned;
@@ -111,11 +112,16 @@ pub enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
-    /// Train now and wait for the registered version.
+    /// Train now and wait for the registered version, with the run's
+    /// progress on stderr.
     Train {
-        /// How long to wait for the trainer.
+        /// The longest silence from the trainer: each progress report
+        /// restarts it.
         #[arg(long, default_value = "120s", value_parser = parse_duration)]
         timeout: Duration,
+        /// No progress reports: only the final reply.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Print the monitor's current statistics (JSON).
     Stats,
@@ -285,22 +291,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         })
                     }
                 }
-                Command::Train { timeout } => {
-                    // The connection's request timeout is for quick
-                    // requests; a run on a large file takes longer.
-                    let request = client.send_request(
-                        subjects.train.clone(),
-                        async_nats::Request::new()
-                            .payload(Bytes::new())
-                            .timeout(Some(timeout)),
-                    );
-                    let reply = tokio::time::timeout(timeout, request)
-                        .await
-                        .map_err(|_| {
-                            anyhow::anyhow!("the trainer did not answer within {timeout:?}")
-                        })?
-                        .map_err(|e| unavailable(e, "trainer", &subjects.train))?;
-                    print_reply::<TrainReply>(reply.payload)
+                Command::Train { timeout, quiet } => {
+                    train::train(&client, &subjects, timeout, quiet).await?
                 }
                 Command::Stats => {
                     let reply =
@@ -437,7 +429,7 @@ fn with_reply<T: DeserializeOwned>(payload: Bytes, show: impl FnOnce(T)) -> Exit
 }
 
 /// Prints a successful JSON reply as received, or the error to stderr.
-fn print_reply<T: DeserializeOwned>(payload: Bytes) -> ExitCode {
+pub(crate) fn print_reply<T: DeserializeOwned>(payload: Bytes) -> ExitCode {
     let text = String::from_utf8_lossy(&payload).into_owned();
     with_reply(payload, |_: T| println!("{text}"))
 }

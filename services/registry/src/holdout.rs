@@ -6,15 +6,18 @@
 //! by default the file the trainer reads) that the shared holdout rule
 //! ([`ml_shared::holdout`]) puts in the validation split for the registry's
 //! seed and fraction, which match the trainer's defaults: an honest trainer
-//! never fits on them. The file is re-read when its modification time or
+//! never fits on them. The file is streamed: only the holdout rows are kept
+//! (about a fifth of a file at the default fraction, as numbers and ids, not
+//! as text). The file is re-read when its modification time or
 //! size changes; a file that cannot be read makes submissions fail with
 //! `unavailable` (nothing is registered that could not be checked).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use ml_shared::data::{self, DataError, TARGET};
+use ml_shared::data::{DataError, HashingReader, RowReader, TARGET};
 use ml_shared::evaluation::{self, EvaluationError};
 use ml_shared::features::FeatureRegistry;
 use ml_shared::holdout::is_holdout;
@@ -117,38 +120,61 @@ impl Holdout {
                 return Ok(rows.clone());
             }
         }
-        let data = data::load_csv(&self.path, registry.raw_names())?;
-        let targets = data
-            .targets
-            .as_ref()
-            .ok_or_else(|| HoldoutError::NoTarget(self.path.clone()))?;
-        let width = data.raw_names.len();
-        let mut rows = HoldoutRows {
-            entities: Vec::new(),
-            raw: Vec::new(),
-            targets: Vec::new(),
-            width,
-            fingerprint: data.fingerprint.clone(),
-        };
-        for (i, (entity, &target)) in data.user_ids.iter().zip(targets).enumerate() {
-            if is_holdout(entity, self.fraction, self.seed) {
-                rows.entities.push(entity.clone());
-                rows.raw.extend_from_slice(data.raw_row(i));
-                rows.targets.push(target);
-            }
-        }
+        let (rows, of) = self.read(registry)?;
         if rows.is_empty() {
             return Err(HoldoutError::Empty(self.path.clone()));
         }
         tracing::info!(
             path = %self.path.display(),
             rows = rows.len(),
-            of = data.len(),
+            of,
             fingerprint = %rows.fingerprint,
             "holdout loaded"
         );
         let rows = Arc::new(rows);
         self.loaded = Some((stamp, rows.clone()));
         Ok(rows)
+    }
+
+    /// Streams the file once, keeping only the holdout rows (memory grows
+    /// with them, not with the file) and fingerprinting every byte; returns
+    /// them and the number of rows read. A duplicate id among them is an
+    /// error with both lines (an id's rows are all in the holdout or none).
+    fn read(&self, registry: &FeatureRegistry) -> Result<(HoldoutRows, u64), HoldoutError> {
+        let file = std::fs::File::open(&self.path).map_err(|source| DataError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        let mut reader = RowReader::new(&self.path, HashingReader::new(file), registry.raw_names())?;
+        if !reader.has_target() {
+            return Err(HoldoutError::NoTarget(self.path.clone()));
+        }
+        let width = registry.raw_names().len();
+        let mut rows = HoldoutRows {
+            entities: Vec::new(),
+            raw: Vec::new(),
+            targets: Vec::new(),
+            width,
+            fingerprint: String::new(),
+        };
+        let mut lines: HashMap<String, u64> = HashMap::new();
+        let (mut raw, mut of) = (vec![0.0; width], 0u64);
+        while reader.advance()? {
+            of += 1;
+            let entity = reader.user_id()?;
+            if !is_holdout(entity, self.fraction, self.seed) {
+                continue;
+            }
+            if let Some(first) = lines.insert(entity.to_owned(), reader.line()) {
+                let reason = format!("duplicate user_id {entity:?} (first on line {first})");
+                return Err(reader.bad_row(reason).into());
+            }
+            reader.features_into(&mut raw)?;
+            rows.raw.extend_from_slice(&raw);
+            rows.targets.push(reader.target()?.expect("the target column was checked"));
+            rows.entities.push(entity.to_owned());
+        }
+        rows.fingerprint = reader.into_inner().fingerprint().expect("a hashing reader");
+        Ok((rows, of))
     }
 }

@@ -137,6 +137,7 @@ pub async fn serve(registry: Registry, shutdown: impl Future<Output = ()>) -> an
         streams.push(stream.map(move |request| (endpoint, request)).boxed());
     }
     let mut requests = select_all(streams);
+    registry.warm_holdout();
     // Predictors that started before us are waiting for a model.
     registry.publish_production().await;
     tokio::pin!(shutdown);
@@ -157,6 +158,18 @@ pub async fn serve(registry: Registry, shutdown: impl Future<Output = ()>) -> an
 }
 
 impl Registry {
+    /// Reads the holdout in the background, so that the first submission
+    /// does not wait for it (a submission meanwhile waits for the read).
+    fn warm_holdout(&self) {
+        let (holdout, features) = (self.holdout.clone(), self.features.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut holdout = holdout.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(error) = holdout.rows(&features) {
+                tracing::warn!(%error, "holdout not readable yet; submissions are refused until it is");
+            }
+        });
+    }
+
     /// Checks the reply subject, then dispatches to the endpoint's handler.
     async fn handle(&self, endpoint: Endpoint, request: Request) {
         let m = &request.message;

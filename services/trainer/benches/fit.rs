@@ -122,8 +122,14 @@ fn streaming(c: &mut Criterion) {
     group.bench_function(BenchmarkId::from_parameter(rows), |b| {
         b.iter(|| {
             black_box(
-                trainer::stream::train_file(&path, &registry, &spec, "bench".into(), None)
-                    .expect("trained"),
+                trainer::stream::train_file(
+                    &path,
+                    &registry,
+                    &spec,
+                    "bench".into(),
+                    Default::default(),
+                )
+                .expect("trained"),
             )
         })
     });

@@ -25,7 +25,7 @@ use linfa_linear::LinearRegression;
 use linfa_logistic::LogisticRegression;
 use ml_shared::data::{self, DataError, Dataset};
 use ml_shared::features::{FeatureError, FeatureRegistry};
-use ml_shared::messages::{RunRecord, TrainParams};
+use ml_shared::messages::{Metrics, RunRecord, TrainParams};
 use ml_shared::model::{sigmoid, ModelArtifact, ModelError, ModelKind, Scaler};
 use ml_shared::profile::{ReferenceProfile, DEFAULT_BINS};
 use ndarray::{Array1, Array2};
@@ -266,7 +266,8 @@ pub fn train(
     spec: &TrainSpec,
     run_id: String,
 ) -> Result<(ModelArtifact, RunRecord), TrainError> {
-    crate::stream::train_file(data_path, registry, spec, run_id, None).map(|t| (t.artifact, t.run))
+    crate::stream::train_file(data_path, registry, spec, run_id, Default::default())
+        .map(|t| (t.artifact, t.run))
 }
 
 /// Loads `data_path` into memory and fits with `linfa` ([`train_dataset`]).
@@ -359,29 +360,74 @@ pub fn train_dataset(
         ModelKind::Linear => regression_metrics(&truth, &predicted),
         ModelKind::Logistic => classification_metrics(&truth, &predicted),
     };
+    let run = run_record(RunParts {
+        run_id,
+        started_ms,
+        started,
+        kind,
+        spec,
+        metrics,
+        rows_train: train_rows.len(),
+        rows_validation: val_rows.len(),
+        data_path,
+        data_fingerprint: data.fingerprint.clone(),
+        feature_names: names,
+    })?;
+    Ok((artifact, run))
+}
+
+/// What a run's record is made of, once its model is scored.
+pub struct RunParts<'a> {
+    /// The run's id.
+    pub run_id: String,
+    /// When it started (ms since the epoch).
+    pub started_ms: u64,
+    /// When it started, for its duration.
+    pub started: Instant,
+    /// The family fitted.
+    pub kind: ModelKind,
+    /// The parameters.
+    pub spec: &'a TrainSpec,
+    /// The holdout's metrics.
+    pub metrics: Metrics,
+    /// Training rows.
+    pub rows_train: usize,
+    /// Holdout rows.
+    pub rows_validation: usize,
+    /// The data file.
+    pub data_path: &'a Path,
+    /// Its fingerprint.
+    pub data_fingerprint: String,
+    /// The model's features.
+    pub feature_names: Vec<String>,
+}
+
+/// The run's record; a run whose metrics are not all finite (a constant
+/// target, a degenerate holdout) fails instead.
+pub fn run_record(parts: RunParts<'_>) -> Result<RunRecord, TrainError> {
+    let metrics = parts.metrics;
     if !metrics.all_finite() {
         return Err(TrainError::Metrics(
             serde_json::to_string(&metrics.fields().map(|(n, v)| (n, v.map(|v| v.to_string()))))
                 .expect("serialisable"),
         ));
     }
-    let run = RunRecord {
-        run_id,
-        started_ms,
-        duration_ms: started.elapsed().as_millis() as u64,
+    Ok(RunRecord {
+        run_id: parts.run_id,
+        started_ms: parts.started_ms,
+        duration_ms: parts.started.elapsed().as_millis() as u64,
         params: TrainParams {
-            model: kind.as_str().into(),
-            seed: spec.seed,
-            validation_fraction: spec.validation_fraction,
+            model: parts.kind.as_str().into(),
+            seed: parts.spec.seed,
+            validation_fraction: parts.spec.validation_fraction,
         },
         metrics,
-        rows_train: train_rows.len(),
-        rows_validation: val_rows.len(),
-        data_path: data_path.display().to_string(),
-        data_fingerprint: data.fingerprint.clone(),
-        feature_names: names,
-    };
-    Ok((artifact, run))
+        rows_train: parts.rows_train,
+        rows_validation: parts.rows_validation,
+        data_path: parts.data_path.display().to_string(),
+        data_fingerprint: parts.data_fingerprint,
+        feature_names: parts.feature_names,
+    })
 }
 
 /// Fits an L2-regularised logistic regression on standardised `x` and 0/1
@@ -734,7 +780,9 @@ mod tests {
         let (_dir, path) = data(4000, 2, gen::Target::Binary);
         let registry = FeatureRegistry::default();
         let s = spec(ModelChoice::Auto);
-        let trained = crate::stream::train_file(&path, &registry, &s, "s".into(), None).unwrap();
+        let trained =
+            crate::stream::train_file(&path, &registry, &s, "s".into(), Default::default())
+                .unwrap();
         let (in_memory, run_mem) = train_in_memory(&path, &registry, &s, "m".into()).unwrap();
         assert_eq!(trained.artifact.kind, ModelKind::Logistic);
         let convergence = trained.report.convergence.clone().expect("reported");

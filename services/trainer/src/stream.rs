@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use ml_shared::data::{DataError, FileStamp, HashingReader, RowReader};
 use ml_shared::features::FeatureRegistry;
 use ml_shared::holdout::is_holdout;
-use ml_shared::messages::{Metrics, RunRecord, TrainParams};
+use ml_shared::messages::{Metrics, ProgressEvent, ProgressReport, RunRecord};
 use ml_shared::model::{ModelArtifact, ModelKind, Scaler, DECISION_THRESHOLD};
 use ml_shared::profile::{ReferenceProfile, DEFAULT_BINS};
 use rand::{Rng, SeedableRng};
@@ -137,11 +137,40 @@ pub struct Trained {
     pub report: RunReport,
 }
 
+/// Receives a run's progress reports, on the training thread: it must not
+/// block (the trainer's forwards them through a bounded channel).
+pub type ProgressSink<'a> = &'a (dyn Fn(ProgressReport) + Sync);
+
+/// How a run goes, besides its data and parameters.
+#[derive(Clone, Copy)]
+pub struct RunOptions<'a> {
+    /// The file's fingerprint and the stamp it was taken at, when the
+    /// caller has them (otherwise the first pass computes them).
+    pub fingerprinted: Option<(&'a str, FileStamp)>,
+    /// Where progress reports go, besides the log.
+    pub progress: Option<ProgressSink<'a>>,
+    /// Time between two progress reports (and log lines) of a pass.
+    pub interval: Duration,
+}
+
+impl Default for RunOptions<'_> {
+    fn default() -> Self {
+        Self {
+            fingerprinted: None,
+            progress: None,
+            interval: PROGRESS_INTERVAL,
+        }
+    }
+}
+
 /// The file and what stays true across passes.
 struct Source<'a> {
     path: &'a Path,
     raw_names: &'a [String],
     stamp: FileStamp,
+    options: RunOptions<'a>,
+    started: Instant,
+    passes: std::cell::Cell<u32>,
 }
 
 impl Source<'_> {
@@ -162,7 +191,8 @@ impl Source<'_> {
         }
     }
 
-    /// Reads every row of `reader`, calling `row` on each; logs progress.
+    /// Reads every row of `reader`, calling `row` on each; reports
+    /// progress every [`RunOptions::interval`] and at the end.
     fn pass<R: Read>(
         &self,
         name: &'static str,
@@ -170,30 +200,27 @@ impl Source<'_> {
         mut row: impl FnMut(&RowReader<R>) -> Result<(), TrainError>,
     ) -> Result<(PassReport, R), TrainError> {
         let started = Instant::now();
+        self.passes.set(self.passes.get() + 1);
         let mut rows = RowReader::new(self.path, reader, self.raw_names)?;
         let mut n = 0u64;
-        let mut next_log = started + PROGRESS_INTERVAL;
+        let mut next_report = started + self.options.interval;
         while rows.advance()? {
             row(&rows)?;
             n += 1;
-            if n.is_multiple_of(16_384) {
-                let now = Instant::now();
-                if now >= next_log {
-                    next_log = now + PROGRESS_INTERVAL;
-                    let seconds = (now - started).as_secs_f64();
-                    let bytes = rows.bytes_read();
-                    let rate = bytes as f64 / seconds;
-                    let eta = self.stamp.len.saturating_sub(bytes) as f64 / rate.max(1.0);
-                    tracing::info!(
-                        pass = name,
-                        rows = n,
-                        mb = bytes as f64 / 1e6,
-                        mb_per_s = format_args!("{:.1}", rate / 1e6),
-                        rows_per_s = format_args!("{:.0}", n as f64 / seconds),
-                        eta_s = format_args!("{eta:.1}"),
-                        "reading the data"
-                    );
-                }
+            if n.is_multiple_of(4_096) && Instant::now() >= next_report {
+                next_report = Instant::now() + self.options.interval;
+                let report =
+                    self.progress(ProgressEvent::Reading, name, n, rows.bytes_read(), started);
+                tracing::info!(
+                    pass = name,
+                    rows = n,
+                    mb = report.bytes as f64 / 1e6,
+                    mb_per_s = format_args!("{:.1}", report.mb_per_s),
+                    rows_per_s = format_args!("{:.0}", report.rows_per_s),
+                    eta_s = format_args!("{:.1}", report.eta_s.unwrap_or(0.0)),
+                    "reading the data"
+                );
+                self.send(report);
             }
         }
         let report = PassReport {
@@ -210,7 +237,41 @@ impl Source<'_> {
             "pass done"
         );
         self.check_unchanged()?;
+        self.send(self.progress(ProgressEvent::PassDone, name, n, report.bytes, started));
         Ok((report, rows.into_inner()))
+    }
+
+    /// A progress report of the current pass.
+    fn progress(
+        &self,
+        event: ProgressEvent,
+        pass: &str,
+        rows: u64,
+        bytes: u64,
+        pass_started: Instant,
+    ) -> ProgressReport {
+        let seconds = pass_started.elapsed().as_secs_f64().max(1e-9);
+        let rate = bytes as f64 / seconds;
+        let eta_s = (event == ProgressEvent::Reading && rate > 0.0)
+            .then(|| self.stamp.len.saturating_sub(bytes) as f64 / rate);
+        ProgressReport {
+            event,
+            pass: Some(pass.to_owned()),
+            pass_number: self.passes.get(),
+            rows,
+            bytes,
+            total_bytes: self.stamp.len,
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+            rows_per_s: rows as f64 / seconds,
+            mb_per_s: rate / 1e6,
+            eta_s,
+        }
+    }
+
+    fn send(&self, report: ProgressReport) {
+        if let Some(sink) = self.options.progress {
+            sink(report);
+        }
     }
 }
 
@@ -315,15 +376,14 @@ impl Reservoir {
 }
 
 /// Trains on the file at `path` in passes (see the module documentation).
-/// `fingerprinted` is the file's fingerprint and its stamp when it was
-/// taken, when the caller already took it: a file changed since fails the
-/// run.
+/// With [`RunOptions::fingerprinted`], a file changed since the fingerprint
+/// was taken fails the run.
 pub fn train_file(
     path: &Path,
     registry: &FeatureRegistry,
     spec: &TrainSpec,
     run_id: String,
-    fingerprinted: Option<(String, FileStamp)>,
+    options: RunOptions<'_>,
 ) -> Result<Trained, TrainError> {
     let started = Instant::now();
     let started_ms = ml_shared::time::now_ms();
@@ -331,13 +391,16 @@ pub fn train_file(
     let source = Source {
         path,
         raw_names: registry.raw_names(),
-        stamp: match &fingerprinted {
+        stamp: match &options.fingerprinted {
             Some((_, stamp)) => *stamp,
             None => FileStamp::of(path)?,
         },
+        options,
+        started,
+        passes: std::cell::Cell::new(0),
     };
     source.check_unchanged()?;
-    let fingerprint = fingerprinted.map(|(f, _)| f);
+    let fingerprint = options.fingerprinted.map(|(f, _)| f.to_owned());
     let names: Vec<String> = registry.names().map(str::to_owned).collect();
     let plan = registry.plan(&names)?;
     let p = names.len();
@@ -547,29 +610,19 @@ pub fn train_file(
             report.passes.push(pass);
         }
     }
-    let metrics = scores.finish();
-    if !metrics.all_finite() {
-        return Err(TrainError::Metrics(
-            serde_json::to_string(&metrics.fields().map(|(n, v)| (n, v.map(|v| v.to_string()))))
-                .expect("serialisable"),
-        ));
-    }
-    let run = RunRecord {
+    let run = pipeline::run_record(pipeline::RunParts {
         run_id,
         started_ms,
-        duration_ms: started.elapsed().as_millis() as u64,
-        params: TrainParams {
-            model: artifact.kind.as_str().into(),
-            seed: spec.seed,
-            validation_fraction: spec.validation_fraction,
-        },
-        metrics,
+        started,
+        kind: artifact.kind,
+        spec,
+        metrics: scores.finish(),
         rows_train: n_train as usize,
         rows_validation: n_validation as usize,
-        data_path: path.display().to_string(),
+        data_path: path,
         data_fingerprint: fingerprint,
         feature_names: names,
-    };
+    })?;
     Ok(Trained {
         artifact,
         run,

@@ -223,3 +223,139 @@ async fn a_restarted_trainer_on_unchanged_data_registers_no_new_version() {
     trainer.terminate(Duration::from_secs(10));
     registry.stop().await;
 }
+
+/// `mlctl train` through the shipped configuration, as the operator: the
+/// run's progress reports (each pass as it reads, each pass's end, the
+/// submission) arrive before the reply, on the operator's inbox across
+/// accounts; a malformed request trains nothing and the trainer serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requested_run_reports_its_progress_before_its_reply() {
+    ml_tests::init_logging();
+    const ROWS: usize = 200_000;
+    let shipped = Shipped::start();
+    let dir = ml_tests::temp_dir();
+    let data = dir.path().join("users.csv");
+    write_data(&data, ROWS, 5);
+    let start = |name: &str, user: &str, extra: &[(&str, &str)]| {
+        let mut env = shipped.env(user);
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Process::start(name, &[], &env, &dir.path().join(format!("{name}.log")))
+    };
+    let (registry_dir, data_path) = (dir.path().join("registry"), data.display().to_string());
+    let _registry = start(
+        "registry",
+        "registry",
+        &[
+            ("REGISTRY_DIR", registry_dir.to_str().unwrap()),
+            ("REGISTRY_HOLDOUT_PATH", &data_path),
+        ],
+    );
+    let _trainer = start(
+        "trainer",
+        "trainer",
+        &[
+            ("DATA_PATH", &data_path),
+            ("TRAIN_INTERVAL", "0"),
+            ("TRAIN_PROGRESS_INTERVAL", "10ms"),
+        ],
+    );
+    let (admin, _) = shipped.connect("admin").await;
+    wait_for("the registry answers", LONG, || async {
+        admin.request("ml.registry.models", "".into()).await.ok()
+    })
+    .await;
+
+    // The protocol itself: progress messages, then the reply, one inbox.
+    let (progress, reply) = wait_for("a run with progress", LONG, || async {
+        let (p, r) = train_with_progress(&admin).await;
+        (r["version"].as_u64().is_some()).then_some((p, r))
+    })
+    .await;
+    assert_eq!(reply["version"], 1, "{reply}");
+    let done: Vec<&Value> = progress
+        .iter()
+        .filter(|p| p["event"] == "pass_done")
+        .collect();
+    assert!(!done.is_empty(), "{progress:?}");
+    for (i, pass) in done.iter().enumerate() {
+        assert_eq!(pass["pass_number"], i as u64 + 1, "{progress:?}");
+        assert_eq!(pass["rows"], ROWS as u64, "{pass}");
+        assert_eq!(pass["bytes"], pass["total_bytes"], "{pass}");
+    }
+    assert_eq!(done[0]["pass"], "statistics");
+    let reading = progress.iter().filter(|p| p["event"] == "reading");
+    assert!(
+        reading
+            .clone()
+            .all(|p| p["rows"].as_u64() < Some(ROWS as u64)),
+        "{progress:?}"
+    );
+    assert_eq!(
+        progress.last().unwrap()["event"],
+        "submitting",
+        "{progress:?}"
+    );
+    assert_eq!(progress.last().unwrap()["rows"], ROWS as u64);
+
+    // A malformed request: a structured refusal, nothing trained.
+    let refused = request(&admin, "ml.train", r#"{"progres":true}"#).await;
+    let body: Value = serde_json::from_slice(&refused.payload).unwrap();
+    assert_eq!(body["error"]["code"], "bad_request", "{body}");
+    let headers = refused.headers.expect("error headers");
+    assert_eq!(
+        headers.get("Nats-Service-Error-Code").unwrap().as_str(),
+        "400"
+    );
+
+    // mlctl as a person runs it: progress lines on stderr, the reply on
+    // stdout; with --quiet only the reply.
+    let mlctl = |args: &[&str]| {
+        let out = std::process::Command::new(services::binary("mlctl"))
+            .args(args)
+            .envs(shipped.env("admin"))
+            .output()
+            .expect("run mlctl");
+        assert!(out.status.success(), "{out:?}");
+        let stdout: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+        (stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (reply, stderr) = mlctl(&["train"]);
+    assert_eq!(reply["version"], 2, "{reply}");
+    assert!(
+        stderr.contains(&format!("pass 1 (statistics) done: {ROWS} rows")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("the registry is evaluating"), "{stderr}");
+    let (reply, stderr) = mlctl(&["train", "--quiet"]);
+    assert_eq!(reply["version"], 3, "{reply}");
+    assert!(!stderr.contains("pass 1"), "{stderr}");
+}
+
+/// Sends `{"progress":true}` on `ml.train`; returns the progress reports
+/// and the final reply (the first message that is not a report; every
+/// later message would be a failure, checked by a short wait).
+async fn train_with_progress(admin: &async_nats::Client) -> (Vec<Value>, Value) {
+    use futures::StreamExt;
+    let inbox = admin.new_inbox();
+    let mut replies = admin.subscribe(inbox.clone()).await.unwrap();
+    admin
+        .publish_with_reply("ml.train", inbox, r#"{"progress":true}"#.into())
+        .await
+        .unwrap();
+    let mut progress = Vec::new();
+    loop {
+        let m = tokio::time::timeout(LONG, replies.next())
+            .await
+            .expect("the trainer answers")
+            .expect("subscribed");
+        let v: Value = serde_json::from_slice(&m.payload).unwrap_or(Value::Null);
+        if v["progress"].is_object() {
+            progress.push(v["progress"].clone());
+            continue;
+        }
+        let late = tokio::time::timeout(Duration::from_millis(300), replies.next()).await;
+        assert!(late.is_err(), "a message after the reply: {late:?}");
+        return (progress, v);
+    }
+}

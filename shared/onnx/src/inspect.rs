@@ -1,0 +1,241 @@
+//! Checks on the decoded ONNX protobuf, before tract builds a graph from it:
+//! every operator is one the engine runs, no tensor points at external files,
+//! tree ensembles are well-formed, the single input is `[N, features]` of
+//! f32 or f64, and a trailing `ZipMap` (skl2onnx's default for classifiers) is
+//! taken off so that the probabilities come out as the tensor it consumes.
+
+use crate::error::{OnnxError, UnsupportedOperator};
+use crate::ops::{self, tree};
+use crate::Limits;
+use std::collections::HashSet;
+use tract_onnx::pb::tensor_proto::{DataLocation, DataType};
+use tract_onnx::pb::tensor_shape_proto::dimension::Value as Dim;
+use tract_onnx::pb::type_proto::Value as Type;
+use tract_onnx::pb::{GraphProto, ModelProto, NodeProto, TensorProto};
+use tract_onnx::prelude::DatumType;
+
+/// The model's input, as its graph declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct InputSignature {
+    /// f32 or f64.
+    pub datum_type: DatumType,
+    /// The width of `[N, features]`.
+    pub features: usize,
+}
+
+/// The domains whose operators the registry implements.
+const DOMAINS: &[&str] = &["", "ai.onnx", "ai.onnx.ml"];
+
+/// Runs every check, removes a trailing ZipMap, and returns the input signature.
+pub(crate) fn inspect(
+    proto: &mut ModelProto,
+    limits: &Limits,
+) -> Result<InputSignature, OnnxError> {
+    let graph = proto
+        .graph
+        .as_mut()
+        .ok_or_else(|| OnnxError::Malformed("the file holds no graph".into()))?;
+    if graph.node.is_empty() {
+        return Err(OnnxError::Malformed("the graph has no nodes".into()));
+    }
+    bypass_zipmap(graph)?;
+    let mut unsupported = Vec::new();
+    check_operators(graph, &mut unsupported);
+    if !unsupported.is_empty() {
+        return Err(OnnxError::UnsupportedOperators(unsupported));
+    }
+    check_tensors(graph, limits)?;
+    check_tree_classifiers(graph)?;
+    input_signature(graph, limits)
+}
+
+fn node_name(node: &NodeProto, index: usize) -> String {
+    if node.name.is_empty() {
+        format!("#{index}")
+    } else {
+        node.name.clone()
+    }
+}
+
+/// Collects the nodes (subgraphs included) whose operator the engine lacks.
+fn check_operators(graph: &GraphProto, out: &mut Vec<UnsupportedOperator>) {
+    for (index, node) in graph.node.iter().enumerate() {
+        if !DOMAINS.contains(&node.domain.as_str()) || !ops::is_supported(&node.op_type) {
+            out.push(UnsupportedOperator {
+                op_type: node.op_type.clone(),
+                domain: node.domain.clone(),
+                node: node_name(node, index),
+            });
+        }
+        for attr in &node.attribute {
+            for sub in attr.g.iter().chain(&attr.graphs) {
+                check_operators(sub, out);
+            }
+        }
+    }
+}
+
+/// Refuses tensors stored outside the file (tract would read them from disk)
+/// and tensors declaring more elements than a file within the limit can hold.
+fn check_tensors(graph: &GraphProto, limits: &Limits) -> Result<(), OnnxError> {
+    let constants = graph
+        .node
+        .iter()
+        .flat_map(|n| n.attribute.iter().filter_map(|a| a.t.as_ref()));
+    for tensor in graph.initializer.iter().chain(constants) {
+        check_tensor(tensor, limits)?;
+    }
+    for node in &graph.node {
+        for sub in node
+            .attribute
+            .iter()
+            .flat_map(|a| a.g.iter().chain(&a.graphs))
+        {
+            check_tensors(sub, limits)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_tensor(tensor: &TensorProto, limits: &Limits) -> Result<(), OnnxError> {
+    if tensor.data_location == Some(DataLocation::External as i32)
+        || !tensor.external_data.is_empty()
+    {
+        return Err(OnnxError::Malformed(format!(
+            "tensor '{}' refers to external data; embed all tensors in the model file",
+            tensor.name
+        )));
+    }
+    let elements = tensor.dims.iter().try_fold(1u64, |acc, &d| {
+        u64::try_from(d).ok().and_then(|d| acc.checked_mul(d))
+    });
+    match elements {
+        Some(n) if n <= limits.max_bytes as u64 => Ok(()),
+        _ => Err(OnnxError::Malformed(format!(
+            "tensor '{}' declares dimensions {:?}, beyond the size limit",
+            tensor.name, tensor.dims
+        ))),
+    }
+}
+
+/// Checks the tables of tract's TreeEnsembleClassifier, which it evaluates
+/// with unchecked indexing and whose `BRANCH_GTE` it does not decode.
+fn check_tree_classifiers(graph: &GraphProto) -> Result<(), OnnxError> {
+    for (index, node) in graph.node.iter().enumerate() {
+        if node.op_type != "TreeEnsembleClassifier" {
+            continue;
+        }
+        let refuse = |why: String| {
+            OnnxError::Malformed(format!(
+                "TreeEnsembleClassifier node '{}': {why}",
+                node_name(node, index)
+            ))
+        };
+        let raw = tree::RawEnsemble::from_node(node, tree::LeafAttrs::Class)
+            .map_err(|e| refuse(crate::error::chain(&e)))?;
+        if raw.nodes.iter().any(|n| n.mode == tree::Mode::Gte) {
+            return Err(refuse("BRANCH_GTE is not supported in a classifier".into()));
+        }
+        raw.validate(class_count(node)).map_err(refuse)?;
+    }
+    Ok(())
+}
+
+fn class_count(node: &NodeProto) -> usize {
+    node.attribute
+        .iter()
+        .find(|a| a.name == "classlabels_int64s" || a.name == "classlabels_strings")
+        .map_or(0, |a| a.ints.len().max(a.strings.len()))
+}
+
+/// Takes off a ZipMap whose output is a graph output: the graph then outputs
+/// the probabilities tensor it consumed (same values, one column per class).
+fn bypass_zipmap(graph: &mut GraphProto) -> Result<(), OnnxError> {
+    while let Some(index) = graph.node.iter().position(|n| n.op_type == "ZipMap") {
+        let node = &graph.node[index];
+        let (Some(input), Some(output)) = (node.input.first(), node.output.first()) else {
+            return Err(OnnxError::Malformed(
+                "a ZipMap node without input or output".into(),
+            ));
+        };
+        let consumed = graph.node.iter().any(|n| n.input.contains(output));
+        let slot = graph.output.iter().position(|o| &o.name == output);
+        let Some(slot) = slot.filter(|_| !consumed) else {
+            return Err(OnnxError::Output(format!(
+                "ZipMap node '{}' does not produce a graph output; export the classifier \
+                 with options={{'zipmap': False}}",
+                node_name(node, index)
+            )));
+        };
+        graph.output[slot].name = input.clone();
+        graph.output[slot].r#type = None;
+        graph.node.remove(index);
+    }
+    Ok(())
+}
+
+/// The single `[N, features]` float input.
+fn input_signature(graph: &GraphProto, limits: &Limits) -> Result<InputSignature, OnnxError> {
+    let initialised: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let inputs: Vec<_> = graph
+        .input
+        .iter()
+        .filter(|i| !initialised.contains(i.name.as_str()))
+        .collect();
+    let [input] = inputs[..] else {
+        return Err(OnnxError::Input(format!(
+            "{} inputs; one [N, features] tensor is supported",
+            inputs.len()
+        )));
+    };
+    let name = &input.name;
+    let Some(Type::TensorType(tensor)) = input.r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
+        return Err(OnnxError::Input(format!("input '{name}' is not a tensor")));
+    };
+    let datum_type = match DataType::try_from(tensor.elem_type) {
+        Ok(DataType::Float) => DatumType::F32,
+        Ok(DataType::Double) => DatumType::F64,
+        other => {
+            let other = other.map_or_else(|_| tensor.elem_type.to_string(), |t| format!("{t:?}"));
+            return Err(OnnxError::Input(format!(
+                "input '{name}' is of type {other}; f32 or f64 is supported"
+            )));
+        }
+    };
+    let dims: Vec<Option<&Dim>> = tensor
+        .shape
+        .iter()
+        .flat_map(|s| &s.dim)
+        .map(|d| d.value.as_ref())
+        .collect();
+    let [batch, width] = dims[..] else {
+        return Err(OnnxError::Input(format!(
+            "input '{name}' has {} dimensions; [N, features] is supported",
+            dims.len()
+        )));
+    };
+    if let Some(Dim::DimValue(n)) = batch {
+        return Err(OnnxError::Input(format!(
+            "input '{name}' has a fixed batch size of {n}; export it with a dynamic first dimension (None)"
+        )));
+    }
+    let features = match width {
+        Some(Dim::DimValue(f)) if *f > 0 => usize::try_from(*f).unwrap_or(usize::MAX),
+        _ => {
+            return Err(OnnxError::Input(format!(
+                "input '{name}' has no fixed number of features"
+            )))
+        }
+    };
+    if features != limits.feature_count {
+        return Err(OnnxError::FeatureMismatch {
+            declared: limits.feature_count,
+            model: features,
+        });
+    }
+    Ok(InputSignature {
+        datum_type,
+        features,
+    })
+}

@@ -1,11 +1,11 @@
 //! Checks on the decoded ONNX protobuf, before tract builds a graph from it:
 //! every operator is one the engine runs, no tensor points at external files,
-//! tree ensembles are well-formed, the single input is `[N, features]` of
+//! the names the nodes read are produced, the single input is `[N, features]` of
 //! f32 or f64, and a trailing `ZipMap` (skl2onnx's default for classifiers) is
 //! taken off so that the probabilities come out as the tensor it consumes.
 
 use crate::error::{OnnxError, UnsupportedOperator};
-use crate::ops::{self, tree};
+use crate::ops;
 use crate::Limits;
 use std::collections::HashSet;
 use tract_onnx::pb::tensor_proto::{DataLocation, DataType};
@@ -39,13 +39,13 @@ pub(crate) fn inspect(
         return Err(OnnxError::Malformed("the graph has no nodes".into()));
     }
     bypass_zipmap(graph)?;
+    check_names(graph)?;
     let mut unsupported = Vec::new();
     check_operators(graph, &mut unsupported);
     if !unsupported.is_empty() {
         return Err(OnnxError::UnsupportedOperators(unsupported));
     }
     check_tensors(graph, limits)?;
-    check_tree_classifiers(graph)?;
     input_signature(graph, limits)
 }
 
@@ -54,6 +54,46 @@ fn node_name(node: &NodeProto, index: usize) -> String {
         format!("#{index}")
     } else {
         node.name.clone()
+    }
+}
+
+/// Checks that every value the graph reads or outputs is produced: by an
+/// input, an initializer or a node (tract indexes its names unchecked).
+fn check_names(graph: &GraphProto) -> Result<(), OnnxError> {
+    let produced: HashSet<&str> = graph
+        .input
+        .iter()
+        .map(|i| i.name.as_str())
+        .chain(graph.initializer.iter().map(|t| t.name.as_str()))
+        .chain(
+            graph
+                .node
+                .iter()
+                .flat_map(|n| n.output.iter().map(String::as_str)),
+        )
+        .collect();
+    for (index, node) in graph.node.iter().enumerate() {
+        if let Some(missing) = node
+            .input
+            .iter()
+            .find(|i| !i.is_empty() && !produced.contains(i.as_str()))
+        {
+            return Err(OnnxError::Malformed(format!(
+                "node '{}' reads '{missing}', which nothing produces",
+                node_name(node, index)
+            )));
+        }
+    }
+    match graph
+        .output
+        .iter()
+        .find(|o| !produced.contains(o.name.as_str()))
+    {
+        Some(output) => Err(OnnxError::Malformed(format!(
+            "graph output '{}' is produced by no node",
+            output.name
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -116,36 +156,6 @@ fn check_tensor(tensor: &TensorProto, limits: &Limits) -> Result<(), OnnxError> 
             tensor.name, tensor.dims
         ))),
     }
-}
-
-/// Checks the tables of tract's TreeEnsembleClassifier, which it evaluates
-/// with unchecked indexing and whose `BRANCH_GTE` it does not decode.
-fn check_tree_classifiers(graph: &GraphProto) -> Result<(), OnnxError> {
-    for (index, node) in graph.node.iter().enumerate() {
-        if node.op_type != "TreeEnsembleClassifier" {
-            continue;
-        }
-        let refuse = |why: String| {
-            OnnxError::Malformed(format!(
-                "TreeEnsembleClassifier node '{}': {why}",
-                node_name(node, index)
-            ))
-        };
-        let raw = tree::RawEnsemble::from_node(node, tree::LeafAttrs::Class)
-            .map_err(|e| refuse(crate::error::chain(&e)))?;
-        if raw.nodes.iter().any(|n| n.mode == tree::Mode::Gte) {
-            return Err(refuse("BRANCH_GTE is not supported in a classifier".into()));
-        }
-        raw.validate(class_count(node)).map_err(refuse)?;
-    }
-    Ok(())
-}
-
-fn class_count(node: &NodeProto) -> usize {
-    node.attribute
-        .iter()
-        .find(|a| a.name == "classlabels_int64s" || a.name == "classlabels_strings")
-        .map_or(0, |a| a.ints.len().max(a.strings.len()))
 }
 
 /// Takes off a ZipMap whose output is a graph output: the graph then outputs

@@ -70,7 +70,7 @@ pub struct OnnxModel {
 }
 
 impl OnnxModel {
-    /// Parses, checks and optimises a model.
+    /// Parses, checks and optimises a model, then runs it once on zeros.
     ///
     /// tract is not written for hostile input and may panic on a malformed
     /// graph the checks here did not anticipate; a panic while preparing the
@@ -155,10 +155,14 @@ impl OnnxModel {
             Tensor::from_shape(&[n, width], rows)
         }
         .map_err(|e| OnnxError::Batch(chain(&e)))?;
-        let outputs = self
-            .plan
-            .run(tvec!(input.into_tvalue()))
-            .map_err(|e| OnnxError::Run(chain(&e)))?;
+        // A panic of the engine fails this prediction, not the caller.
+        let outputs = catch_unwind(AssertUnwindSafe(|| {
+            self.plan.run(tvec!(input.into_tvalue()))
+        }))
+        .map_err(|panic| {
+            OnnxError::Run(format!("engine failure: {}", panic_message(panic.as_ref())))
+        })?
+        .map_err(|e| OnnxError::Run(chain(&e)))?;
         decode(self.layout, &outputs, n).map_err(|e| OnnxError::Run(chain(&e)))
     }
 }
@@ -205,7 +209,9 @@ fn classifier_layout(
 ) -> Result<Layout, OnnxError> {
     let (label, probabilities) = if a.rank() == 1 { (0, 1) } else { (1, 0) };
     let (label_fact, prob_fact) = if label == 0 { (a, b) } else { (b, a) };
-    if !label_fact.datum_type.is_integer() {
+    // tract types ONNX's int64 after a Cast as TDim (its integer of shapes).
+    let integer = label_fact.datum_type.is_integer() || label_fact.datum_type == DatumType::TDim;
+    if !integer {
         return Err(OnnxError::Output(format!(
             "the label output is {:?}; integer class labels (0/1) are supported",
             label_fact.datum_type

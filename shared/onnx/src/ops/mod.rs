@@ -1,9 +1,11 @@
 //! The operator registry: tract-onnx's operators plus the ONNX-ML operators
 //! skl2onnx emits that tract-onnx does not register (`Scaler`,
-//! `TreeEnsembleRegressor`).
+//! `TreeEnsembleRegressor`), and tract-onnx's `TreeEnsembleClassifier`
+//! wrapped (checked tables, labels from the probabilities).
 
 pub mod scaler;
 pub mod tree;
+pub mod tree_classifier;
 pub mod tree_regressor;
 
 use std::sync::LazyLock;
@@ -17,6 +19,8 @@ static ONNX: LazyLock<Onnx> = LazyLock::new(|| {
     onnx.op_register.insert("Scaler", scaler::build);
     onnx.op_register
         .insert("TreeEnsembleRegressor", tree_regressor::build);
+    onnx.op_register
+        .insert("TreeEnsembleClassifier", tree_classifier::build);
     onnx
 });
 

@@ -6,8 +6,8 @@
 //! tract's evaluator walks the tables with unchecked indexing, so a hostile
 //! file with a child id out of range, a leaf pointing at a missing output or a
 //! cycle between nodes would read out of bounds or never end. [`RawEnsemble::validate`]
-//! refuses all of these; the loader runs it on every tree-ensemble node of a
-//! model (tract's classifier included) before tract sees the graph.
+//! refuses all of these; the builders of both operators run it
+//! ([`super::tree_regressor`], [`super::tree_classifier`]).
 
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;

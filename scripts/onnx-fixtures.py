@@ -7,8 +7,8 @@ Trains small scikit-learn models on a deterministic generated data set
 (3 features, fixed seed), exports them with skl2onnx and writes, for each good
 model, NAME.onnx and NAME.json: the inputs (200 rows, exactly as fed to the
 model) and onnxruntime's outputs on them. Also writes broken fixtures the
-engine must refuse: an unsupported operator, a wrong input width, a truncated
-file and a 0-byte file. manifest.json lists everything written.
+engine must refuse: an unsupported operator, a wrong input width, a
+three-class classifier, a truncated file and a 0-byte file. manifest.json lists everything written.
 
 Needs scikit-learn, skl2onnx, onnxruntime and onnx: scripts/ci-python-deps.sh
 installs the pinned versions. Exits with status 3 when one is missing.
@@ -131,6 +131,17 @@ def write_broken(out, x_train, y_reg, linear_bytes):
     with open(os.path.join(out, "wrong_width.onnx"), "wb") as f:
         f.write(wrong.SerializeToString())
     broken["wrong_width"] = "4 features"
+    y3 = np.digitize(y_reg, np.quantile(y_reg, [1 / 3, 2 / 3]))
+    multiclass = RandomForestClassifier(n_estimators=3, max_depth=3, random_state=SEED).fit(x_train, y3)
+    onx = to_onnx(
+        multiclass,
+        x_train[:1].astype(np.float32),
+        target_opset=TARGET_OPSET,
+        options={RandomForestClassifier: {"zipmap": False}},
+    )
+    with open(os.path.join(out, "multiclass.onnx"), "wb") as f:
+        f.write(onx.SerializeToString())
+    broken["multiclass"] = "3 classes"
     with open(os.path.join(out, "truncated.onnx"), "wb") as f:
         f.write(linear_bytes[: len(linear_bytes) // 2])
     broken["truncated"] = "not a valid ONNX model"

@@ -249,3 +249,181 @@ fn input_signature(graph: &GraphProto, limits: &Limits) -> Result<InputSignature
         features,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::pb::tensor_shape_proto::Dimension;
+    use tract_onnx::pb::{type_proto, TensorShapeProto, TypeProto, ValueInfoProto};
+
+    fn value(name: &str, elem_type: DataType, dims: &[Option<i64>]) -> ValueInfoProto {
+        let dim = dims.iter().map(|d| Dimension {
+            value: d.map(Dim::DimValue),
+            ..Default::default()
+        });
+        let shape = Some(TensorShapeProto { dim: dim.collect() });
+        let tensor = type_proto::Tensor {
+            elem_type: elem_type as i32,
+            shape,
+        };
+        let r#type = Some(TypeProto {
+            value: Some(Type::TensorType(tensor)),
+            ..Default::default()
+        });
+        ValueInfoProto {
+            name: name.into(),
+            r#type,
+            ..Default::default()
+        }
+    }
+
+    fn node(op_type: &str, input: &str, output: &[&str]) -> NodeProto {
+        NodeProto {
+            op_type: op_type.into(),
+            name: format!("{op_type}_node"),
+            input: vec![input.into()],
+            output: output.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// `X [N, 3] f32 -> Relu -> Y`.
+    fn model() -> ModelProto {
+        let graph = GraphProto {
+            node: vec![node("Relu", "X", &["Y"])],
+            input: vec![value("X", DataType::Float, &[None, Some(3)])],
+            output: vec![value("Y", DataType::Float, &[None, Some(3)])],
+            ..Default::default()
+        };
+        ModelProto {
+            graph: Some(graph),
+            ..Default::default()
+        }
+    }
+
+    fn check(mut proto: ModelProto) -> Result<InputSignature, OnnxError> {
+        inspect(&mut proto, &Limits::new(3))
+    }
+
+    #[test]
+    fn accepts_f32_and_f64_inputs_of_a_dynamic_batch() {
+        assert_eq!(
+            check(model()).unwrap(),
+            InputSignature {
+                datum_type: DatumType::F32,
+                features: 3
+            }
+        );
+        let mut f64_model = model();
+        f64_model.graph.as_mut().unwrap().input[0] = value("X", DataType::Double, &[None, Some(3)]);
+        assert_eq!(check(f64_model).unwrap().datum_type, DatumType::F64);
+    }
+
+    #[test]
+    fn refuses_other_inputs_naming_the_problem() {
+        let cases = [
+            (
+                value("X", DataType::Int64, &[None, Some(3)]),
+                "of type Int64; f32 or f64",
+            ),
+            (
+                value("X", DataType::Float, &[Some(1), Some(3)]),
+                "fixed batch size of 1",
+            ),
+            (
+                value("X", DataType::Float, &[None, None]),
+                "no fixed number of features",
+            ),
+            (
+                value("X", DataType::Float, &[None, Some(3), Some(1)]),
+                "3 dimensions",
+            ),
+        ];
+        for (input, message) in cases {
+            let mut proto = model();
+            proto.graph.as_mut().unwrap().input[0] = input;
+            let err = check(proto).unwrap_err().to_string();
+            assert!(err.contains(message), "{err}");
+        }
+        let mut two = model();
+        two.graph
+            .as_mut()
+            .unwrap()
+            .input
+            .push(value("Z", DataType::Float, &[None, Some(3)]));
+        assert!(check(two).unwrap_err().to_string().contains("2 inputs"));
+    }
+
+    #[test]
+    fn refuses_external_data_and_huge_tensors() {
+        let mut external = model();
+        let tensor = TensorProto {
+            name: "w".into(),
+            data_location: Some(DataLocation::External as i32),
+            ..Default::default()
+        };
+        external.graph.as_mut().unwrap().initializer.push(tensor);
+        assert!(check(external)
+            .unwrap_err()
+            .to_string()
+            .contains("external data"));
+        let mut huge = model();
+        let tensor = TensorProto {
+            name: "w".into(),
+            dims: vec![1 << 20, 1 << 20],
+            ..Default::default()
+        };
+        huge.graph.as_mut().unwrap().initializer.push(tensor);
+        assert!(check(huge)
+            .unwrap_err()
+            .to_string()
+            .contains("beyond the size limit"));
+    }
+
+    #[test]
+    fn refuses_names_nothing_produces() {
+        let mut dangling = model();
+        dangling.graph.as_mut().unwrap().output[0].name = "Q".into();
+        let err = check(dangling).unwrap_err().to_string();
+        assert!(
+            err.contains("graph output 'Q' is produced by no node"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn refuses_custom_domains_and_unknown_operators() {
+        let mut proto = model();
+        let graph = proto.graph.as_mut().unwrap();
+        graph.node[0].domain = "com.example".into();
+        graph.node.push(node("Frobnicate", "Y", &["Z"]));
+        let err = check(proto).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "unsupported operator(s): Relu (domain com.example, node 'Relu_node'), \
+             Frobnicate (node 'Frobnicate_node')"
+        );
+    }
+
+    #[test]
+    fn a_final_zipmap_is_taken_off_and_any_other_refused() {
+        let mut proto = model();
+        let graph = proto.graph.as_mut().unwrap();
+        graph.node.push(node("ZipMap", "Y", &["M"]));
+        graph.output[0].name = "M".into();
+        check(proto.clone()).unwrap();
+        let graph = proto.graph.as_ref().unwrap();
+        let mut taken_off = proto.clone();
+        inspect(&mut taken_off, &Limits::new(3)).unwrap();
+        let outputs = &taken_off.graph.as_ref().unwrap().output;
+        assert_eq!((outputs[0].name.as_str(), graph.node.len()), ("Y", 2));
+        assert_eq!(taken_off.graph.as_ref().unwrap().node.len(), 1);
+
+        let mut consumed = proto;
+        let graph = consumed.graph.as_mut().unwrap();
+        graph.node.push(node("Relu", "M", &["R"]));
+        graph.output[0].name = "R".into();
+        let err = check(consumed).unwrap_err().to_string();
+        assert!(err.contains("options={'zipmap': False}"), "{err}");
+    }
+}

@@ -45,7 +45,10 @@ fn fixtures() -> Option<&'static Path> {
     static DIR: OnceLock<Option<tempfile::TempDir>> = OnceLock::new();
     DIR.get_or_init(|| {
         if std::env::var("ONNX_TESTS").as_deref() == Ok("0") {
-            println!("ONNX_TESTS=0: skipping the ONNX fixture tests");
+            // Written to the process's stderr, past the test harness's capture.
+            let skip =
+                "ONNX_TESTS=0: skipping the ONNX fixture tests (shared/onnx/tests/fixtures.rs)\n";
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), skip.as_bytes());
             return None;
         }
         let dir = tempfile::tempdir().expect("a temporary directory");
@@ -201,6 +204,16 @@ fn wrong_input_width_is_refused_naming_both_widths() {
     assert_eq!(
         err.to_string(),
         "the model takes 4 features, but 3 features are declared"
+    );
+}
+
+#[test]
+fn a_classifier_of_more_than_two_classes_is_refused() {
+    let Some(dir) = fixtures() else { return };
+    let err = load(dir, "multiclass").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "unsupported model outputs: 3 classes; binary classifiers are supported"
     );
 }
 

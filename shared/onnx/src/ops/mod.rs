@@ -6,6 +6,7 @@
 pub mod scaler;
 pub mod tree;
 pub mod tree_classifier;
+pub mod tree_eval;
 pub mod tree_regressor;
 
 use std::sync::LazyLock;

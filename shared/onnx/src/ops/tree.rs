@@ -3,10 +3,10 @@
 //! attributes, checking their structure, and laying them out in the table
 //! format of tract's own tree-ensemble evaluator (`tract_onnx_opl::ml::tree`).
 //!
-//! tract's evaluator walks the tables with unchecked indexing, so a hostile
-//! file with a child id out of range, a leaf pointing at a missing output or a
-//! cycle between nodes would read out of bounds or never end. [`RawEnsemble::validate`]
-//! refuses all of these; the builders of both operators run it
+//! tract's own evaluator walks the tables with unchecked indexing, and the
+//! crate's ([`super::tree_eval`]) would fail on them at run time, so a file with
+//! a child id out of range, a leaf pointing at a missing output or a cycle
+//! between nodes is refused at load by [`RawEnsemble::validate`]; the builders of both operators run it
 //! ([`super::tree_regressor`], [`super::tree_classifier`]).
 
 use tract_onnx::pb::NodeProto;
@@ -352,33 +352,23 @@ fn to_u32(x: usize) -> TractResult<u32> {
 }
 
 /// A branch in tract's row layout: feature, true row, false row, threshold
-/// bits, comparison | 0x100 when NaN goes to the true child.
-///
-/// tract's table decoder only knows comparison codes 1 to 5 and would take
-/// `GreaterEqual` (6) for a leaf, so `x >= v` is stored as its negation
-/// `x < v` with the children swapped (and the NaN direction kept).
+/// bits, comparison code | 0x100 when NaN goes to the true child.
 fn branch_row(node: &TreeNode, start: u32) -> TractResult<[u32; 5]> {
-    let (cmp, swap) = match node.mode {
-        Mode::Leq => (Cmp::LessEqual, false),
-        Mode::Lt => (Cmp::Less, false),
-        Mode::Gte => (Cmp::Less, true),
-        Mode::Gt => (Cmp::Greater, false),
-        Mode::Eq => (Cmp::Equal, false),
-        Mode::Neq => (Cmp::NotEqual, false),
+    let cmp = match node.mode {
+        Mode::Leq => Cmp::LessEqual,
+        Mode::Lt => Cmp::Less,
+        Mode::Gte => Cmp::GreaterEqual,
+        Mode::Gt => Cmp::Greater,
+        Mode::Eq => Cmp::Equal,
+        Mode::Neq => Cmp::NotEqual,
         Mode::Leaf => bail!("a leaf is not a branch"),
     };
-    let (t, f) = if swap {
-        (node.false_id, node.true_id)
-    } else {
-        (node.true_id, node.false_id)
-    };
-    let nan_to_first = node.nan_is_true != swap;
     Ok([
         to_u32(node.feature)?,
-        to_u32(t)? + start,
-        to_u32(f)? + start,
+        to_u32(node.true_id)? + start,
+        to_u32(node.false_id)? + start,
         node.value.to_bits(),
-        (0x0100 * u32::from(nan_to_first)) | cmp as u32,
+        (0x0100 * u32::from(node.nan_is_true)) | cmp as u32,
     ])
 }
 
@@ -421,9 +411,17 @@ mod tests {
     }
 
     fn eval(ensemble: TreeEnsemble, x: &[f32]) -> Vec<f32> {
-        let input = tract_ndarray::Array2::from_shape_vec((x.len(), 1), x.to_vec()).unwrap();
-        let out = ensemble.eval(input.view().into_dyn()).unwrap();
-        out.iter().copied().collect()
+        let op = super::super::tree_eval::TreeScores::new(ensemble).unwrap();
+        let input = Tensor::from_shape(&[x.len(), 1], x).unwrap();
+        let out = op
+            .eval(&EvalContext::out_of_plan(), tvec!(input.into_tvalue()))
+            .unwrap();
+        out[0]
+            .to_plain_array_view::<f32>()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect()
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! `TreeEnsembleClassifier` (ONNX-ML): tract-onnx's, with two fixes.
+//! `TreeEnsembleClassifier` (ONNX-ML): tract-onnx's, with three fixes.
 //!
 //! - Its tables are checked first ([`RawEnsemble::validate`]): tract evaluates
-//!   them with unchecked indexing. `BRANCH_GTE`, which tract's table decoder
-//!   takes for a leaf, is refused.
+//!   them with unchecked indexing.
+//! - The scores are computed by [`TreeScores`] instead of tract's evaluator,
+//!   which is slow (see [`super::tree_eval`]) and takes `BRANCH_GTE` nodes for
+//!   leaves.
 //! - The label is taken from the final probabilities (the class of the
 //!   highest, the first on a tie). tract takes it from the scores before its
 //!   binary layout, so for the binary classifiers skl2onnx exports (weights on
@@ -13,7 +15,8 @@
 //! Everything else (parsing, base values, post transform, probabilities) is
 //! tract's expansion, wrapped.
 
-use super::tree::{LeafAttrs, Mode, RawEnsemble};
+use super::tree::{LeafAttrs, RawEnsemble};
+use super::tree_eval::TreeScores;
 use std::sync::LazyLock;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
@@ -48,9 +51,6 @@ pub fn build(
         |l| Ok(l.len()),
     )?;
     let raw = RawEnsemble::from_node(node, LeafAttrs::Class)?;
-    if raw.nodes.iter().any(|n| n.mode == Mode::Gte) {
-        bail!("BRANCH_GTE is not supported in a TreeEnsembleClassifier");
-    }
     raw.validate(n_classes).map_err(|e| format_err!("{e}"))?;
     let builder =
         TRACT_BUILDER.ok_or_else(|| format_err!("tract-onnx has no TreeEnsembleClassifier"))?;
@@ -103,7 +103,9 @@ impl Expansion for LabelFromProbabilities {
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
         use tract_onnx::tract_core::ops::{cast::cast, change_axes::AxisOp};
+        let first = model.nodes().len();
         let wires = self.inner.wire(prefix, model, inputs)?;
+        swap_evaluator(model, first)?;
         let probabilities = wires[1];
         let argmax = Reduce::new(tvec!(1), Reducer::ArgMax(false));
         let winner = model.wire_node(format!("{prefix}.label_argmax"), argmax, &[probabilities])?;
@@ -117,6 +119,24 @@ impl Expansion for LabelFromProbabilities {
         let label = model.wire_node(format!("{prefix}.label_lookup"), lookup, &winner)?;
         Ok(tvec!(label[0], probabilities))
     }
+}
+
+/// Replaces tract's tree evaluator among the nodes from `first` on by [`TreeScores`].
+fn swap_evaluator(model: &mut TypedModel, first: usize) -> TractResult<()> {
+    use tract_onnx_opl::ml::tree_ensemble_classifier::TreeEnsembleClassifier as TractScores;
+    let mut swapped = 0;
+    for id in first..model.nodes().len() {
+        if let Some(op) = model.node(id).op_as::<TractScores>() {
+            let op = TreeScores::new(op.ensemble.clone())?;
+            model.node_mut(id).op = Box::new(op);
+            swapped += 1;
+        }
+    }
+    ensure!(
+        swapped == 1,
+        "expected one tree evaluator in tract's classifier, found {swapped}"
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -264,9 +284,14 @@ mod tests {
     }
 
     #[test]
-    fn refuses_gte_and_broken_tables() {
-        let err = model(node("BRANCH_GTE")).err().unwrap();
-        assert!(format!("{err:?}").contains("BRANCH_GTE"), "{err:?}");
+    fn greater_or_equal_branches_are_evaluated() {
+        // x0 >= 0 ? 0.2 : 0.9
+        let (labels, _) = run(node("BRANCH_GTE"), &[-1.0, 0.0, 1.0]);
+        assert_eq!(labels, [1, 0, 0]);
+    }
+
+    #[test]
+    fn refuses_broken_tables() {
         let mut bad = node("BRANCH_LEQ");
         bad.attribute[9] = ints("class_ids", &[0, 2]);
         let err = model(bad).err().unwrap();

@@ -2,23 +2,23 @@
 //! skl2onnx emits it for GradientBoostingRegressor, RandomForestRegressor and
 //! the like.
 //!
-//! Only the parsing is project code ([`super::tree`]); evaluation reuses
-//! tract's tree-ensemble evaluator, the one behind its `TreeEnsembleClassifier`
-//! (`tract_onnx_opl::ml::tree_ensemble_classifier::TreeEnsembleClassifier`
-//! computes one aggregated score per output, which for a regressor is one
-//! value per target). `base_values` are added after the aggregation, as the
-//! ONNX definition says. Supported: `aggregate_function` SUM and AVERAGE,
+//! The trees are read by [`super::tree`] into the tables of tract's
+//! tree-ensemble types (`tract_onnx_opl::ml::tree`, reused) and scored by
+//! [`super::tree_eval::TreeScores`] (one aggregated score per output, for a
+//! regressor one value per target), the evaluator the wrapped
+//! `TreeEnsembleClassifier` also uses. `base_values` are added after the
+//! aggregation, as the ONNX definition says. Supported: `aggregate_function` SUM and AVERAGE,
 //! `post_transform` NONE, all six `BRANCH_*` modes and
 //! `nodes_missing_value_tracks_true`. Thresholds are compared in f32 (the
 //! attribute's type), like onnxruntime does for float inputs.
 
 use super::tree::{has_attr, LeafAttrs, RawEnsemble};
+use super::tree_eval::TreeScores;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 use tract_onnx_opl::ml::tree::{Aggregate, TreeEnsemble};
-use tract_onnx_opl::ml::tree_ensemble_classifier::TreeEnsembleClassifier as TreeScores;
 
 /// The registry entry: builds the op from the ONNX node.
 pub fn build(

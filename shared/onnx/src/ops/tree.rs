@@ -269,20 +269,25 @@ impl RawEnsemble {
     }
 
     fn validate_leaves(&self, sizes: &[usize], n_outputs: usize) -> Result<(), String> {
-        let mut last = (0, 0);
+        // Where each tree starts in `nodes` (ids run 0..size within a tree).
+        let starts: Vec<usize> = sizes
+            .iter()
+            .scan(0, |next, &size| {
+                let start = *next;
+                *next += size;
+                Some(start)
+            })
+            .collect();
         for (i, leaf) in self.leaves.iter().enumerate() {
-            let target = sizes
+            let node = sizes
                 .get(leaf.tree)
-                .filter(|&&k| leaf.node < k)
-                .map(|_| self.node(leaf.tree, leaf.node));
-            match target {
-                Some(node) if node.mode == Mode::Leaf => {}
-                _ => {
-                    return Err(format!(
-                        "weight #{i}: tree {} node {} is not a leaf",
-                        leaf.tree, leaf.node
-                    ))
-                }
+                .filter(|&&size| leaf.node < size)
+                .map(|_| &self.nodes[starts[leaf.tree] + leaf.node]);
+            if node.map(|n| n.mode) != Some(Mode::Leaf) {
+                return Err(format!(
+                    "weight #{i}: tree {} node {} is not a leaf",
+                    leaf.tree, leaf.node
+                ));
             }
             if leaf.output >= n_outputs {
                 return Err(format!(
@@ -293,20 +298,8 @@ impl RawEnsemble {
             if !leaf.weight.is_finite() {
                 return Err(format!("weight #{i}: {} is not finite", leaf.weight));
             }
-            if (leaf.tree, leaf.node) < last {
-                return Err(format!(
-                    "weight #{i}: weights must be ordered by tree and node"
-                ));
-            }
-            last = (leaf.tree, leaf.node);
         }
         Ok(())
-    }
-
-    /// The node `id` of `tree` (valid once [`Self::tree_sizes`] passed).
-    fn node(&self, tree: usize, id: usize) -> &TreeNode {
-        let start = self.nodes.iter().position(|n| n.tree == tree).unwrap_or(0);
-        &self.nodes[start + id]
     }
 
     /// The validated ensemble in tract's tables, evaluating to `n_outputs`
@@ -316,7 +309,10 @@ impl RawEnsemble {
         let mut trees: Vec<u32> = Vec::with_capacity(self.tree_count());
         let mut rows: Vec<u32> = Vec::with_capacity(self.nodes.len() * 5);
         let mut leaf_rows: Vec<u32> = Vec::with_capacity(self.leaves.len() * 2);
-        let mut leaves = self.leaves.iter().peekable();
+        // Stable: the weights of one leaf keep their order.
+        let mut sorted: Vec<&LeafWeight> = self.leaves.iter().collect();
+        sorted.sort_by_key(|l| (l.tree, l.node));
+        let mut leaves = sorted.into_iter().peekable();
         for node in &self.nodes {
             if node.id == 0 {
                 trees.push(to_u32(rows.len() / 5)?);
@@ -467,6 +463,14 @@ mod tests {
         assert_eq!(eval(sum, &[0.5, -1.0, 2.0]), [11.0, 12.0, 21.0]);
         let avg = raw.into_tract(1, Aggregate::Avg).unwrap();
         assert_eq!(eval(avg, &[0.5, -1.0, 2.0]), [5.5, 6.0, 10.5]);
+    }
+
+    #[test]
+    fn weights_may_come_in_any_order() {
+        let mut raw = stump(Mode::Leq);
+        raw.leaves.reverse();
+        let ensemble = raw.into_tract(1, Aggregate::Sum).unwrap();
+        assert_eq!(eval(ensemble, &[0.5, 1.5]), [10.0, 20.0]);
     }
 
     #[test]

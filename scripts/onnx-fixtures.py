@@ -8,7 +8,8 @@ Trains small scikit-learn models on a deterministic generated data set
 model, NAME.onnx and NAME.json: the inputs (200 rows, exactly as fed to the
 model) and onnxruntime's outputs on them. Also writes broken fixtures the
 engine must refuse: an unsupported operator, a wrong input width, a
-three-class classifier, a truncated file and a 0-byte file. manifest.json lists everything written.
+three-class classifier, a linear classifier whose coefficients do not match
+its input, a truncated file and a 0-byte file. manifest.json lists everything written.
 
 Needs scikit-learn, skl2onnx, onnxruntime and onnx: scripts/ci-python-deps.sh
 installs the pinned versions. Exits with status 3 when one is missing.
@@ -120,7 +121,7 @@ def unsupported_operator_model():
     return model.SerializeToString()
 
 
-def write_broken(out, x_train, y_reg, linear_bytes):
+def write_broken(out, x_train, y_reg, y_cls, linear_bytes):
     """The fixtures the engine must refuse, with what the refusal must name."""
     broken = {}
     with open(os.path.join(out, "unsupported_operator.onnx"), "wb") as f:
@@ -142,6 +143,18 @@ def write_broken(out, x_train, y_reg, linear_bytes):
     with open(os.path.join(out, "multiclass.onnx"), "wb") as f:
         f.write(onx.SerializeToString())
     broken["multiclass"] = "3 classes"
+    # A LinearClassifier without intercepts, whose coefficients then do not
+    # match its input width (onnxruntime refuses it; the engine must too).
+    logistic = LogisticRegression().fit(x_train, y_cls)
+    onx = to_onnx(logistic, x_train[:1].astype(np.float32), target_opset=TARGET_OPSET,
+                  options={LogisticRegression: {"zipmap": False}})
+    node = next(n for n in onx.graph.node if n.op_type == "LinearClassifier")
+    kept = [a for a in node.attribute if a.name != "intercepts"]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    with open(os.path.join(out, "inconsistent_linear.onnx"), "wb") as f:
+        f.write(onx.SerializeToString())
+    broken["inconsistent_linear"] = "3 and 6 values"
     with open(os.path.join(out, "truncated.onnx"), "wb") as f:
         f.write(linear_bytes[: len(linear_bytes) // 2])
     broken["truncated"] = "not a valid ONNX model"
@@ -197,7 +210,7 @@ def main():
     ]
     with open(os.path.join(out, "linear_regression.onnx"), "rb") as f:
         linear_bytes = f.read()
-    broken = write_broken(out, x_train, y_reg, linear_bytes)
+    broken = write_broken(out, x_train, y_reg, y_cls, linear_bytes)
     manifest = {
         "versions": {
             "scikit-learn": sklearn.__version__,

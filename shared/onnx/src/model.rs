@@ -112,7 +112,9 @@ impl OnnxModel {
         model
             .set_input_fact(0, InferenceFact::dt_shape(input.datum_type, shape))
             .map_err(prepare)?;
-        let typed = model.into_optimized().map_err(prepare)?;
+        let typed = model.into_typed().map_err(prepare)?;
+        check_einsums(&typed)?;
+        let typed = typed.into_optimized().map_err(prepare)?;
         let layout = layout(&typed)?;
         let plan = typed.into_runnable().map_err(prepare)?;
         Ok(OnnxModel {
@@ -173,6 +175,44 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "panic".into())
+}
+
+/// Checks that the inputs of every EinSum (matrix products) agree on the
+/// length of each axis they share. tract does not check this for the products
+/// its ONNX-ML expansions build from attributes: a `LinearClassifier` whose
+/// coefficients do not match its input width ran, reading past its input in
+/// release builds (onnxruntime refuses such a model).
+fn check_einsums(model: &TypedModel) -> Result<(), OnnxError> {
+    use tract_onnx::tract_core::ops::einsum::EinSum;
+    for node in model.nodes() {
+        let Some(op) = node.op_as::<EinSum>() else {
+            continue;
+        };
+        let facts = model
+            .node_input_facts(node.id)
+            .map_err(|e| OnnxError::Prepare(chain(&e)))?;
+        for axis in op.axes.iter_all_axes() {
+            let mut dims = axis
+                .inputs
+                .iter()
+                .zip(&facts)
+                .flat_map(|(positions, fact)| {
+                    positions
+                        .iter()
+                        .filter_map(|&p| fact.shape.get(p))
+                        .filter(|d| !d.is_one())
+                });
+            if let Some(first) = dims.next() {
+                if let Some(other) = dims.find(|d| *d != first) {
+                    return Err(OnnxError::Prepare(format!(
+                        "node '{}' multiplies along an axis of {first} and {other} values",
+                        node.name
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads the output convention from the optimised model's output facts.

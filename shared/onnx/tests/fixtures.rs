@@ -217,6 +217,18 @@ fn a_classifier_of_more_than_two_classes_is_refused() {
     );
 }
 
+/// tract runs this model (reading past its input in release builds);
+/// onnxruntime refuses it.
+#[test]
+fn a_linear_classifier_inconsistent_with_its_input_is_refused() {
+    let Some(dir) = fixtures() else { return };
+    let err = load(dir, "inconsistent_linear").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the model could not be prepared: node 'LinearClassifier.matmul' multiplies along an axis of 3 and 6 values"
+    );
+}
+
 #[test]
 fn truncated_and_empty_files_are_refused() {
     let Some(dir) = fixtures() else { return };

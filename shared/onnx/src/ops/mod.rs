@@ -34,3 +34,21 @@ pub fn onnx() -> &'static Onnx {
 pub fn is_supported(op_type: &str) -> bool {
     onnx().op_register.0.contains_key(op_type)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_added_operators_are_registered_and_others_are_not() {
+        for op in ADDED_OPERATORS
+            .iter()
+            .chain(&["TreeEnsembleClassifier", "LinearClassifier"])
+        {
+            assert!(is_supported(op), "{op}");
+        }
+        for op in ["Binarizer", "ZipMap", "SVMRegressor", "Imputer"] {
+            assert!(!is_supported(op), "{op}");
+        }
+    }
+}

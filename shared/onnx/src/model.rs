@@ -117,11 +117,24 @@ impl OnnxModel {
         let typed = typed.into_optimized().map_err(prepare)?;
         let layout = layout(&typed)?;
         let plan = typed.into_runnable().map_err(prepare)?;
-        Ok(OnnxModel {
+        let model = OnnxModel {
             plan,
             input,
             layout,
-        })
+        };
+        model.smoke_test()?;
+        Ok(model)
+    }
+
+    /// Predicts batches of zeros (1 and 3 rows) so that a model the engine
+    /// loads but cannot run is refused at load rather than at its first request.
+    fn smoke_test(&self) -> Result<(), OnnxError> {
+        for n in [1, 3] {
+            let zeros = vec![0.0; n * self.input.features];
+            self.predict(&zeros, n)
+                .map_err(|e| OnnxError::Prepare(format!("a test batch of {n} rows fails: {e}")))?;
+        }
+        Ok(())
     }
 
     /// Regressor or classifier.

@@ -7,8 +7,8 @@
 //! [`super::tree_eval::TreeScores`] (one aggregated score per output, for a
 //! regressor one value per target), the evaluator the wrapped
 //! `TreeEnsembleClassifier` also uses. `base_values` are added after the
-//! aggregation, as the ONNX definition says. Supported: `aggregate_function` SUM and AVERAGE,
-//! `post_transform` NONE, all six `BRANCH_*` modes and
+//! aggregation, as the ONNX definition says. Supported: `aggregate_function`
+//! SUM and AVERAGE, `post_transform` NONE, all six `BRANCH_*` modes and
 //! `nodes_missing_value_tracks_true`. Thresholds are compared in f32 (the
 //! attribute's type), like onnxruntime does for float inputs.
 
@@ -105,9 +105,7 @@ impl Expansion for TreeEnsembleRegressor {
         model: &mut TypedModel,
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
-        let op = TreeScores {
-            ensemble: self.ensemble.clone(),
-        };
+        let op = TreeScores::new(self.ensemble.clone())?;
         let mut values = model.wire_node(format!("{prefix}.trees"), op, inputs)?;
         if let Some(base) = &self.base_values {
             let base = base.clone().broadcast_into_rank(2)?.into_arc_tensor();

@@ -4,10 +4,11 @@
 //! format of tract's own tree-ensemble evaluator (`tract_onnx_opl::ml::tree`).
 //!
 //! tract's own evaluator walks the tables with unchecked indexing, and the
-//! crate's ([`super::tree_eval`]) would fail on them at run time, so a file with
-//! a child id out of range, a leaf pointing at a missing output or a cycle
-//! between nodes is refused at load by [`RawEnsemble::validate`]; the builders of both operators run it
-//! ([`super::tree_regressor`], [`super::tree_classifier`]).
+//! crate's ([`super::tree_eval`]) would fail on them at run time, so a file
+//! with a child id out of range, a leaf pointing at a missing output or a
+//! cycle between nodes is refused at load by [`RawEnsemble::validate`], which
+//! the builders of both operators run ([`super::tree_regressor`],
+//! [`super::tree_classifier`]).
 
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;

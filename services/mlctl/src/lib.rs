@@ -59,6 +59,9 @@ pub enum Command {
         /// Raw features instead: `feature_1=0.3,feature_2=1.5`.
         #[arg(long, value_parser = parse_features)]
         features: Option<BTreeMap<String, f64>>,
+        /// What a sticky routing table hashes instead of the user id.
+        #[arg(long)]
+        routing_key: Option<String>,
     },
     /// List the registry's model versions: aliases, metrics, age.
     Models {
@@ -190,12 +193,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::Predict {
                     mut user_ids,
                     features,
+                    routing_key,
                 } => {
                     let batch = user_ids.len() > 1;
                     let request = PredictRequest {
                         user_id: if batch { None } else { user_ids.pop() },
                         user_ids: batch.then_some(user_ids),
                         features,
+                        routing_key,
                     };
                     let body = serde_json::to_vec(&request)?;
                     let reply = request_json(&client, &subjects.predict, body, "predictor").await?;

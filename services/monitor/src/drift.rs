@@ -241,6 +241,7 @@ mod tests {
                 epoch: 4,
                 registry_id: "test".into(),
                 artifact,
+                routing: None,
             },
             registry,
         )

@@ -5,7 +5,8 @@
 use std::cmp::Ordering;
 use std::time::{Duration, SystemTime};
 
-use ml_shared::lifecycle::{AliasMove, MoveReply};
+use ml_shared::lifecycle::{AliasMove, MoveReply, RouteReply};
+use ml_shared::routing::RouteTable;
 use ml_shared::messages::{ExperimentRow, Metrics, ModelsReply};
 use serde_json::Value;
 
@@ -293,9 +294,81 @@ pub fn history_table(moves: &[AliasMove]) -> String {
             opt(m.epoch),
             m.action.as_str(),
             m.actor,
-            m.reason
+            history_why(m)
         ));
     }
+    out
+}
+
+/// The reason, with the table set or the table a production move removed.
+fn history_why(m: &AliasMove) -> String {
+    match (&m.route, m.route_cleared) {
+        (Some(t), _) => format!("{} [{}]", m.reason, table_summary(t)),
+        (None, true) => format!("{} [routing table cleared]", m.reason),
+        (None, false) => m.reason.clone(),
+    }
+}
+
+/// A table on one line: `v7 10%, v9 5%; shadow v8 20%; sticky`.
+pub fn table_summary(t: &RouteTable) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let candidates: Vec<String> = t
+        .candidates
+        .iter()
+        .map(|c| format!("v{} {}%", c.version, c.percent))
+        .collect();
+    if !candidates.is_empty() {
+        parts.push(candidates.join(", "));
+    }
+    if let Some(s) = t.shadow {
+        parts.push(format!("shadow v{} {}%", s.version, s.percent));
+    }
+    if t.sticky {
+        parts.push("sticky".into());
+    }
+    parts.join("; ")
+}
+
+/// The routing table in force, for people.
+pub fn route_lines(r: &RouteReply) -> String {
+    let production = r.production.map_or("none".to_owned(), |v| format!("v{v}"));
+    let Some(t) = &r.table else {
+        return format!(
+            "no routing table: production {production} takes all traffic (epoch {})\n",
+            r.epoch
+        );
+    };
+    let mut out = format!(
+        "{:<10}  {:>7}  {:>7}\n{:<10}  {:>7}  {:>6}%\n",
+        "VARIANT",
+        "VERSION",
+        "PERCENT",
+        "production",
+        production,
+        100 - t.candidate_percent()
+    );
+    for c in &t.candidates {
+        out.push_str(&format!(
+            "{:<10}  {:>7}  {:>6}%\n",
+            "candidate",
+            format!("v{}", c.version),
+            c.percent
+        ));
+    }
+    if let Some(s) = t.shadow {
+        out.push_str(&format!(
+            "{:<10}  {:>7}  {:>6}%  (stored; not run yet)\n",
+            "shadow",
+            format!("v{}", s.version),
+            s.percent
+        ));
+    }
+    out.push_str(&format!(
+        "sticky: {}; epoch {}{}\n",
+        if t.sticky { "yes (by user_id or routing_key)" } else { "no (random per request)" },
+        r.epoch,
+        if r.changed { "" } else { "; unchanged" }
+    ));
     out
 }
 
@@ -303,11 +376,16 @@ pub fn history_table(moves: &[AliasMove]) -> String {
 pub fn move_line(r: &MoveReply) -> String {
     if r.moved {
         format!(
-            "{}: v{} -> v{} (epoch {})",
+            "{}: v{} -> v{} (epoch {}){}",
             r.alias,
             opt(r.from),
             r.to,
-            r.epoch
+            r.epoch,
+            if r.route_cleared {
+                "; routing table cleared"
+            } else {
+                ""
+            }
         )
     } else {
         format!(

@@ -371,7 +371,10 @@ mod tests {
         // A line written before routing tables existed reads as an alias move.
         let old = r#"{"seq":1,"timestamp":"t","alias":"production","from":null,"to":1,"epoch":1,"action":"gate","actor":"registry","reason":"r"}"#;
         let read: AliasMove = serde_json::from_str(old).unwrap();
-        assert_eq!((read.kind, read.route, read.route_cleared), (MoveKind::Alias, None, false));
+        assert_eq!(
+            (read.kind, read.route, read.route_cleared),
+            (MoveKind::Alias, None, false)
+        );
     }
 
     #[test]
@@ -395,7 +398,10 @@ mod tests {
             problem(r#"{"clear":true,"sticky":true,"actor":"a"}"#),
             RouteProblem::Conflicting
         );
-        assert_eq!(problem(r#"{"reason":"r","actor":"a"}"#), RouteProblem::Conflicting);
+        assert_eq!(
+            problem(r#"{"reason":"r","actor":"a"}"#),
+            RouteProblem::Conflicting
+        );
         assert_eq!(
             problem(r#"{"candidates":[{"version":7,"percent":10}]}"#),
             RouteProblem::BadText

@@ -317,10 +317,10 @@ mod tests {
     #[test]
     fn requests_with_unknown_fields_do_not_parse() {
         assert!(serde_json::from_str::<RouteTable>(r#"{"candidates":[],"bogus":1}"#).is_err());
-        assert!(
-            serde_json::from_str::<RouteTable>(r#"{"candidates":[{"version":1,"percent":5,"x":1}]}"#)
-                .is_err()
-        );
+        assert!(serde_json::from_str::<RouteTable>(
+            r#"{"candidates":[{"version":1,"percent":5,"x":1}]}"#
+        )
+        .is_err());
     }
 
     #[test]
@@ -332,12 +332,13 @@ mod tests {
         assert_eq!(t.pick(14), Some(1));
         assert_eq!(t.pick(15), None);
         assert_eq!(t.pick(99), None);
-        let shares: Vec<usize> = (0..BUCKETS)
-            .map(|b| t.pick(b).map_or(2, |i| i))
-            .fold(vec![0; 3], |mut n, i| {
-                n[i] += 1;
-                n
-            });
+        let shares: Vec<usize> =
+            (0..BUCKETS)
+                .map(|b| t.pick(b).map_or(2, |i| i))
+                .fold(vec![0; 3], |mut n, i| {
+                    n[i] += 1;
+                    n
+                });
         assert_eq!(shares, [10, 5, 85]);
         assert_eq!(bucket_of(0), 0);
         assert_eq!(bucket_of(u64::MAX), 99);

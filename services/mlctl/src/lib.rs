@@ -27,11 +27,11 @@ use ml_shared::lifecycle::{
     HistoryReply, HistoryRequest, MoveReply, PromoteRequest, RollbackRequest, RouteReply,
     RouteRequest,
 };
-use ml_shared::routing::Weighted;
 use ml_shared::messages::{
     ApiReply, BatchPredictReply, ErrorReply, ModelsReply, Page, PredictReply, PredictRequest,
     RunsReply, TrainReply,
 };
+use ml_shared::routing::Weighted;
 use ml_shared::settings::{parse_duration, NatsSettings};
 use serde::de::DeserializeOwned;
 

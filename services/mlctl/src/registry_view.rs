@@ -6,8 +6,8 @@ use std::cmp::Ordering;
 use std::time::{Duration, SystemTime};
 
 use ml_shared::lifecycle::{AliasMove, MoveReply, RouteReply};
-use ml_shared::routing::RouteTable;
 use ml_shared::messages::{ExperimentRow, Metrics, ModelsReply};
+use ml_shared::routing::RouteTable;
 use serde_json::Value;
 
 /// A condition on a column of the experiments log: `r2 > 0.9`,
@@ -365,7 +365,11 @@ pub fn route_lines(r: &RouteReply) -> String {
     }
     out.push_str(&format!(
         "sticky: {}; epoch {}{}\n",
-        if t.sticky { "yes (by user_id or routing_key)" } else { "no (random per request)" },
+        if t.sticky {
+            "yes (by user_id or routing_key)"
+        } else {
+            "no (random per request)"
+        },
         r.epoch,
         if r.changed { "" } else { "; unchanged" }
     ));

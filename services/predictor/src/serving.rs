@@ -365,7 +365,9 @@ impl ServingState {
         let load = |version: u64, artifact: ModelArtifact| {
             self.load_model(version, epoch, registry_id.clone(), artifact)
         };
-        let routing = routing.map(|r| self.prepare_routing(r, &load)).transpose()?;
+        let routing = routing
+            .map(|r| self.prepare_routing(r, &load))
+            .transpose()?;
         Ok(Deployment {
             production: load(version, artifact)?,
             routing,
@@ -672,7 +674,13 @@ mod tests {
             panic!("one answer")
         };
         assert_eq!(
-            (user_id.as_deref(), *prediction, *label, *model_version, *variant),
+            (
+                user_id.as_deref(),
+                *prediction,
+                *label,
+                *model_version,
+                *variant
+            ),
             (Some("u1"), 0.5 + 2.0 + 30.0 + 400.0, None, 7, None)
         );
         let prefix = request_id.to_string();
@@ -746,11 +754,17 @@ mod tests {
                     canary += 1;
                     assert_eq!((variant, prediction), (Some(Variant::Candidate), 1432.0));
                 }
-                _ => assert_eq!((version, variant, prediction), (1, Some(Variant::Production), 432.5)),
+                _ => assert_eq!(
+                    (version, variant, prediction),
+                    (1, Some(Variant::Production), 432.5)
+                ),
             }
         }
         // 2,000 expected; the binomial's sd is 42.
-        assert!((1_800..2_200).contains(&canary), "{canary} of {n} to the canary");
+        assert!(
+            (1_800..2_200).contains(&canary),
+            "{canary} of {n} to the canary"
+        );
         let json = serde_json::to_string(&s.predict(br#"{"user_id":"u1"}"#).unwrap()).unwrap();
         assert!(json.contains(r#""variant":"#), "{json}");
     }
@@ -761,15 +775,22 @@ mod tests {
         s.install(s.prepare(routed(50, true)).unwrap());
         let mut seen = std::collections::BTreeMap::new();
         for i in 0..200 {
-            let body = format!(r#"{{"features":{{"feature_1":2,"feature_2":3}},"routing_key":"k{i}"}}"#);
+            let body =
+                format!(r#"{{"features":{{"feature_1":2,"feature_2":3}},"routing_key":"k{i}"}}"#);
             let first = answered(&s, &body).0;
             for _ in 0..20 {
                 assert_eq!(answered(&s, &body).0, first, "key k{i} moved");
             }
             *seen.entry(first).or_insert(0) += 1;
-            let want = if s.model().unwrap().routing.as_ref().unwrap().table.pick(
-                sticky_bucket(format!("k{i}").as_bytes()),
-            ) == Some(0)
+            let want = if s
+                .model()
+                .unwrap()
+                .routing
+                .as_ref()
+                .unwrap()
+                .table
+                .pick(sticky_bucket(format!("k{i}").as_bytes()))
+                == Some(0)
             {
                 2
             } else {
@@ -791,10 +812,18 @@ mod tests {
         s.install(s.prepare(release(1)).unwrap());
         let mut missing = routed(10, false);
         missing.routing.as_mut().unwrap().models.clear();
-        assert!(matches!(s.prepare(missing), Err(LoadError::MissingModel(2))));
+        assert!(matches!(
+            s.prepare(missing),
+            Err(LoadError::MissingModel(2))
+        ));
         let mut bad = routed(10, false);
-        bad.routing.as_mut().unwrap().models[0].artifact.feature_names[2] = "feature_9".into();
-        assert!(matches!(s.prepare(bad), Err(LoadError::InTable { version: 2, .. })));
+        bad.routing.as_mut().unwrap().models[0]
+            .artifact
+            .feature_names[2] = "feature_9".into();
+        assert!(matches!(
+            s.prepare(bad),
+            Err(LoadError::InTable { version: 2, .. })
+        ));
         assert_eq!(s.model().unwrap().versions(), [1]);
     }
 

@@ -51,7 +51,14 @@ pub fn offer(state: &ServingState, release: ModelRelease, source: &'static str) 
         Ok(deployment) => {
             let table = deployment.routing.as_ref().map(|r| r.table.clone());
             state.install(deployment);
-            tracing::info!(source, version, epoch, ?previous, ?table, "now serving model");
+            tracing::info!(
+                source,
+                version,
+                epoch,
+                ?previous,
+                ?table,
+                "now serving model"
+            );
         }
         Err(error) => tracing::error!(
             source, version, epoch, %error, serving = ?previous,

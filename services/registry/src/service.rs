@@ -21,12 +21,12 @@ use ml_shared::lifecycle::{
     FailedRun, HistoryReply, HistoryRequest, MoveReply, PromoteRequest, RecordedReply,
     RollbackRequest, RouteRequest,
 };
-use ml_shared::routing::{RouteError, RouteProblem};
 use ml_shared::messages::{
     ErrorCode, ErrorReply, Metrics, Page, ProductionQuery, ProductionReply, RunsReply, Submission,
     SubmitReply,
 };
 use ml_shared::model::ModelArtifact;
+use ml_shared::routing::{RouteError, RouteProblem};
 use ml_shared::subjects::Subjects;
 use serde::de::DeserializeOwned;
 use serde::Serialize;

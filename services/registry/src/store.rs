@@ -55,8 +55,8 @@ use ml_shared::messages::{
     CorruptVersion, ExperimentRow, Metrics, ModelRelease, ModelSummary, ModelsReply, Page,
     RoutingRelease, RunRecord, Submission, VersionedArtifact,
 };
-use ml_shared::routing::{RouteError, RouteProblem, RouteTable};
 use ml_shared::model::{ModelArtifact, ModelError};
+use ml_shared::routing::{RouteError, RouteProblem, RouteTable};
 use serde::{Deserialize, Serialize};
 
 use crate::gate::{self, Contender};
@@ -233,7 +233,6 @@ struct Draft<'a> {
     /// For a routing change: the table after it (`None`: cleared).
     route: Option<Option<RouteTable>>,
 }
-
 
 /// The outcome of a registration.
 #[derive(Debug, Clone, PartialEq)]

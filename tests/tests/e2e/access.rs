@@ -380,15 +380,25 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
     outputs.push(text);
     // The operator sets, reads and clears a routing table.
     let (ok, text) = mlctl(
-        &["route", "--canary", "1:10", "--reason", "canary", "--actor", "olivia"],
+        &[
+            "route", "--canary", "1:10", "--reason", "canary", "--actor", "olivia",
+        ],
         &as_admin,
     );
-    assert!(ok && text.contains("candidate") && text.contains("v1"), "{text}");
+    assert!(
+        ok && text.contains("candidate") && text.contains("v1"),
+        "{text}"
+    );
     outputs.push(text);
     let (ok, text) = mlctl(&["route", "--clear", "--actor", "olivia"], &as_admin);
     assert!(ok && text.contains("no routing table"), "{text}");
     outputs.push(text);
-    for args in [&["models"][..], &["runs"][..], &["stats"][..], &["route"][..]] {
+    for args in [
+        &["models"][..],
+        &["runs"][..],
+        &["stats"][..],
+        &["route"][..],
+    ] {
         let (ok, text) = mlctl(args, &as_admin);
         assert!(ok, "{args:?}: {text}");
         outputs.push(text);

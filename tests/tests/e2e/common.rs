@@ -250,7 +250,10 @@ pub async fn predictor_request_counts(client: &Client) -> std::collections::BTre
     let mut counts = std::collections::BTreeMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
     while let Ok(Some(m)) = tokio::time::timeout_at(deadline, replies.next()).await {
-        let v: Value = serde_json::from_slice(&m.payload).expect("stats JSON");
+        // A status message (no responders: no predictor yet) is not a reply.
+        let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else {
+            continue;
+        };
         let id = v["id"].as_str().expect("id").to_owned();
         let n = v["endpoints"][0]["num_requests"].as_u64().unwrap_or(0);
         counts.insert(id, n);

@@ -372,7 +372,15 @@ async fn a_sticky_table_keeps_every_user_on_one_version() {
         (row, text)
     });
     let answers = all_answered(
-        load(&r.client, &r.users, 16, 1250, Arc::new(AtomicBool::new(false)), body).await,
+        load(
+            &r.client,
+            &r.users,
+            16,
+            1250,
+            Arc::new(AtomicBool::new(false)),
+            body,
+        )
+        .await,
     );
     assert_eq!(answers.len(), 20_000);
     let mut seen: BTreeMap<usize, BTreeSet<u64>> = BTreeMap::new();
@@ -386,8 +394,7 @@ async fn a_sticky_table_keeps_every_user_on_one_version() {
         assert_eq!(versions.first(), Some(&expected(*row)), "user {row}");
     }
     let share = canary_share(&r, &answers, 3).await;
-    let users_share =
-        seen.values().filter(|v| v.contains(&3)).count() as f64 / USERS as f64;
+    let users_share = seen.values().filter(|v| v.contains(&3)).count() as f64 / USERS as f64;
     println!(
         "sticky 90/10: canary share {:.2}% of {} requests, {:.2}% of {USERS} users",
         share * 100.0,
@@ -449,9 +456,9 @@ async fn changing_the_table_under_load_fails_no_request_and_serves_only_its_vers
     let users = r.users.len();
     let load = {
         let (client, all, stop) = (r.client.clone(), r.users.clone(), stop.clone());
-        tokio::spawn(async move {
-            load(&client, &all, 8, 1_000_000, stop, spread_users(users)).await
-        })
+        tokio::spawn(
+            async move { load(&client, &all, 8, 1_000_000, stop, spread_users(users)).await },
+        )
     };
     let changes = [
         json!({"candidates":[{"version":2,"percent":10}],"actor":"alice"}),
@@ -494,7 +501,7 @@ async fn changing_the_table_under_load_fails_no_request_and_serves_only_its_vers
     let mut by_table = vec![0usize; tables.len()];
     for a in &answers {
         let (first, last) = (index(a.sent).saturating_sub(1), index(a.received));
-        let Some(j) = (first..=last).find(|&j| tables[j].1.allows(a)) else {
+        let Some(j) = (first..=last).rev().find(|&j| tables[j].1.allows(a)) else {
             panic!(
                 "{a:?} is outside tables {first}..={last}: {:?}",
                 &tables[first..=last]
@@ -503,7 +510,7 @@ async fn changing_the_table_under_load_fails_no_request_and_serves_only_its_vers
         by_table[j] += 1;
     }
     println!(
-        "table changes under load: {} requests, answered per table {by_table:?}",
+        "table changes under load: {} requests, per table (the latest that allows each reply) {by_table:?}",
         answers.len()
     );
     assert!(
@@ -519,7 +526,14 @@ async fn changing_the_table_under_load_fails_no_request_and_serves_only_its_vers
         .collect();
     assert_eq!(
         actions,
-        ["route_set", "route_set", "route_set", "route_clear", "route_set", "promote"]
+        [
+            "route_set",
+            "route_set",
+            "route_set",
+            "route_clear",
+            "route_set",
+            "promote"
+        ]
     );
     assert_eq!(history["moves"][5]["route_cleared"], true, "{history}");
     r.stop().await;
@@ -545,20 +559,76 @@ async fn bad_tables_are_refused_with_the_problem_named_and_change_nothing() {
     bytes[last] ^= 0x10;
     std::fs::write(&artifact, bytes).unwrap();
     let cases = [
-        (json!({"candidates":[{"version":2,"percent":0}],"actor":"a"}), "percent_out_of_range", "percent 0"),
-        (json!({"candidates":[{"version":2,"percent":100}],"actor":"a"}), "percent_out_of_range", "percent 100"),
-        (json!({"candidates":[{"version":2,"percent":5}],"shadow":{"version":3,"percent":120},"actor":"a"}), "percent_out_of_range", "shadow v3"),
-        (json!({"candidates":[{"version":2,"percent":60},{"version":3,"percent":40}],"actor":"a"}), "weights_too_high", "add up to 100"),
-        (json!({"candidates":[{"version":9,"percent":10}],"actor":"a"}), "unknown_version", "v9"),
-        (json!({"candidates":[{"version":5,"percent":10}],"actor":"a"}), "corrupt_version", "v5"),
-        (json!({"candidates":[{"version":1,"percent":10}],"actor":"a"}), "is_production", "v1"),
-        (json!({"candidates":[{"version":2,"percent":10},{"version":2,"percent":5}],"actor":"a"}), "duplicate_version", "v2"),
-        (json!({"candidates":[{"version":2,"percent":10}],"shadow":{"version":2,"percent":5},"actor":"a"}), "shadow_is_candidate", "v2"),
-        (json!({"candidates":[{"version":2,"percent":10}],"actor":"a","weight":3}), "malformed", "unknown field `weight`"),
-        (json!({"candidates":[{"version":2,"percent":10,"extra":1}],"actor":"a"}), "malformed", "unknown field `extra`"),
-        (json!({"clear":true,"candidates":[{"version":2,"percent":10}],"actor":"a"}), "conflicting", "clear"),
-        (json!({"candidates":[{"version":2,"percent":10}]}), "bad_text", "actor"),
-        (json!({"candidates":[],"actor":"a"}), "empty_table", "no candidate"),
+        (
+            json!({"candidates":[{"version":2,"percent":0}],"actor":"a"}),
+            "percent_out_of_range",
+            "percent 0",
+        ),
+        (
+            json!({"candidates":[{"version":2,"percent":100}],"actor":"a"}),
+            "percent_out_of_range",
+            "percent 100",
+        ),
+        (
+            json!({"candidates":[{"version":2,"percent":5}],"shadow":{"version":3,"percent":120},"actor":"a"}),
+            "percent_out_of_range",
+            "shadow v3",
+        ),
+        (
+            json!({"candidates":[{"version":2,"percent":60},{"version":3,"percent":40}],"actor":"a"}),
+            "weights_too_high",
+            "add up to 100",
+        ),
+        (
+            json!({"candidates":[{"version":9,"percent":10}],"actor":"a"}),
+            "unknown_version",
+            "v9",
+        ),
+        (
+            json!({"candidates":[{"version":5,"percent":10}],"actor":"a"}),
+            "corrupt_version",
+            "v5",
+        ),
+        (
+            json!({"candidates":[{"version":1,"percent":10}],"actor":"a"}),
+            "is_production",
+            "v1",
+        ),
+        (
+            json!({"candidates":[{"version":2,"percent":10},{"version":2,"percent":5}],"actor":"a"}),
+            "duplicate_version",
+            "v2",
+        ),
+        (
+            json!({"candidates":[{"version":2,"percent":10}],"shadow":{"version":2,"percent":5},"actor":"a"}),
+            "shadow_is_candidate",
+            "v2",
+        ),
+        (
+            json!({"candidates":[{"version":2,"percent":10}],"actor":"a","weight":3}),
+            "malformed",
+            "unknown field `weight`",
+        ),
+        (
+            json!({"candidates":[{"version":2,"percent":10,"extra":1}],"actor":"a"}),
+            "malformed",
+            "unknown field `extra`",
+        ),
+        (
+            json!({"clear":true,"candidates":[{"version":2,"percent":10}],"actor":"a"}),
+            "conflicting",
+            "clear",
+        ),
+        (
+            json!({"candidates":[{"version":2,"percent":10}]}),
+            "bad_text",
+            "actor",
+        ),
+        (
+            json!({"candidates":[],"actor":"a"}),
+            "empty_table",
+            "no candidate",
+        ),
     ];
     for (body, problem, names) in cases {
         let m = request(&r.client, "ml.registry.route", body.to_string()).await;
@@ -567,7 +637,10 @@ async fn bad_tables_are_refused_with_the_problem_named_and_change_nothing() {
         assert_eq!(v["error"]["problem"], problem, "{body}: {v}");
         let message = v["error"]["message"].as_str().unwrap();
         assert!(message.contains(names), "{body}: {message}");
-        let header = m.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code"));
+        let header = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Service-Error-Code"));
         assert_eq!(header.map(|h| h.as_str()), Some("400"), "{body}");
     }
     let after = r.route(json!({})).await;
@@ -627,7 +700,11 @@ async fn the_table_survives_a_registry_kill_and_a_predictor_started_later_serves
         } else {
             (1, "production")
         };
-        assert_eq!((a.version, a.variant.as_deref()), (version, Some(variant)), "{a:?}");
+        assert_eq!(
+            (a.version, a.variant.as_deref()),
+            (version, Some(variant)),
+            "{a:?}"
+        );
     }
     assert!(answers.iter().any(|a| a.version == 2));
     r.stop().await;

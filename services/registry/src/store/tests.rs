@@ -520,7 +520,11 @@ fn routing_tables_are_checked_committed_replayed_and_cleared_by_a_promotion() {
     let pointer_before = fs::read(dir.path().join(PRODUCTION)).unwrap();
 
     let reply = store
-        .route(set_table(&[(2, 10)], Some((3, 20))), Some("canary"), "alice")
+        .route(
+            set_table(&[(2, 10)], Some((3, 20))),
+            Some("canary"),
+            "alice",
+        )
         .unwrap();
     assert!(reply.changed);
     assert_eq!((reply.production, reply.epoch), (Some(1), epoch + 1));
@@ -536,7 +540,12 @@ fn routing_tables_are_checked_committed_replayed_and_cleared_by_a_promotion() {
     );
     let line = store.history(Some(1)).unwrap().remove(0);
     assert_eq!(
-        (line.kind, line.action, line.actor.as_str(), line.reason.as_str()),
+        (
+            line.kind,
+            line.action,
+            line.actor.as_str(),
+            line.reason.as_str()
+        ),
         (MoveKind::Route, MoveAction::RouteSet, "alice", "canary")
     );
     assert_eq!(line.route.as_ref(), reply.table.as_ref());
@@ -577,7 +586,10 @@ fn routing_tables_are_checked_committed_replayed_and_cleared_by_a_promotion() {
     fs::write(dir.path().join(PRODUCTION), &pointer_before).unwrap();
     let mut store = open(dir.path());
     assert_eq!(store.route_state(false), in_force);
-    assert_eq!(fs::read(dir.path().join(PRODUCTION)).unwrap(), pointer_after);
+    assert_eq!(
+        fs::read(dir.path().join(PRODUCTION)).unwrap(),
+        pointer_after
+    );
 
     // A promotion clears the table, and says so.
     let moved = store.promote(2, "canary good", "alice").unwrap();
@@ -599,7 +611,12 @@ fn routing_tables_are_checked_committed_replayed_and_cleared_by_a_promotion() {
     assert!(cleared.changed && cleared.table.is_none());
     let line = store.history(Some(1)).unwrap().remove(0);
     assert_eq!((line.action, line.route), (MoveAction::RouteClear, None));
-    assert!(!store.route(RouteAction::Clear, None, "bob").unwrap().changed);
+    assert!(
+        !store
+            .route(RouteAction::Clear, None, "bob")
+            .unwrap()
+            .changed
+    );
 }
 
 #[test]

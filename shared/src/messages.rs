@@ -435,7 +435,7 @@ pub struct ModelRelease {
     /// The model.
     pub artifact: ModelArtifact,
     /// The routing table in force with it, and the models it names.
-    pub routing: Option<RoutingRelease>,
+    pub routing: Option<Box<RoutingRelease>>,
 }
 
 /// A routing table as published with the production model (binary).

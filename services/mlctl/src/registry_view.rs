@@ -477,4 +477,55 @@ mod tests {
         );
         assert_eq!(metrics_text(&Metrics::default()), "-");
     }
+
+    #[test]
+    fn the_routing_table_prints_as_in_the_readme() {
+        use ml_shared::routing::Weighted;
+        let w = |version, percent| Weighted { version, percent };
+        let reply = RouteReply {
+            production: Some(6),
+            table: Some(RouteTable {
+                candidates: vec![w(7, 10), w(9, 5)],
+                shadow: Some(w(8, 20)),
+                sticky: true,
+            }),
+            epoch: 12,
+            changed: false,
+        };
+        assert_eq!(
+            route_lines(&reply),
+            "VARIANT     VERSION  PERCENT\n\
+             production       v6      85%\n\
+             candidate        v7      10%\n\
+             candidate        v9       5%\n\
+             shadow           v8      20%  (stored; not run yet)\n\
+             sticky: yes (by user_id or routing_key); epoch 12; unchanged\n"
+        );
+        let none = RouteReply {
+            table: None,
+            ..reply.clone()
+        };
+        assert!(route_lines(&none).starts_with("no routing table: production v6"));
+        let m = AliasMove {
+            seq: 3,
+            timestamp: "t".into(),
+            alias: ml_shared::lifecycle::Alias::Production,
+            from: Some(6),
+            to: 7,
+            epoch: Some(13),
+            action: ml_shared::lifecycle::MoveAction::Promote,
+            actor: "alice".into(),
+            reason: "good".into(),
+            kind: ml_shared::lifecycle::MoveKind::Alias,
+            route: None,
+            route_cleared: true,
+        };
+        assert!(history_table(std::slice::from_ref(&m)).contains("good [routing table cleared]"));
+        let set = AliasMove {
+            route: reply.table.clone(),
+            route_cleared: false,
+            ..m
+        };
+        assert!(history_table(&[set]).contains("good [v7 10%, v9 5%; shadow v8 20%; sticky]"));
+    }
 }

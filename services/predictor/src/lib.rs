@@ -1,8 +1,10 @@
 //! The predictor service: answers `ml.predict` as a NATS micro-service
 //! endpoint in the `predictor` queue group, so replicas share the load.
 //!
-//! It holds the production model in memory ([`serving`]), swaps it when the
-//! registry publishes a new one ([`updates`]), and reports every request's
+//! It holds the production model in memory, with the routing table in force
+//! and every model it names ([`serving`]: the split between production and
+//! candidates, `variant` and `request_id` in replies), swaps them as one
+//! when the registry publishes ([`updates`]), and reports every request's
 //! latency to the monitor without making the reply wait ([`events`]), with a
 //! sample of the features it saw and the predictions it made, for drift.
 //! Until a model arrives it answers `no_model`. Every error reply carries the JSON

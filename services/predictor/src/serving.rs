@@ -366,7 +366,7 @@ impl ServingState {
             self.load_model(version, epoch, registry_id.clone(), artifact)
         };
         let routing = routing
-            .map(|r| self.prepare_routing(r, &load))
+            .map(|r| self.prepare_routing(*r, &load))
             .transpose()?;
         Ok(Deployment {
             production: load(version, artifact)?,
@@ -707,7 +707,7 @@ mod tests {
         let mut r = release(1);
         let mut candidate = release(2).artifact;
         candidate.intercept = 1000.0;
-        r.routing = Some(RoutingRelease {
+        r.routing = Some(Box::new(RoutingRelease {
             table: RouteTable {
                 candidates: vec![ml_shared::routing::Weighted {
                     version: 2,
@@ -720,7 +720,7 @@ mod tests {
                 version: 2,
                 artifact: candidate,
             }],
-        });
+        }));
         r
     }
 

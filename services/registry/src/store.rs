@@ -5,7 +5,7 @@
 //!   models/model-00000001.bin   one artifact per version (codec envelope, checksummed)
 //!   experiments.csv             one line per run (registered or failed), for people and spreadsheets
 //!   history.jsonl               one JSON line per alias move: the journal of production and candidate
-//!   production.json             {"version":N,"epoch":E,"candidate":C,"previous":[…],"seq":S}
+//!   production.json             {"version":N,"epoch":E,"candidate":C,"previous":[…],"seq":S,"routing":{…}}
 //!   registry.json               {"registry_id":"…"}: this directory's identity
 //! ```
 //!
@@ -31,6 +31,13 @@
 //! servable version and records that move. Version numbers are never
 //! reused: the next one is above every number seen in the artifact files,
 //! the log and the history, corrupt ones included.
+//!
+//! A routing table (see [`ml_shared::routing`]) is part of the same state: a
+//! change is a history line (`"kind":"route"`, the commit point) and then the
+//! pointer, like an alias move, and moves the production epoch. A production
+//! move to another version clears the table in the same line
+//! (`route_cleared`); a table naming a version that cannot be served is
+//! cleared at start-up.
 //!
 //! A write that fails (disk full, a file-size limit) leaves the earlier state
 //! as it was: a partial log line is cut at once, and an artifact whose alias
@@ -957,18 +964,20 @@ impl Store {
     pub fn production_release(&self) -> Option<ModelRelease> {
         let version = self.pointer.version?;
         let model = self.models.get(&version)?;
-        let routing = self.pointer.routing.as_ref().map(|table| RoutingRelease {
-            table: table.clone(),
-            models: table
-                .versions()
-                .filter_map(|v| {
-                    let m = self.models.get(&v)?;
-                    Some(VersionedArtifact {
-                        version: v,
-                        artifact: m.artifact.clone(),
+        let routing = self.pointer.routing.as_ref().map(|table| {
+            Box::new(RoutingRelease {
+                table: table.clone(),
+                models: table
+                    .versions()
+                    .filter_map(|v| {
+                        let m = self.models.get(&v)?;
+                        Some(VersionedArtifact {
+                            version: v,
+                            artifact: m.artifact.clone(),
+                        })
                     })
-                })
-                .collect(),
+                    .collect(),
+            })
         });
         Some(ModelRelease {
             version,

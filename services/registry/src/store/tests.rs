@@ -549,11 +549,14 @@ fn routing_tables_are_checked_committed_replayed_and_cleared_by_a_promotion() {
         (MoveKind::Route, MoveAction::RouteSet, "alice", "canary")
     );
     assert_eq!(line.route.as_ref(), reply.table.as_ref());
-    // The same table again changes nothing.
+    // The same table again changes nothing: no line, no epoch.
+    let lines = store.history(None).unwrap().len();
     let again = store
         .route(set_table(&[(2, 10)], Some((3, 20))), None, "alice")
         .unwrap();
     assert!(!again.changed);
+    assert_eq!(again.epoch, reply.epoch);
+    assert_eq!(store.history(None).unwrap().len(), lines);
 
     // Refused tables change nothing.
     let seq = store.history(None).unwrap().len();

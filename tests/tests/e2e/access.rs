@@ -390,6 +390,14 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
         "{text}"
     );
     outputs.push(text);
+    let user = read_rows(&data)[0].0.clone();
+    let (ok, text) = wait_for("the table served", WAIT, || {
+        let (ok, text) = mlctl(&["predict", &user, "--routing-key", "k-1"], &as_admin);
+        async move { (ok && text.contains("\"variant\":")).then_some((ok, text)) }
+    })
+    .await;
+    assert!(ok && text.contains("\"request_id\":"), "{text}");
+    outputs.push(text);
     let (ok, text) = mlctl(&["route", "--clear", "--actor", "olivia"], &as_admin);
     assert!(ok && text.contains("no routing table"), "{text}");
     outputs.push(text);

@@ -223,6 +223,18 @@ impl State {
     }
 
     pub fn new_release(&mut self, release: &ModelRelease) {
+        if self
+            .drift
+            .as_ref()
+            .is_some_and(|d| d.reference().is_for(release))
+        {
+            tracing::debug!(
+                version = release.version,
+                epoch = release.epoch,
+                "same production model republished (routing table changed); drift window kept"
+            );
+            return;
+        }
         match DriftReference::new(release, &self.registry) {
             Ok(reference) => {
                 tracing::info!(

@@ -14,6 +14,7 @@ mod monitor_bounds;
 mod monitoring;
 mod pipeline;
 mod processes;
+mod rollouts;
 mod swaps;
 mod trainer_scale;
 mod trust;

@@ -8,7 +8,7 @@
 use std::hash::BuildHasher;
 use std::path::Path;
 
-use crate::data::{DataError, Dataset, TARGET, USER_ID};
+use crate::data::{DataError, Dataset, RowReader};
 
 /// Raw feature columns read from the data, in this order.
 pub const RAW_FEATURES: [&str; 2] = ["feature_1", "feature_2"];
@@ -401,93 +401,36 @@ impl FeatureStore {
         size: Option<u64>,
         raw_names: &[String],
     ) -> Result<Self, DataError> {
-        let bad_row = |line: u64, reason: String| DataError::BadRow {
-            path: path.to_owned(),
-            line,
-            reason,
-        };
-        let mut reader = csv::ReaderBuilder::new()
-            .has_headers(true)
-            .flexible(false)
-            .from_reader(input);
-        let headers = reader
-            .byte_headers()
-            .map_err(|e| bad_row(1, e.to_string()))?
-            .clone();
-        let find = |column: &str| {
-            headers
-                .iter()
-                .position(|h| std::str::from_utf8(h).is_ok_and(|h| h.trim() == column))
-        };
-        let missing = |column: &str| DataError::MissingColumn {
-            path: path.to_owned(),
-            column: column.to_owned(),
-        };
-        let id_col = find(USER_ID).ok_or_else(|| missing(USER_ID))?;
-        let feature_cols = raw_names
-            .iter()
-            .map(|name| find(name).ok_or_else(|| missing(name)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let target_col = find(TARGET);
-
+        // The columns, numbers and ids are read by the same rules as the
+        // trainer's and the registry's ([`RowReader`]).
+        let mut rows = RowReader::new(path, input, raw_names)?;
         let mut builder = Builder::new(raw_names.len());
         // The line of each row, for the message about a duplicate; dropped
         // once loaded.
         let mut lines: Vec<u32> = Vec::new();
         let mut raw = vec![0.0; raw_names.len()];
-        let mut record = csv::ByteRecord::new();
-        loop {
-            let line = reader.position().line();
-            match reader.read_byte_record(&mut record) {
-                Ok(false) => break,
-                Ok(true) => {}
-                Err(e) => {
-                    let line = e.position().map_or(line, |p| p.line());
-                    return Err(bad_row(line, e.to_string()));
-                }
-            }
-            let line = record.position().map_or(line, |p| p.line());
-            let user_id = std::str::from_utf8(&record[id_col])
-                .map_err(|_| bad_row(line, "user_id is not UTF-8".into()))?
-                .trim();
-            if user_id.is_empty() {
-                return Err(bad_row(line, "empty user_id".into()));
-            }
+        while rows.advance()? {
+            let user_id = rows.user_id()?;
             match builder.claim(user_id.as_bytes()) {
                 Ok(()) => {}
                 Err(Some(first)) => {
-                    return Err(bad_row(
-                        line,
-                        format!(
-                            "duplicate user_id {user_id:?} (first on line {})",
-                            lines[first]
-                        ),
-                    ))
+                    let first = lines[first];
+                    let reason = format!("duplicate user_id {user_id:?} (first on line {first})");
+                    return Err(rows.bad_row(reason));
                 }
                 Err(None) => {
-                    return Err(bad_row(
-                        line,
-                        "more rows or id bytes than a feature store holds (4 GiB)".into(),
-                    ))
+                    let reason = "more rows or id bytes than a feature store holds (4 GiB)";
+                    return Err(rows.bad_row(reason.into()));
                 }
             }
-            for ((slot, name), &col) in raw.iter_mut().zip(raw_names).zip(&feature_cols) {
-                *slot = parse_number(&record[col])
-                    .map_err(|r| bad_row(line, format!("{name}: {r}")))?;
-            }
-            if let Some(col) = target_col {
-                parse_number(&record[col]).map_err(|r| bad_row(line, format!("{TARGET}: {r}")))?;
-            }
+            rows.features_into(&mut raw)?;
+            // A bad target fails the load too: the file is the trainer's.
+            rows.target()?;
             builder.append(user_id.as_bytes(), &raw);
-            lines.push(u32::try_from(line).unwrap_or(u32::MAX));
+            lines.push(u32::try_from(rows.line()).unwrap_or(u32::MAX));
             if lines.len() == Self::SAMPLE_ROWS {
                 if let Some(size) = size {
-                    let read = reader.position().byte().max(1);
-                    let rows = lines.len() as f64 * size as f64 / read as f64 * 1.02;
-                    let more = (rows as usize).saturating_sub(lines.len()).min(MAX_ROWS);
-                    let per_id = builder.store.ids.len() as f64 / lines.len() as f64;
-                    builder.reserve(more, (more as f64 * per_id) as usize);
-                    lines.reserve(more);
+                    Self::reserve(&mut builder, &mut lines, size, rows.bytes_read());
                 }
             }
         }
@@ -497,6 +440,16 @@ impl FeatureStore {
             });
         }
         Ok(builder.finish())
+    }
+
+    /// Reserves room for the rest of an input of `size` bytes, at the
+    /// bytes per row of the first `read` (plus 2%).
+    fn reserve(builder: &mut Builder, lines: &mut Vec<u32>, size: u64, read: u64) {
+        let rows = lines.len() as f64 * size as f64 / read.max(1) as f64 * 1.02;
+        let more = (rows as usize).saturating_sub(lines.len()).min(MAX_ROWS);
+        let per_id = builder.store.ids.len() as f64 / lines.len() as f64;
+        builder.reserve(more, (more as f64 * per_id) as usize);
+        lines.reserve(more);
     }
 
     /// The raw features of `user_id`, in the registry's raw order.
@@ -528,16 +481,6 @@ impl FeatureStore {
 }
 
 /// A number cell, as [`crate::data`] reads it: trimmed, finite.
-fn parse_number(bytes: &[u8]) -> Result<f64, String> {
-    let text = String::from_utf8_lossy(bytes);
-    let text = text.trim();
-    match text.parse::<f64>() {
-        Ok(v) if v.is_finite() => Ok(v),
-        Ok(_) => Err(format!("{text:?} is not a finite number")),
-        Err(_) => Err(format!("{text:?} is not a number")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -451,20 +451,7 @@ async fn infer_version(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, OipError> {
-    let header_len = headers
-        .get(HEADER_LENGTH)
-        .map(|v| {
-            v.to_str()
-                .ok()
-                .and_then(|s| s.trim().parse::<usize>().ok())
-                .ok_or_else(|| {
-                    OipError::new(
-                        StatusCode::BAD_REQUEST,
-                        "Inference-Header-Content-Length is not a number",
-                    )
-                })
-        })
-        .transpose()?;
+    let header_len = header_length(headers)?;
     let bytes = read_body(state, body).await?;
     let decoded = tensor::decode(
         &bytes,
@@ -473,20 +460,7 @@ async fn infer_version(
         state.config.max_batch,
     )?;
     let request = &decoded.request;
-    // Check the requested outputs before predicting anything.
-    if let Some(outputs) = &request.outputs {
-        for o in outputs {
-            if o.name != PREDICTION_OUTPUT && o.name != LABEL_OUTPUT {
-                return Err(OipError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "unknown output '{}': the outputs are '{PREDICTION_OUTPUT}' and, for a classifier, '{LABEL_OUTPUT}'",
-                        o.name
-                    ),
-                ));
-            }
-        }
-    }
+    check_outputs(request)?;
     if let Some(wanted) = version {
         // Refused before anything is predicted when the registry already
         // says so; checked again against the version that answers.
@@ -503,9 +477,63 @@ async fn infer_version(
             return Err(not_served(state, wanted, predictions.model_version).await);
         }
     }
+    let outputs = output_tensors(request, &predictions)?;
+    let mut response = json!({
+        "model_name": state.config.model_name,
+        "model_version": predictions.model_version.to_string(),
+        "outputs": outputs.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(),
+    });
+    if let Some(id) = &request.id {
+        response["id"] = json!(id);
+    }
+    Ok(encode_response(&response, outputs))
+}
+
+/// The `Inference-Header-Content-Length` header, when present.
+fn header_length(headers: &HeaderMap) -> Result<Option<usize>, OipError> {
+    headers
+        .get(HEADER_LENGTH)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    OipError::new(
+                        StatusCode::BAD_REQUEST,
+                        "Inference-Header-Content-Length is not a number",
+                    )
+                })
+        })
+        .transpose()
+}
+
+/// The requested outputs exist: checked before anything is predicted.
+fn check_outputs(request: &tensor::InferRequest) -> Result<(), OipError> {
+    for o in request.outputs.iter().flatten() {
+        if o.name != PREDICTION_OUTPUT && o.name != LABEL_OUTPUT {
+            return Err(OipError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "unknown output '{}': the outputs are '{PREDICTION_OUTPUT}' and, for a classifier, '{LABEL_OUTPUT}'",
+                    o.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An output tensor's JSON, and its bytes when it is sent in binary.
+type Output = (Value, Option<Vec<u8>>);
+
+/// Each requested output (all of them by default) as a tensor, with its
+/// bytes when it is asked for in binary.
+fn output_tensors(
+    request: &tensor::InferRequest,
+    predictions: &Predictions,
+) -> Result<Vec<Output>, OipError> {
     let n = predictions.values.len();
-    let mut outputs: Vec<(Value, Option<Vec<u8>>)> = Vec::new();
-    let wanted_outputs: Vec<(String, bool)> = match &request.outputs {
+    let wanted: Vec<(String, bool)> = match &request.outputs {
         Some(list) => list
             .iter()
             .map(|o| (o.name.clone(), wants_binary(request, Some(o))))
@@ -519,17 +547,11 @@ async fn infer_version(
             all
         }
     };
-    for (name, binary) in wanted_outputs {
+    let mut outputs = Vec::with_capacity(wanted.len());
+    for (name, binary) in wanted {
         let (datatype, data, raw): (&str, Value, Vec<u8>) = if name == PREDICTION_OUTPUT {
-            (
-                "FP64",
-                json!(predictions.values),
-                predictions
-                    .values
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            )
+            let raw = predictions.values.iter().flat_map(|v| v.to_le_bytes());
+            ("FP64", json!(predictions.values), raw.collect())
         } else {
             let Some(labels) = &predictions.labels else {
                 return Err(OipError::new(
@@ -537,11 +559,8 @@ async fn infer_version(
                     format!("output '{LABEL_OUTPUT}' exists for a classifier only; this model is a regression"),
                 ));
             };
-            (
-                "INT64",
-                json!(labels),
-                labels.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            )
+            let raw = labels.iter().flat_map(|v| v.to_le_bytes());
+            ("INT64", json!(labels), raw.collect())
         };
         let mut tensor = json!({ "name": name, "datatype": datatype, "shape": [n] });
         if binary {
@@ -552,26 +571,24 @@ async fn infer_version(
             outputs.push((tensor, None));
         }
     }
-    let mut response = json!({
-        "model_name": state.config.model_name,
-        "model_version": predictions.model_version.to_string(),
-        "outputs": outputs.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(),
-    });
-    if let Some(id) = &request.id {
-        response["id"] = json!(id);
-    }
-    let json_bytes = serde_json::to_vec(&response).expect("responses serialise");
+    Ok(outputs)
+}
+
+/// The response: JSON alone, or JSON followed by the binary outputs with
+/// the JSON's length in `Inference-Header-Content-Length`.
+fn encode_response(response: &Value, outputs: Vec<Output>) -> Response {
+    let json_bytes = serde_json::to_vec(response).expect("responses serialise");
     let binary: Vec<u8> = outputs
         .into_iter()
         .filter_map(|(_, b)| b)
         .flatten()
         .collect();
     if binary.is_empty() {
-        return Ok((
+        return (
             [(axum::http::header::CONTENT_TYPE, "application/json")],
             json_bytes,
         )
-            .into_response());
+            .into_response();
     }
     let json_len = json_bytes.len();
     let mut body = json_bytes;
@@ -585,7 +602,7 @@ async fn infer_version(
         HEADER_LENGTH,
         HeaderValue::from_str(&json_len.to_string()).expect("a number"),
     );
-    Ok(response)
+    response
 }
 
 /// The error for a version that did not answer: 404 when the registry does

@@ -94,21 +94,7 @@ impl View {
             Constraint::Length(1),
         ])
         .areas(frame.area());
-        let which = match self.span {
-            Scope::Window => "window in progress",
-            Scope::Total => "since the monitor started",
-        };
-        frame.render_widget(
-            Paragraph::new(Line::from(vec![
-                Span::styled("mlctl top", Style::default().add_modifier(Modifier::BOLD)),
-                Span::raw(format!("  {which}  ")),
-                Span::styled("w", Style::default().fg(Color::Yellow)),
-                Span::raw(" switch  "),
-                Span::styled("q", Style::default().fg(Color::Yellow)),
-                Span::raw(" quit"),
-            ])),
-            title,
-        );
+        frame.render_widget(self.title(), title);
         let empty = Value::Null;
         let stats = self.stats.as_ref().unwrap_or(&empty);
         let figures = match self.span {
@@ -117,129 +103,48 @@ impl View {
         };
         let [left, right] =
             Layout::horizontal([Constraint::Length(34), Constraint::Min(20)]).areas(top);
-        let num = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.3}"));
-        let lat = &figures["latency_ms"];
-        let errors = figures["errors"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "none".to_owned());
-        frame.render_widget(
-            Paragraph::new(vec![
-                Line::from(format!(
-                    "requests/s {:>10}",
-                    figures["rps"]
-                        .as_f64()
-                        .map_or("-".to_owned(), |x| format!("{x:.1}"))
-                )),
-                Line::from(format!(
-                    "requests   {:>10}",
-                    figures["count"].as_u64().unwrap_or(0)
-                )),
-                Line::from(format!(
-                    "error rate {:>10}",
-                    figures["error_rate"]
-                        .as_f64()
-                        .map_or("-".to_owned(), |x| format!("{x:.4}"))
-                )),
-                Line::from(format!("errors     {errors}")),
-            ])
-            .block(Block::default().borders(Borders::ALL).title("Throughput")),
-            left,
-        );
-        let data: Vec<u64> = self.rps.iter().copied().collect();
-        let width = usize::from(right.width.saturating_sub(2));
-        let shown = &data[data.len().saturating_sub(width)..];
-        frame.render_widget(
-            Sparkline::default()
-                .block(
-                    Block::default()
-                        .borders(Borders::ALL)
-                        .title("requests/s (window)"),
-                )
-                .data(shown)
-                .style(Style::default().fg(Color::Cyan)),
-            right,
-        );
-        let [latency, versions] =
+        frame.render_widget(throughput(figures), left);
+        frame.render_widget(self.sparkline(right.width), right);
+        let [latency_area, versions_area] =
             Layout::horizontal([Constraint::Length(34), Constraint::Min(20)]).areas(middle);
-        frame.render_widget(
-            Paragraph::new(
-                ["p50", "p90", "p99", "p999", "max"]
-                    .iter()
-                    .map(|p| Line::from(format!("{p:<5} {:>12} ms", num(&lat[*p]))))
-                    .collect::<Vec<_>>(),
+        frame.render_widget(latency(&figures["latency_ms"]), latency_area);
+        frame.render_widget(versions(figures, versions_area.width), versions_area);
+        frame.render_widget(alerts(&stats["alerts"]), bottom);
+        frame.render_widget(Paragraph::new(self.status(figures)), status);
+    }
+
+    fn title(&self) -> Paragraph<'static> {
+        let which = match self.span {
+            Scope::Window => "window in progress",
+            Scope::Total => "since the monitor started",
+        };
+        Paragraph::new(Line::from(vec![
+            Span::styled("mlctl top", Style::default().add_modifier(Modifier::BOLD)),
+            Span::raw(format!("  {which}  ")),
+            Span::styled("w", Style::default().fg(Color::Yellow)),
+            Span::raw(" switch  "),
+            Span::styled("q", Style::default().fg(Color::Yellow)),
+            Span::raw(" quit"),
+        ]))
+    }
+
+    /// Requests per second of the last windows, as many as fit `width`.
+    fn sparkline(&self, width: u16) -> Sparkline<'static> {
+        let data: Vec<u64> = self.rps.iter().copied().collect();
+        let width = usize::from(width.saturating_sub(2));
+        let shown = data[data.len().saturating_sub(width)..].to_vec();
+        Sparkline::default()
+            .block(
+                Block::default()
+                    .borders(Borders::ALL)
+                    .title("requests/s (window)"),
             )
-            .block(Block::default().borders(Borders::ALL).title("Latency")),
-            latency,
-        );
-        let counts = figures["versions"].as_object();
-        let total: u64 = counts
-            .map(|m| m.values().filter_map(Value::as_u64).sum())
-            .unwrap_or(0);
-        let mut lines = Vec::new();
-        if let Some(m) = counts {
-            for (version, count) in m {
-                let count = count.as_u64().unwrap_or(0);
-                let share = if total > 0 {
-                    count as f64 / total as f64
-                } else {
-                    0.0
-                };
-                let bar_width = usize::from(versions.width.saturating_sub(34)).max(4);
-                let filled = (share * bar_width as f64).round() as usize;
-                let by = &figures["latency_ms_by_version"][version.as_str()];
-                lines.push(Line::from(format!(
-                    "v{version:<4} {count:>8} {:>5.1}% {}{} p99 {}",
-                    share * 100.0,
-                    "█".repeat(filled),
-                    "·".repeat(bar_width.saturating_sub(filled)),
-                    num(&by["p99"]),
-                )));
-            }
-        }
-        if lines.is_empty() {
-            lines.push(Line::from("no predictions"));
-        }
-        frame.render_widget(
-            Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title("Versions")),
-            versions,
-        );
-        let alerts: Vec<Line> = stats["alerts"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|alert| {
-                        let firing = alert["state"] == "firing";
-                        Line::styled(
-                            format!(
-                                "{} {} value {} since {}",
-                                alert["alert"].as_str().unwrap_or("?"),
-                                alert["state"].as_str().unwrap_or("?"),
-                                num(&alert["value"]),
-                                alert["active_since"].as_str().unwrap_or("?"),
-                            ),
-                            if firing {
-                                Style::default().fg(Color::Red)
-                            } else {
-                                Style::default().fg(Color::Yellow)
-                            },
-                        )
-                    })
-                    .collect()
-            })
-            .filter(|l: &Vec<Line>| !l.is_empty())
-            .unwrap_or_else(|| vec![Line::from("none")]);
-        frame.render_widget(
-            Paragraph::new(alerts).block(Block::default().borders(Borders::ALL).title("Alerts")),
-            bottom,
-        );
-        let line = match (&self.error, &self.stats) {
+            .data(shown)
+            .style(Style::default().fg(Color::Cyan))
+    }
+
+    fn status(&self, figures: &Value) -> Line<'static> {
+        match (&self.error, &self.stats) {
             (Some(e), _) => Line::styled(format!("monitor: {e}"), Style::default().fg(Color::Red)),
             (None, None) => Line::from("waiting for the monitor…"),
             (None, Some(_)) => Line::from(format!(
@@ -248,9 +153,110 @@ impl View {
                 figures["dropped"].as_u64().unwrap_or(0),
                 figures["lost"].as_u64().unwrap_or(0),
             )),
-        };
-        frame.render_widget(Paragraph::new(line), status);
+        }
     }
+}
+
+/// A number with three decimals, or `-`.
+fn num(v: &Value) -> String {
+    v.as_f64().map_or("-".to_owned(), |x| format!("{x:.3}"))
+}
+
+fn throughput(figures: &Value) -> Paragraph<'static> {
+    let errors = figures["errors"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "none".to_owned());
+    let fixed = |v: &Value, digits: usize| {
+        v.as_f64()
+            .map_or("-".to_owned(), |x| format!("{x:.digits$}"))
+    };
+    Paragraph::new(vec![
+        Line::from(format!("requests/s {:>10}", fixed(&figures["rps"], 1))),
+        Line::from(format!(
+            "requests   {:>10}",
+            figures["count"].as_u64().unwrap_or(0)
+        )),
+        Line::from(format!(
+            "error rate {:>10}",
+            fixed(&figures["error_rate"], 4)
+        )),
+        Line::from(format!("errors     {errors}")),
+    ])
+    .block(Block::default().borders(Borders::ALL).title("Throughput"))
+}
+
+fn latency(lat: &Value) -> Paragraph<'static> {
+    Paragraph::new(
+        ["p50", "p90", "p99", "p999", "max"]
+            .iter()
+            .map(|p| Line::from(format!("{p:<5} {:>12} ms", num(&lat[*p]))))
+            .collect::<Vec<_>>(),
+    )
+    .block(Block::default().borders(Borders::ALL).title("Latency"))
+}
+
+/// Each version's requests, share (a bar) and p99, in a panel `width` wide.
+fn versions(figures: &Value, width: u16) -> Paragraph<'static> {
+    let counts = figures["versions"].as_object();
+    let total: u64 = counts
+        .map(|m| m.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0);
+    let bar_width = usize::from(width.saturating_sub(34)).max(4);
+    let mut lines = Vec::new();
+    for (version, count) in counts.into_iter().flatten() {
+        let count = count.as_u64().unwrap_or(0);
+        let share = if total > 0 {
+            count as f64 / total as f64
+        } else {
+            0.0
+        };
+        let filled = (share * bar_width as f64).round() as usize;
+        let by = &figures["latency_ms_by_version"][version.as_str()];
+        lines.push(Line::from(format!(
+            "v{version:<4} {count:>8} {:>5.1}% {}{} p99 {}",
+            share * 100.0,
+            "█".repeat(filled),
+            "·".repeat(bar_width.saturating_sub(filled)),
+            num(&by["p99"]),
+        )));
+    }
+    if lines.is_empty() {
+        lines.push(Line::from("no predictions"));
+    }
+    Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title("Versions"))
+}
+
+/// Pending alerts in yellow, firing ones in red.
+fn alerts(active: &Value) -> Paragraph<'static> {
+    let line = |alert: &Value| {
+        let style = if alert["state"] == "firing" {
+            Style::default().fg(Color::Red)
+        } else {
+            Style::default().fg(Color::Yellow)
+        };
+        Line::styled(
+            format!(
+                "{} {} value {} since {}",
+                alert["alert"].as_str().unwrap_or("?"),
+                alert["state"].as_str().unwrap_or("?"),
+                num(&alert["value"]),
+                alert["active_since"].as_str().unwrap_or("?"),
+            ),
+            style,
+        )
+    };
+    let mut lines: Vec<Line> = active.as_array().into_iter().flatten().map(line).collect();
+    if lines.is_empty() {
+        lines.push(Line::from("none"));
+    }
+    Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title("Alerts"))
 }
 
 /// A key the view acts on.

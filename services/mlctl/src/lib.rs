@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod registry_view;
+mod requests;
 pub mod secrets;
 pub mod top;
 pub mod train;
@@ -24,19 +25,12 @@ use async_nats::Client;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use ml_shared::gen::Target;
-use ml_shared::lifecycle::{
-    HistoryReply, HistoryRequest, MoveReply, PromoteRequest, RollbackRequest, RouteReply,
-    RouteRequest,
-};
-use ml_shared::messages::{
-    ApiReply, BatchPredictReply, ErrorReply, ModelsReply, Page, PredictReply, PredictRequest,
-    RunsReply,
-};
+use ml_shared::messages::{ApiReply, ErrorReply, Page, RunsReply};
 use ml_shared::routing::Weighted;
 use ml_shared::settings::{parse_duration, NatsSettings};
 use serde::de::DeserializeOwned;
 
-use crate::registry_view::{Filter, Sort};
+use crate::registry_view::Filter;
 
 /// The command line.
 #[derive(Debug, Parser)]
@@ -236,162 +230,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Top(args) => top::run(&nats, args).await,
         command => {
             let client = connect(&nats).await?;
-            let subjects = nats.subjects();
-            let code = match command {
-                Command::Predict {
-                    mut user_ids,
-                    features,
-                    routing_key,
-                } => {
-                    let batch = user_ids.len() > 1;
-                    let request = PredictRequest {
-                        user_id: if batch { None } else { user_ids.pop() },
-                        user_ids: batch.then_some(user_ids),
-                        features,
-                        routing_key,
-                    };
-                    let body = serde_json::to_vec(&request)?;
-                    let reply = request_json(&client, &subjects.predict, body, "predictor").await?;
-                    if batch {
-                        print_reply::<BatchPredictReply>(reply)
-                    } else {
-                        print_reply::<PredictReply>(reply)
-                    }
-                }
-                Command::Models { json } => {
-                    let reply =
-                        request_json(&client, &subjects.registry_models, Vec::new(), "registry")
-                            .await?;
-                    if json {
-                        print_reply::<ModelsReply>(reply)
-                    } else {
-                        with_reply(reply, |m: ModelsReply| {
-                            print!(
-                                "{}",
-                                registry_view::models_table(&m, std::time::SystemTime::now())
-                            )
-                        })
-                    }
-                }
-                Command::Runs {
-                    json,
-                    filters,
-                    sort,
-                    desc,
-                } => {
-                    let sort = sort
-                        .map(|s| Sort::new(&s, desc))
-                        .transpose()
-                        .map_err(|e| anyhow::anyhow!(e))?;
-                    let reply = all_runs(&client, &subjects.registry_runs).await?;
-                    with_reply(reply, |r: RunsReply| {
-                        let runs = registry_view::select(r.runs, &filters, sort.as_ref());
-                        if json {
-                            let total = runs.len();
-                            println!(
-                                "{}",
-                                serde_json::to_string(&RunsReply { runs, total })
-                                    .expect("serialisable")
-                            );
-                        } else {
-                            print!("{}", registry_view::runs_table(&runs));
-                        }
-                    })
-                }
-                Command::Promote {
-                    version,
-                    reason,
-                    actor,
-                } => {
-                    let body = serde_json::to_vec(&PromoteRequest {
-                        version,
-                        reason,
-                        actor,
-                    })?;
-                    let reply =
-                        request_json(&client, &subjects.registry_promote, body, "registry").await?;
-                    with_reply(reply, |r: MoveReply| {
-                        println!("{}", registry_view::move_line(&r))
-                    })
-                }
-                Command::Rollback { reason, actor } => {
-                    let body = serde_json::to_vec(&RollbackRequest { reason, actor })?;
-                    let reply =
-                        request_json(&client, &subjects.registry_rollback, body, "registry")
-                            .await?;
-                    with_reply(reply, |r: MoveReply| {
-                        println!("{}", registry_view::move_line(&r))
-                    })
-                }
-                Command::Route {
-                    canary,
-                    shadow,
-                    sticky,
-                    clear,
-                    reason,
-                    actor,
-                    json,
-                } => {
-                    let change = clear || sticky || shadow.is_some() || !canary.is_empty();
-                    let request = if change {
-                        RouteRequest {
-                            candidates: (!clear).then_some(canary),
-                            shadow,
-                            sticky: (!clear).then_some(sticky),
-                            clear,
-                            reason,
-                            actor: Some(actor),
-                        }
-                    } else {
-                        RouteRequest::default()
-                    };
-                    let body = serde_json::to_vec(&request)?;
-                    let reply =
-                        request_json(&client, &subjects.registry_route, body, "registry").await?;
-                    if json {
-                        print_reply::<RouteReply>(reply)
-                    } else {
-                        with_reply(reply, |r: RouteReply| {
-                            print!("{}", registry_view::route_lines(&r))
-                        })
-                    }
-                }
-                Command::History { json, limit } => {
-                    let body = serde_json::to_vec(&HistoryRequest {
-                        limit,
-                        offset: None,
-                    })?;
-                    let reply =
-                        request_json(&client, &subjects.registry_history, body, "registry").await?;
-                    if json {
-                        print_reply::<HistoryReply>(reply)
-                    } else {
-                        with_reply(reply, |h: HistoryReply| {
-                            print!("{}", registry_view::history_table(&h.moves))
-                        })
-                    }
-                }
-                Command::Train { timeout, quiet } => {
-                    train::train(&client, &subjects, timeout, quiet).await?
-                }
-                Command::Stats => {
-                    let reply =
-                        request_json(&client, &subjects.monitor_stats, Vec::new(), "monitor")
-                            .await?;
-                    println!("{}", String::from_utf8_lossy(&reply));
-                    ExitCode::SUCCESS
-                }
-                Command::GenData { .. }
-                | Command::Up(_)
-                | Command::Bench(_)
-                | Command::Echo
-                | Command::Secrets
-                | Command::Top(_) => {
-                    unreachable!("handled above")
-                }
-            };
+            let code = requests::run(&client, &nats.subjects(), command).await;
             client.drain().await.ok();
-            Ok(code)
+            code
         }
     }
 }

@@ -681,58 +681,9 @@ impl Store {
         evaluate: &mut dyn FnMut(&ModelArtifact) -> Result<Metrics, StoreError>,
     ) -> Result<Registered, StoreError> {
         let Submission { mut run, artifact } = submission;
-        artifact.validate()?;
-        if run.feature_names != artifact.feature_names {
-            return Err(StoreError::Invalid(
-                "the run's feature names differ from the model's".into(),
-            ));
-        }
-        for (what, text) in [
-            ("run_id", &run.run_id),
-            ("data_path", &run.data_path),
-            ("data_fingerprint", &run.data_fingerprint),
-            ("params.model", &run.params.model),
-        ] {
-            check_text(what, text)?;
-        }
-        let (metric, _) = gate::gate_metric(artifact.kind);
-        if !run.metrics.all_finite() || run.metrics.get(metric).is_none() {
-            return Err(StoreError::Invalid(format!(
-                "a {} model needs finite metrics including {metric}: {:?}",
-                artifact.kind.as_str(),
-                run.metrics
-            )));
-        }
-        if let Some(problem) = run.metrics.range_error() {
-            return Err(StoreError::Invalid(format!("claimed metrics: {problem}")));
-        }
-        let verified = evaluate(&artifact)?;
-        if verified.get(metric).is_none_or(|v| !v.is_finite()) {
-            return Err(StoreError::Invalid(format!(
-                "the model's {metric} on the registry's holdout is not a number: {verified:?}"
-            )));
-        }
-        tracing::info!(
-            run_id = %run.run_id,
-            %metric,
-            claimed = ?run.metrics.get(metric),
-            verified = ?verified.get(metric),
-            "submission evaluated on the registry's holdout"
-        );
-        run.metrics = verified;
-        let production_now = match self.production_contender() {
-            Some(p) => {
-                let artifact = &self.models[&p.version].artifact;
-                match evaluate(artifact) {
-                    Ok(m) => Some((p.version, p.kind, m)),
-                    Err(error) => {
-                        tracing::warn!(version = p.version, %error, "production cannot be evaluated on the current holdout; the gate uses its stored metrics");
-                        Some((p.version, p.kind, *p.metrics))
-                    }
-                }
-            }
-            None => None,
-        };
+        let metric = check_submission(&run, &artifact)?;
+        run.metrics = verified_metrics(&run, &artifact, metric, evaluate)?;
+        let production_now = self.production_now(evaluate);
         let version = self.next_version;
         let model = StoredModel {
             version,
@@ -745,62 +696,28 @@ impl Store {
         journal::write_atomically(&self.path(&file), &codec::encode(&model))?;
         self.next_version = version + 1;
 
-        let report = gate::decide(
-            Contender {
-                version,
-                kind: model.artifact.kind,
-                metrics: &model.run.metrics,
-            },
-            production_now
-                .as_ref()
-                .map(|(version, kind, metrics)| Contender {
-                    version: *version,
-                    kind: *kind,
-                    metrics,
-                }),
-            self.tolerance,
-        );
-        let row = experiment_row(
-            &model,
-            if report.promoted {
-                "production"
-            } else {
-                "candidate"
-            },
-            &report.reason,
-        );
-        let mut drafts = vec![Draft {
-            alias: Alias::Candidate,
-            to: version,
-            action: MoveAction::Register,
-            actor: TRAINER_ACTOR,
-            reason: format!("run {}; gate: {}", model.run.run_id, report.reason),
-            route: None,
-        }];
-        if report.promoted {
-            drafts.push(Draft {
-                alias: Alias::Production,
-                to: version,
-                action: MoveAction::Gate,
-                actor: REGISTRY_ACTOR,
-                reason: report.reason.clone(),
-                route: None,
+        let contender = Contender {
+            version,
+            kind: model.artifact.kind,
+            metrics: &model.run.metrics,
+        };
+        let production = production_now
+            .as_ref()
+            .map(|(version, kind, metrics)| Contender {
+                version: *version,
+                kind: *kind,
+                metrics,
             });
-        }
+        let report = gate::decide(contender, production, self.tolerance);
+        let status = if report.promoted {
+            "production"
+        } else {
+            "candidate"
+        };
+        let row = experiment_row(&model, status, &report.reason);
+        let drafts = registration_drafts(version, &model.run.run_id, &report);
         self.models.insert(version, model);
-        let committed_before = self.pointer.seq;
-        if let Err(e) = self.commit(&drafts) {
-            if self.pointer.seq == committed_before {
-                // Not committed (the history append failed): unacknowledged,
-                // unrecorded; do not let a restart list it.
-                self.models.remove(&version);
-                let path = self.path(&file);
-                if let Err(error) = std::fs::remove_file(&path) {
-                    tracing::warn!(path = %path.display(), %error, "cannot remove an uncommitted artifact");
-                }
-            }
-            return Err(e);
-        }
+        self.commit_registration(version, &file, &drafts)?;
         journal::append(
             &self.path(EXPERIMENTS),
             Some(&csv_header()),
@@ -811,6 +728,46 @@ impl Store {
             production: report.promoted,
             gate: report,
         })
+    }
+
+    /// The production model's metrics on the current holdout, for the gate
+    /// (its stored metrics when it cannot be evaluated there).
+    fn production_now(
+        &self,
+        evaluate: &mut dyn FnMut(&ModelArtifact) -> Result<Metrics, StoreError>,
+    ) -> Option<(u64, ml_shared::model::ModelKind, Metrics)> {
+        let p = self.production_contender()?;
+        let artifact = &self.models[&p.version].artifact;
+        match evaluate(artifact) {
+            Ok(m) => Some((p.version, p.kind, m)),
+            Err(error) => {
+                tracing::warn!(version = p.version, %error, "production cannot be evaluated on the current holdout; the gate uses its stored metrics");
+                Some((p.version, p.kind, *p.metrics))
+            }
+        }
+    }
+
+    /// Commits a new version's alias moves; when they are not committed
+    /// (the history append failed), the version is forgotten and its file
+    /// removed: unacknowledged and unrecorded, a restart must not list it.
+    fn commit_registration(
+        &mut self,
+        version: u64,
+        file: &str,
+        drafts: &[Draft<'_>],
+    ) -> Result<(), StoreError> {
+        let committed_before = self.pointer.seq;
+        let Err(e) = self.commit(drafts) else {
+            return Ok(());
+        };
+        if self.pointer.seq == committed_before {
+            self.models.remove(&version);
+            let path = self.path(file);
+            if let Err(error) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), %error, "cannot remove an uncommitted artifact");
+            }
+        }
+        Err(e)
     }
 
     /// Logs a run that produced no model (`status=failed`).
@@ -1237,6 +1194,86 @@ impl Store {
             Err(e) => Err(io_err("reading", &path)(e).into()),
         }
     }
+}
+
+/// A submission's own consistency: a valid artifact, the run's features
+/// those of the model, plain texts, finite claimed metrics in range
+/// including the gate's metric (returned).
+fn check_submission(run: &RunRecord, artifact: &ModelArtifact) -> Result<&'static str, StoreError> {
+    artifact.validate()?;
+    if run.feature_names != artifact.feature_names {
+        return Err(StoreError::Invalid(
+            "the run's feature names differ from the model's".into(),
+        ));
+    }
+    for (what, text) in [
+        ("run_id", &run.run_id),
+        ("data_path", &run.data_path),
+        ("data_fingerprint", &run.data_fingerprint),
+        ("params.model", &run.params.model),
+    ] {
+        check_text(what, text)?;
+    }
+    let (metric, _) = gate::gate_metric(artifact.kind);
+    if !run.metrics.all_finite() || run.metrics.get(metric).is_none() {
+        return Err(StoreError::Invalid(format!(
+            "a {} model needs finite metrics including {metric}: {:?}",
+            artifact.kind.as_str(),
+            run.metrics
+        )));
+    }
+    if let Some(problem) = run.metrics.range_error() {
+        return Err(StoreError::Invalid(format!("claimed metrics: {problem}")));
+    }
+    Ok(metric)
+}
+
+/// The model's metrics on the registry's holdout, which replace the claimed
+/// ones; a non-finite gate metric refuses the model.
+fn verified_metrics(
+    run: &RunRecord,
+    artifact: &ModelArtifact,
+    metric: &str,
+    evaluate: &mut dyn FnMut(&ModelArtifact) -> Result<Metrics, StoreError>,
+) -> Result<Metrics, StoreError> {
+    let verified = evaluate(artifact)?;
+    if verified.get(metric).is_none_or(|v| !v.is_finite()) {
+        return Err(StoreError::Invalid(format!(
+            "the model's {metric} on the registry's holdout is not a number: {verified:?}"
+        )));
+    }
+    tracing::info!(
+        run_id = %run.run_id,
+        %metric,
+        claimed = ?run.metrics.get(metric),
+        verified = ?verified.get(metric),
+        "submission evaluated on the registry's holdout"
+    );
+    Ok(verified)
+}
+
+/// A new version's alias moves: candidate, and production when the gate
+/// promotes it.
+fn registration_drafts(version: u64, run_id: &str, report: &GateReport) -> Vec<Draft<'static>> {
+    let mut drafts = vec![Draft {
+        alias: Alias::Candidate,
+        to: version,
+        action: MoveAction::Register,
+        actor: TRAINER_ACTOR,
+        reason: format!("run {run_id}; gate: {}", report.reason),
+        route: None,
+    }];
+    if report.promoted {
+        drafts.push(Draft {
+            alias: Alias::Production,
+            to: version,
+            action: MoveAction::Gate,
+            actor: REGISTRY_ACTOR,
+            reason: report.reason.clone(),
+            route: None,
+        });
+    }
+    drafts
 }
 
 fn check_text(what: &str, text: &str) -> Result<(), StoreError> {

@@ -391,6 +391,7 @@ mod tests {
                 intercept: 0.5,
                 scaler: None,
                 profile: None,
+                onnx: None,
             },
         }
     }
@@ -554,6 +555,7 @@ mod fuzz {
                 intercept: 0.5,
                 scaler: None,
                 profile: None,
+                onnx: None,
             },
         };
         s.install(s.prepare(release).unwrap());

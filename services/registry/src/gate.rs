@@ -2,13 +2,16 @@
 //! validation metric is no worse than the production version's by more than
 //! a relative tolerance (`PROMOTE_TOLERANCE`).
 //!
-//! The metric fits the family: RMSE (lower is better) for a linear model,
-//! accuracy (higher is better) for a logistic one. "Worse by" is relative to
+//! The metric fits the task: RMSE (lower is better) for a regressor (linear
+//! or imported ONNX), accuracy (higher is better) for a classifier (logistic
+//! or imported ONNX). "Worse by" is relative to
 //! production's value: with a tolerance of 0.05, a regression model passes
 //! with an RMSE up to 1.05 × production's, a classifier with an accuracy down
-//! to 0.95 × production's. The first model always passes. A model of another
-//! family than production's is not comparable and stays a candidate; a person
-//! can promote it.
+//! to 0.95 × production's. The first model always passes. Models of the same
+//! task are compared whatever their engine (an ONNX regressor with a linear
+//! production model: both are scored on the same holdout rows); a model of
+//! the other task is not comparable and stays a candidate; a person can
+//! promote it.
 
 use ml_shared::lifecycle::GateReport;
 use ml_shared::messages::Metrics;
@@ -19,9 +22,10 @@ pub const DEFAULT_TOLERANCE: f64 = 0.05;
 
 /// The metric the gate compares for a family, and whether higher is better.
 pub fn gate_metric(kind: ModelKind) -> (&'static str, bool) {
-    match kind {
-        ModelKind::Linear => ("rmse", false),
-        ModelKind::Logistic => ("accuracy", true),
+    if kind.is_classifier() {
+        ("accuracy", true)
+    } else {
+        ("rmse", false)
     }
 }
 
@@ -62,7 +66,7 @@ pub fn decide(
             format!("{metric} {value:.6}: first model, no production version to compare with"),
         );
     };
-    if prod.kind != candidate.kind {
+    if prod.kind.is_classifier() != candidate.kind.is_classifier() {
         return report(
             None,
             false,

@@ -341,6 +341,7 @@ pub fn train_dataset(
         intercept,
         scaler: Some(scaler),
         profile: None,
+        onnx: None,
     };
     artifact.validate()?;
     // The profile describes the features as the monitor sees them: raw,

@@ -550,6 +550,7 @@ pub fn train_file(
             intercept,
             scaler: Some(scaler),
             profile: None,
+            onnx: None,
         };
         artifact.validate()?;
         Ok(artifact)

@@ -27,6 +27,8 @@ pub struct Subjects {
     pub registry_rollback: String,
     /// Request-reply (JSON): every alias move.
     pub registry_history: String,
+    /// Request-reply (binary): an operator imports an ONNX model.
+    pub registry_import: String,
     /// Broadcast (binary): a new production model, to every predictor.
     pub model_production: String,
     /// Publish (JSON): batches of latency events, predictors to the monitor.
@@ -56,6 +58,7 @@ impl Subjects {
             registry_promote: format!("{p}.registry.promote"),
             registry_rollback: format!("{p}.registry.rollback"),
             registry_history: format!("{p}.registry.history"),
+            registry_import: format!("{p}.registry.import"),
             model_production: format!("{p}.model.production"),
             monitor_events: format!("{p}.monitor.events"),
             monitor_stats: format!("{p}.monitor.stats"),

@@ -22,7 +22,7 @@ use ml_shared::lifecycle::{
     RollbackRequest,
 };
 use ml_shared::messages::{
-    ErrorCode, ErrorReply, Metrics, Page, ProductionQuery, ProductionReply, RunsReply, Submission,
+    ErrorCode, ErrorReply, ImportRequest, Metrics, Page, ProductionQuery, ProductionReply, RunsReply, Submission,
     SubmitReply,
 };
 use ml_shared::model::ModelArtifact;
@@ -60,11 +60,13 @@ pub enum Endpoint {
     Rollback,
     /// `ml.registry.history`.
     History,
+    /// `ml.registry.import`.
+    Import,
 }
 
 impl Endpoint {
     /// Every endpoint.
-    pub const ALL: [Endpoint; 8] = [
+    pub const ALL: [Endpoint; 9] = [
         Endpoint::Submit,
         Endpoint::Production,
         Endpoint::Models,
@@ -73,6 +75,7 @@ impl Endpoint {
         Endpoint::Promote,
         Endpoint::Rollback,
         Endpoint::History,
+        Endpoint::Import,
     ];
 
     /// The endpoint's name and subject.
@@ -86,6 +89,7 @@ impl Endpoint {
             Endpoint::Promote => ("promote", &s.registry_promote),
             Endpoint::Rollback => ("rollback", &s.registry_rollback),
             Endpoint::History => ("history", &s.registry_history),
+            Endpoint::Import => ("import", &s.registry_import),
         }
     }
 }
@@ -97,6 +101,8 @@ pub struct Registry {
     store: Arc<Mutex<Store>>,
     holdout: Arc<Mutex<Holdout>>,
     features: Arc<FeatureRegistry>,
+    /// The largest ONNX model accepted, in bytes.
+    onnx_max_bytes: usize,
     /// Foreign registry ids already reported, so each is logged once.
     foreign: Mutex<HashSet<String>>,
 }
@@ -110,7 +116,33 @@ impl Registry {
             store: Arc::new(Mutex::new(store)),
             holdout: Arc::new(Mutex::new(holdout)),
             features: Arc::new(FeatureRegistry::default()),
+            onnx_max_bytes: ml_shared::model::DEFAULT_MAX_ONNX_BYTES,
             foreign: Mutex::default(),
+        }
+    }
+
+    /// Accepts ONNX models of up to `max` bytes.
+    pub fn with_onnx_max_bytes(mut self, max: usize) -> Self {
+        self.onnx_max_bytes = max;
+        self
+    }
+
+    /// A model's metrics on the holdout: native or ONNX, loaded by the
+    /// engine with the registry's limit (a model the engine refuses is
+    /// invalid, the holdout unreadable makes it unverifiable).
+    fn evaluator(&self) -> impl FnMut(&ModelArtifact) -> Result<Metrics, StoreError> + Send {
+        let (holdout, features) = (self.holdout.clone(), self.features.clone());
+        let max = self.onnx_max_bytes;
+        move |artifact: &ModelArtifact| {
+            let scorer = ml_onnx::Scorer::load(artifact, max)
+                .map_err(|e| StoreError::Invalid(format!("the model cannot be scored: {e}")))?;
+            let rows = holdout
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .rows(&features)
+                .map_err(|e| StoreError::Unverifiable(e.to_string()))?;
+            rows.evaluate(&scorer, &features)
+                .map_err(|e| StoreError::Invalid(format!("on the registry's holdout: {e}")))
         }
     }
 }
@@ -185,6 +217,7 @@ impl Registry {
             Endpoint::Promote => self.on_promote(&request).await,
             Endpoint::Rollback => self.on_rollback(&request).await,
             Endpoint::History => self.on_history(&request).await,
+            Endpoint::Import => self.on_import(&request).await,
         }
     }
 
@@ -247,20 +280,50 @@ impl Registry {
             }
         };
         let run_id = submission.run.run_id.chars().take(100).collect::<String>();
-        let (holdout, features) = (self.holdout.clone(), self.features.clone());
-        let mut evaluate = move |artifact: &ModelArtifact| -> Result<Metrics, StoreError> {
-            let rows = holdout
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .rows(&features)
-                .map_err(|e| StoreError::Unverifiable(e.to_string()))?;
-            rows.evaluate(artifact, &features)
-                .map_err(|e| StoreError::Invalid(format!("on the registry's holdout: {e}")))
-        };
-        match self
+        let mut evaluate = self.evaluator();
+        let outcome = self
             .with_store(move |s| s.register(submission, &mut evaluate))
-            .await
-        {
+            .await;
+        self.after_register(request, &run_id, outcome).await;
+    }
+
+    /// An operator's ONNX model: checked and loaded here ([`crate::import`]),
+    /// its claimed metrics the registry's own, then registered like a
+    /// submission.
+    async fn on_import(&self, request: &Request) {
+        let import: ImportRequest = match codec::decode(&request.message.payload) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, bytes = request.message.payload.len(), "unreadable import");
+                let reply =
+                    ErrorReply::new(ErrorCode::BadRequest, format!("unreadable import: {e}"));
+                return self.reply_error(request, &reply).await;
+            }
+        };
+        let (actor, file) = (import.actor.clone(), import.file_name.clone());
+        let run_id = format!("import-{actor}-{}", import.read_ms);
+        let (max, features) = (self.onnx_max_bytes, self.features.clone());
+        let mut evaluate = self.evaluator();
+        let outcome = self
+            .with_store(move |s| {
+                let mut submission = crate::import::submission(import, max, &features)?;
+                submission.run.metrics = evaluate(&submission.artifact)?;
+                s.register(submission, &mut evaluate)
+            })
+            .await;
+        if let Err(error) = &outcome {
+            tracing::warn!(%actor, %file, %error, "onnx import refused");
+        }
+        self.after_register(request, &run_id, outcome).await;
+    }
+
+    async fn after_register(
+        &self,
+        request: &Request,
+        run_id: &str,
+        outcome: Result<crate::store::Registered, StoreError>,
+    ) {
+        match outcome {
             Ok(registered) => {
                 let gate = &registered.gate;
                 tracing::info!(

@@ -19,6 +19,7 @@
 //! (the other replicas take new ones), flushes its events and leaves.
 
 pub mod events;
+pub mod scoring;
 pub mod serving;
 pub mod updates;
 
@@ -81,6 +82,11 @@ pub struct Config {
     /// Largest batch (`{"user_ids": [...]}`) a request may hold.
     #[arg(long, env = "MAX_BATCH", default_value_t = serving::DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
+
+    /// The largest ONNX model loaded, in bytes (a larger published version
+    /// is refused; the current one keeps serving).
+    #[arg(long, env = "ONNX_MAX_BYTES", default_value_t = ml_shared::model::DEFAULT_MAX_ONNX_BYTES)]
+    pub onnx_max_bytes: usize,
 
     /// This instance's id in latency events (default: host name and pid).
     #[arg(long, env = "PREDICTOR_ID")]
@@ -158,11 +164,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     };
     tracing::info!(users = store.len(), data = %config.data_path.display(), "feature store loaded");
-    let state = Arc::new(ServingState::with_max_batch(
-        registry,
-        store,
-        config.max_batch,
-    ));
+    let state = Arc::new(
+        ServingState::with_max_batch(registry, store, config.max_batch)
+            .with_onnx_max_bytes(config.onnx_max_bytes),
+    );
 
     let buffer = config.predict_buffer.max(1);
     let client = ml_shared::nats::connect_with(&config.nats, SERVICE_NAME, |o| {

@@ -92,6 +92,8 @@ pub struct LoadedModel {
     pub artifact: ModelArtifact,
     /// How to compute its inputs from raw features.
     pub plan: FeaturePlan,
+    /// How to score them (native or ONNX).
+    pub scorer: ml_onnx::Scorer,
 }
 
 impl LoadedModel {
@@ -117,6 +119,9 @@ pub enum LoadError {
     /// More features than [`MAX_FEATURES`].
     #[error("{0} features; at most {MAX_FEATURES} are supported")]
     TooWide(usize),
+    /// The model cannot be scored (an ONNX graph the engine refuses).
+    #[error(transparent)]
+    Scorer(#[from] ml_onnx::ScorerError),
 }
 
 /// Everything a request needs, shared by the request loop and the updaters.
@@ -124,6 +129,7 @@ pub enum LoadError {
 pub struct ServingState {
     registry: FeatureRegistry,
     max_batch: usize,
+    onnx_max_bytes: usize,
     model: ArcSwapOption<LoadedModel>,
     store: ArcSwap<FeatureStore>,
 }
@@ -144,9 +150,16 @@ impl ServingState {
         Self {
             registry,
             max_batch,
+            onnx_max_bytes: ml_shared::model::DEFAULT_MAX_ONNX_BYTES,
             model: ArcSwapOption::empty(),
             store: ArcSwap::from_pointee(store),
         }
+    }
+
+    /// Loads ONNX models of up to `max` bytes.
+    pub fn with_onnx_max_bytes(mut self, max: usize) -> Self {
+        self.onnx_max_bytes = max;
+        self
     }
 
     /// The feature registry.
@@ -171,12 +184,14 @@ impl ServingState {
             return Err(LoadError::TooWide(release.artifact.feature_names.len()));
         }
         let plan = self.registry.plan(&release.artifact.feature_names)?;
+        let scorer = ml_onnx::Scorer::load(&release.artifact, self.onnx_max_bytes)?;
         Ok(LoadedModel {
             version: release.version,
             epoch: release.epoch,
             registry_id: release.registry_id,
             artifact: release.artifact,
             plan,
+            scorer,
         })
     }
 
@@ -235,8 +250,7 @@ impl ServingState {
         let x = &mut x[..model.plan.len()];
         let mut score = |raw: &[f64]| {
             model.plan.compute_into(raw, x);
-            let p = model.artifact.predict(x);
-            let p = p.is_finite().then_some(p)?;
+            let p = model.scorer.predict_one(x)?;
             if let Some(sample) = sample.as_deref_mut() {
                 sample.set(raw, p);
             }
@@ -262,7 +276,7 @@ impl ServingState {
                 Ok(Answer::One {
                     user_id: Some(user_id),
                     prediction,
-                    label: model.artifact.label(prediction),
+                    label: model.scorer.label(prediction),
                     model_version: model.version,
                 })
             }
@@ -282,21 +296,15 @@ impl ServingState {
                     );
                 }
                 let store = self.store.load();
-                let mut predictions = Vec::with_capacity(user_ids.len());
-                let mut unknown_user_ids = Vec::new();
-                for id in user_ids {
-                    match store.raw(&id) {
-                        Some(raw) => predictions.push(score(raw)),
-                        None => {
-                            predictions.push(None);
-                            unknown_user_ids.push(id);
-                        }
-                    }
-                }
+                let (predictions, unknown_user_ids) =
+                    match crate::scoring::score_batch(model, &store, user_ids, sample) {
+                        Ok(scored) => scored,
+                        Err(message) => return fail(ErrorCode::Internal, message),
+                    };
                 let labels = model.artifact.kind.is_classifier().then(|| {
                     predictions
                         .iter()
-                        .map(|p| p.and_then(|p| model.artifact.label(p)))
+                        .map(|p| p.and_then(|p| model.scorer.label(p)))
                         .collect()
                 });
                 Ok(Answer::Many {
@@ -322,7 +330,7 @@ impl ServingState {
                 Ok(Answer::One {
                     user_id: None,
                     prediction,
-                    label: model.artifact.label(prediction),
+                    label: model.scorer.label(prediction),
                     model_version: model.version,
                 })
             }

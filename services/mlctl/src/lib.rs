@@ -7,6 +7,7 @@
 //! timeout.
 
 pub mod bench;
+pub mod import;
 pub mod registry_view;
 pub mod secrets;
 pub mod top;
@@ -123,6 +124,9 @@ pub enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Import an ONNX model (scikit-learn via skl2onnx) as a new version:
+    /// checked here, then checked, evaluated and registered by the registry.
+    Import(import::ImportArgs),
     /// Print the monitor's current statistics (JSON).
     Stats,
     /// Write deterministic sample data as CSV.
@@ -294,6 +298,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::Train { timeout, quiet } => {
                     train::train(&client, &subjects, timeout, quiet).await?
                 }
+                Command::Import(args) => import::import(&client, &subjects, args).await?,
                 Command::Stats => {
                     let reply =
                         request_json(&client, &subjects.monitor_stats, Vec::new(), "monitor")
@@ -374,7 +379,7 @@ fn unavailable(error: async_nats::RequestError, service: &str, subject: &str) ->
     }
 }
 
-async fn request_json(
+pub(crate) async fn request_json(
     client: &Client,
     subject: &str,
     body: Vec<u8>,
@@ -434,7 +439,7 @@ pub(crate) fn print_reply<T: DeserializeOwned>(payload: Bytes) -> ExitCode {
     with_reply(payload, |_: T| println!("{text}"))
 }
 
-fn print_error(error: &ErrorReply) -> ExitCode {
+pub(crate) fn print_error(error: &ErrorReply) -> ExitCode {
     eprintln!(
         "{}",
         serde_json::to_string(error).unwrap_or_else(|_| error.to_string())

@@ -10,12 +10,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use async_nats::Client;
 use clap::{Args, ValueEnum};
 use ml_onnx::{onnx_kind, Limits, OnnxModel};
 use ml_shared::messages::{ErrorCode, ErrorReply, ImportRequest, SubmitReply};
 use ml_shared::model::{ModelKind, OnnxGraph};
-use ml_shared::subjects::Subjects;
+use ml_shared::settings::NatsSettings;
 
 /// What a model computes, as declared on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -58,8 +57,9 @@ pub struct ImportArgs {
     pub max_bytes: usize,
 }
 
-/// Checks the file locally, then imports it; prints the registry's reply.
-pub async fn import(client: &Client, subjects: &Subjects, args: ImportArgs) -> anyhow::Result<ExitCode> {
+/// Checks the file locally (before connecting), then imports it; prints
+/// the registry's reply.
+pub async fn run(nats: &NatsSettings, args: ImportArgs) -> anyhow::Result<ExitCode> {
     let bytes = std::fs::read(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))?;
     let features: Vec<String> = args
@@ -89,7 +89,10 @@ pub async fn import(client: &Client, subjects: &Subjects, args: ImportArgs) -> a
         read_ms: ml_shared::time::now_ms(),
     };
     let body = ml_shared::codec::encode(&request);
-    let reply = crate::request_json(client, &subjects.registry_import, body, "registry").await?;
+    let client = crate::connect(nats).await?;
+    let subject = nats.subjects().registry_import;
+    let reply = crate::request_json(&client, &subject, body, "registry").await?;
+    client.drain().await.ok();
     Ok(crate::print_reply::<SubmitReply>(reply))
 }
 

@@ -193,6 +193,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Top(args) => top::run(&nats, args).await,
+        Command::Import(args) => import::run(&nats, args).await,
         command => {
             let client = connect(&nats).await?;
             let subjects = nats.subjects();
@@ -298,7 +299,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::Train { timeout, quiet } => {
                     train::train(&client, &subjects, timeout, quiet).await?
                 }
-                Command::Import(args) => import::import(&client, &subjects, args).await?,
                 Command::Stats => {
                     let reply =
                         request_json(&client, &subjects.monitor_stats, Vec::new(), "monitor")
@@ -311,7 +311,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 | Command::Bench(_)
                 | Command::Echo
                 | Command::Secrets
-                | Command::Top(_) => {
+                | Command::Top(_)
+                | Command::Import(_) => {
                     unreachable!("handled above")
                 }
             };

@@ -184,7 +184,10 @@ mod bytes {
             fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
                 Ok(v)
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Vec<u8>, A::Error> {
                 let mut out = Vec::new();
                 while let Some(b) = seq.next_element()? {
                     out.push(b);
@@ -217,9 +220,9 @@ pub struct ModelArtifact {
     pub profile: Option<Box<ReferenceProfile>>,
     /// The graph of an imported ONNX model ([`ModelKind::OnnxRegressor`],
     /// [`ModelKind::OnnxClassifier`]), whose `coefficients` are empty and
-    /// `intercept` 0; `None` for a native model.
+    /// `intercept` 0; `None` for a native model. Boxed, like the profile.
     #[serde(default)]
-    pub onnx: Option<OnnxGraph>,
+    pub onnx: Option<Box<OnnxGraph>>,
 }
 
 impl ModelArtifact {
@@ -422,15 +425,15 @@ mod tests {
         assert!(matches!(m.validate(), Err(ModelError::BadOnnx(_))));
         m.coefficients.clear();
         m.intercept = 0.0;
-        m.onnx = Some(OnnxGraph::new(b"graph".to_vec()));
+        m.onnx = Some(Box::new(OnnxGraph::new(b"graph".to_vec())));
         assert_eq!(m.validate(), Ok(()));
         assert!(m.predict(&[1.0, 2.0]).is_nan());
         m.onnx.as_mut().unwrap().bytes[0] ^= 1;
         assert!(matches!(m.validate(), Err(ModelError::BadOnnx(_))));
-        m.onnx = Some(OnnxGraph::new(Vec::new()));
+        m.onnx = Some(Box::new(OnnxGraph::new(Vec::new())));
         assert!(matches!(m.validate(), Err(ModelError::BadOnnx(_))));
         let mut native = model();
-        native.onnx = Some(OnnxGraph::new(b"graph".to_vec()));
+        native.onnx = Some(Box::new(OnnxGraph::new(b"graph".to_vec())));
         assert!(matches!(native.validate(), Err(ModelError::BadOnnx(_))));
         assert!(ModelKind::OnnxClassifier.is_classifier());
         assert_eq!(ModelKind::OnnxClassifier.as_str(), "onnx_classifier");

@@ -60,8 +60,8 @@ pub struct ImportArgs {
 /// Checks the file locally (before connecting), then imports it; prints
 /// the registry's reply.
 pub async fn run(nats: &NatsSettings, args: ImportArgs) -> anyhow::Result<ExitCode> {
-    let bytes = std::fs::read(&args.file)
-        .with_context(|| format!("reading {}", args.file.display()))?;
+    let bytes =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     let features: Vec<String> = args
         .features
         .iter()
@@ -75,10 +75,10 @@ pub async fn run(nats: &NatsSettings, args: ImportArgs) -> anyhow::Result<ExitCo
         );
         return Ok(crate::print_error(&error));
     }
-    let file_name = args
-        .file
-        .file_name()
-        .map_or_else(|| args.file.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let file_name = args.file.file_name().map_or_else(
+        || args.file.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
     let request = ImportRequest {
         graph: OnnxGraph::new(bytes),
         kind: args.kind.map(DeclaredKind::model_kind),

@@ -9,6 +9,11 @@ use ml_shared::profile::FeatureSample;
 
 use crate::serving::LoadedModel;
 
+/// A scored batch: one prediction per requested id, in request order
+/// (`None` for an unknown user or a non-finite prediction), and the unknown
+/// ids.
+pub type Scored<'p> = (Vec<Option<f64>>, Vec<Cow<'p, str>>);
+
 /// The predictions of a batch, in request order (`None` for an unknown user
 /// or a non-finite prediction), and the unknown ids. The sample, when given,
 /// gets the last known user's raw features and prediction.
@@ -17,7 +22,7 @@ pub fn score_batch<'p>(
     store: &FeatureStore,
     user_ids: Vec<Cow<'p, str>>,
     sample: Option<&mut FeatureSample>,
-) -> Result<(Vec<Option<f64>>, Vec<Cow<'p, str>>), String> {
+) -> Result<Scored<'p>, String> {
     let width = model.plan.len();
     let mut x = vec![0.0; width];
     let mut rows = Vec::with_capacity(user_ids.len() * width);

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use ml_shared::data::{DataError, HashingReader, RowReader, TARGET};
 use ml_onnx::Scorer;
+use ml_shared::data::{DataError, HashingReader, RowReader, TARGET};
 use ml_shared::evaluation::EvaluationError;
 use ml_shared::features::FeatureRegistry;
 use ml_shared::holdout::is_holdout;
@@ -145,7 +145,8 @@ impl Holdout {
             path: self.path.clone(),
             source,
         })?;
-        let mut reader = RowReader::new(&self.path, HashingReader::new(file), registry.raw_names())?;
+        let mut reader =
+            RowReader::new(&self.path, HashingReader::new(file), registry.raw_names())?;
         if !reader.has_target() {
             return Err(HoldoutError::NoTarget(self.path.clone()));
         }
@@ -171,7 +172,8 @@ impl Holdout {
             }
             reader.features_into(&mut raw)?;
             rows.raw.extend_from_slice(&raw);
-            rows.targets.push(reader.target()?.expect("the target column was checked"));
+            rows.targets
+                .push(reader.target()?.expect("the target column was checked"));
             rows.entities.push(entity.to_owned());
         }
         rows.fingerprint = reader.into_inner().fingerprint().expect("a hashing reader");

@@ -45,7 +45,9 @@ pub fn submission(
         )));
     }
     if feature_names.is_empty() {
-        return Err(invalid("declare the model's features (at least one)".into()));
+        return Err(invalid(
+            "declare the model's features (at least one)".into(),
+        ));
     }
     features
         .plan(&feature_names)
@@ -92,7 +94,7 @@ pub fn submission(
         intercept: 0.0,
         scaler: None,
         profile: None,
-        onnx: Some(graph),
+        onnx: Some(Box::new(graph)),
     };
     Ok(Submission { run, artifact })
 }

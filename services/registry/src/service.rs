@@ -22,8 +22,8 @@ use ml_shared::lifecycle::{
     RollbackRequest,
 };
 use ml_shared::messages::{
-    ErrorCode, ErrorReply, ImportRequest, Metrics, Page, ProductionQuery, ProductionReply, RunsReply, Submission,
-    SubmitReply,
+    ErrorCode, ErrorReply, ImportRequest, Metrics, Page, ProductionQuery, ProductionReply,
+    RunsReply, Submission, SubmitReply,
 };
 use ml_shared::model::ModelArtifact;
 use ml_shared::subjects::Subjects;

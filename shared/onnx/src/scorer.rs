@@ -207,10 +207,16 @@ mod tests {
         a.kind = ModelKind::OnnxRegressor;
         a.coefficients.clear();
         a.intercept = 0.0;
-        a.onnx = Some(OnnxGraph::new(b"not onnx".to_vec()));
+        a.onnx = Some(Box::new(OnnxGraph::new(b"not onnx".to_vec())));
         let err = Scorer::load(&a, 1024).unwrap_err();
-        assert!(matches!(err, ScorerError::Onnx(OnnxError::Malformed(_))), "{err}");
+        assert!(
+            matches!(err, ScorerError::Onnx(OnnxError::Malformed(_))),
+            "{err}"
+        );
         let err = Scorer::load(&a, 4).unwrap_err();
-        assert!(matches!(err, ScorerError::Onnx(OnnxError::TooLarge { .. })), "{err}");
+        assert!(
+            matches!(err, ScorerError::Onnx(OnnxError::TooLarge { .. })),
+            "{err}"
+        );
     }
 }

@@ -274,12 +274,19 @@ async fn imported_regressors_are_evaluated_promoted_and_served_as_onnxruntime_pr
         let models = stack.models().await;
         let model = summary(&models, version);
         assert_eq!(model["kind"], "onnx_regressor", "{model}");
-        assert_eq!(model["feature_names"], serde_json::json!(["feature_1", "feature_2"]));
+        assert_eq!(
+            model["feature_names"],
+            serde_json::json!(["feature_1", "feature_2"])
+        );
         // The registry's RMSE is its own, on its holdout.
         let (truth, predicted) = holdout(&stack.bed.data, &stack.user_ids, &stack.expected(name));
         let want = ml_shared::evaluation::regression_metrics(&truth, &predicted);
         let rmse = model["metrics"]["rmse"].as_f64().expect("rmse");
-        assert!(close(rmse, want.rmse.unwrap()), "rmse {rmse} vs {:?}", want.rmse);
+        assert!(
+            close(rmse, want.rmse.unwrap()),
+            "rmse {rmse} vs {:?}",
+            want.rmse
+        );
         if models["production"].as_u64() != Some(version) {
             stack.promote(version).await;
         }
@@ -290,7 +297,10 @@ async fn imported_regressors_are_evaluated_promoted_and_served_as_onnxruntime_pr
     // and in the experiments log.
     let models = stack.models().await;
     let first = summary(&models, version_of(&serde_json::json!({"version": 1})));
-    assert!(first["run_id"].as_str().unwrap().starts_with("import-ops-"), "{first}");
+    assert!(
+        first["run_id"].as_str().unwrap().starts_with("import-ops-"),
+        "{first}"
+    );
     let digest = ml_shared::model::sha256_hex(&std::fs::read(stack.file("linear")).unwrap());
     assert_eq!(first["data_fingerprint"], format!("sha256:{digest}"));
     let runs = request_json(&stack.client, "ml.registry.runs", "").await;
@@ -304,12 +314,19 @@ async fn an_imported_classifier_pipeline_serves_onnxruntimes_probability_and_lab
     let Some(stack) = Stack::start(400, Target::Binary, false).await else {
         return;
     };
-    let reply = stack.import_ok("classifier", &["--kind", "classifier", "--reason", "pipeline"]);
+    let reply = stack.import_ok(
+        "classifier",
+        &["--kind", "classifier", "--reason", "pipeline"],
+    );
     let version = version_of(&reply);
     assert_eq!(reply["production"], true, "the first model: {reply}");
     let model = summary(&stack.models().await, version);
     assert_eq!(model["kind"], "onnx_classifier");
-    let (truth, predicted) = holdout(&stack.bed.data, &stack.user_ids, &stack.expected("classifier"));
+    let (truth, predicted) = holdout(
+        &stack.bed.data,
+        &stack.user_ids,
+        &stack.expected("classifier"),
+    );
     let want = ml_shared::evaluation::classification_metrics(&truth, &predicted);
     let accuracy = model["metrics"]["accuracy"].as_f64().expect("accuracy");
     assert!(close(accuracy, want.accuracy.unwrap()), "{model}");
@@ -346,14 +363,20 @@ async fn bad_imports_are_refused_naming_the_problem_and_production_is_untouched(
     let before = stack.models().await;
     for (name, problem) in [
         ("unsupported_operator", "unsupported operator(s): Binarizer"),
-        ("wrong_width", "the model takes 3 features, but 2 features are declared"),
+        (
+            "wrong_width",
+            "the model takes 3 features, but 2 features are declared",
+        ),
         ("truncated", "not a valid ONNX model"),
         ("empty", "the model file is empty (0 bytes)"),
     ] {
         let out = stack.import(name, &[]);
         assert!(!out.status.success(), "{name} imported");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("bad_request") && stderr.contains(problem), "{name}: {stderr}");
+        assert!(
+            stderr.contains("bad_request") && stderr.contains(problem),
+            "{name}: {stderr}"
+        );
         // The registry does not trust the client: the same bytes, sent
         // without mlctl's check, are refused by the registry itself.
         let bytes = std::fs::read(stack.file(name)).unwrap();
@@ -374,8 +397,18 @@ async fn bad_imports_are_refused_naming_the_problem_and_production_is_untouched(
     };
     request.graph.bytes.push(0);
     let reply = request_json_bytes(&stack.client, ml_shared::codec::encode(&request)).await;
-    assert!(reply["error"]["message"].as_str().unwrap().contains("sha256"), "{reply}");
-    assert_eq!(stack.models().await, before, "nothing registered, production untouched");
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sha256"),
+        "{reply}"
+    );
+    assert_eq!(
+        stack.models().await,
+        before,
+        "nothing registered, production untouched"
+    );
     stack.assert_serves("linear", version).await;
 }
 
@@ -415,7 +448,8 @@ async fn swaps_native_onnx_native_under_load_fail_no_request() {
                     i += 1;
                     outcomes.push(match client.request("ml.predict", body.into()).await {
                         Ok(m) => {
-                            let v: Value = serde_json::from_slice(&m.payload).unwrap_or(Value::Null);
+                            let v: Value =
+                                serde_json::from_slice(&m.payload).unwrap_or(Value::Null);
                             v["model_version"].as_u64().ok_or_else(|| v.to_string())
                         }
                         Err(e) => Err(e.to_string()),
@@ -435,12 +469,24 @@ async fn swaps_native_onnx_native_under_load_fail_no_request() {
     let mut seen = std::collections::BTreeSet::new();
     let mut total = 0;
     for lane in lanes {
-        let outcomes = tokio::time::timeout(WAIT, lane).await.expect("lane stops").unwrap();
+        let outcomes = tokio::time::timeout(WAIT, lane)
+            .await
+            .expect("lane stops")
+            .unwrap();
         let failures: Vec<&String> = outcomes.iter().filter_map(|r| r.as_ref().err()).collect();
-        assert!(failures.is_empty(), "{} failed, e.g. {:?}", failures.len(), failures.first());
+        assert!(
+            failures.is_empty(),
+            "{} failed, e.g. {:?}",
+            failures.len(),
+            failures.first()
+        );
         total += outcomes.len();
         seen.extend(outcomes.into_iter().map(Result::unwrap));
     }
     assert!(total > 100, "only {total} requests");
-    assert_eq!(seen, [native, onnx].into_iter().collect(), "both engines answered");
+    assert_eq!(
+        seen,
+        [native, onnx].into_iter().collect(),
+        "both engines answered"
+    );
 }

@@ -11,6 +11,8 @@
 //! SHA-256. The metrics are the registry's own on its holdout (computed by
 //! [`crate::service`] before the submission goes through the store's gate).
 
+use std::time::Duration;
+
 use ml_onnx::{onnx_kind, Limits, OnnxModel};
 use ml_shared::features::FeatureRegistry;
 use ml_shared::messages::{ImportRequest, Metrics, RunRecord, Submission, TrainParams};
@@ -21,11 +23,43 @@ use crate::store::StoreError;
 /// The model family recorded for imported models.
 pub const FAMILY: &str = "onnx";
 
+/// What an ONNX model may cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OnnxLimits {
+    /// The largest file, in bytes (`ONNX_MAX_BYTES`).
+    pub max_bytes: usize,
+    /// The longest the engine may take to load it (`ONNX_MAX_LOAD`): every
+    /// predictor loads it again when it is promoted.
+    pub max_load: Duration,
+}
+
+impl Default for OnnxLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: ml_shared::model::DEFAULT_MAX_ONNX_BYTES,
+            max_load: DEFAULT_MAX_LOAD,
+        }
+    }
+}
+
+/// Default of `ONNX_MAX_LOAD`.
+pub const DEFAULT_MAX_LOAD: Duration = Duration::from_secs(5);
+
+/// Refuses a model whose load took longer than `max`.
+pub fn check_load_time(took: Duration, max: Duration) -> Result<(), StoreError> {
+    if took > max {
+        return Err(StoreError::Invalid(format!(
+            "loading the ONNX model took {took:?}, more than the limit of {max:?} (ONNX_MAX_LOAD)"
+        )));
+    }
+    Ok(())
+}
+
 /// The submission an import stands for, its metrics not yet computed, or
 /// why the import is refused (every refusal a `bad_request`).
 pub fn submission(
     request: ImportRequest,
-    max_bytes: usize,
+    limits: &OnnxLimits,
     features: &FeatureRegistry,
 ) -> Result<Submission, StoreError> {
     let invalid = |m: String| StoreError::Invalid(m);
@@ -52,13 +86,14 @@ pub fn submission(
     features
         .plan(&feature_names)
         .map_err(|e| invalid(format!("declared features: {e}")))?;
-    let limits = Limits {
-        max_bytes,
+    let engine_limits = Limits {
+        max_bytes: limits.max_bytes,
         feature_count: feature_names.len(),
     };
     let started = std::time::Instant::now();
-    let model = OnnxModel::load(&graph.bytes, &limits)
+    let model = OnnxModel::load(&graph.bytes, &engine_limits)
         .map_err(|e| invalid(format!("the ONNX model is refused: {e}")))?;
+    check_load_time(started.elapsed(), limits.max_load)?;
     let found = onnx_kind(model.kind());
     match kind {
         Some(declared) if declared != found => {
@@ -97,4 +132,56 @@ pub fn submission(
         onnx: Some(Box::new(graph)),
     };
     Ok(Submission { run, artifact })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ml_shared::model::OnnxGraph;
+
+    fn request(bytes: &[u8]) -> ImportRequest {
+        ImportRequest {
+            graph: OnnxGraph::new(bytes.to_vec()),
+            kind: None,
+            feature_names: vec!["feature_1".into(), "feature_2".into()],
+            file_name: "m.onnx".into(),
+            actor: "ops".into(),
+            reason: "test".into(),
+            read_ms: 1,
+        }
+    }
+
+    fn refusal(request: ImportRequest) -> String {
+        let features = FeatureRegistry::default();
+        match submission(request, &OnnxLimits::default(), &features) {
+            Err(e) => {
+                assert!(e.is_bad_request(), "{e}");
+                e.to_string()
+            }
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn what_the_importer_says_is_checked() {
+        let mut tampered = request(b"graph");
+        tampered.graph.bytes.push(0);
+        assert!(refusal(tampered).contains("sha256"));
+        let mut unknown = request(b"graph");
+        unknown.feature_names.push("no_such_feature".into());
+        assert!(refusal(unknown).contains("no_such_feature"));
+        assert!(refusal(request(b"")).contains("empty"));
+        assert!(refusal(request(b"not onnx")).contains("not a valid ONNX model"));
+    }
+
+    #[test]
+    fn a_slow_load_is_refused_past_the_configured_limit() {
+        let max = Duration::from_millis(100);
+        assert!(check_load_time(Duration::from_millis(100), max).is_ok());
+        let e = check_load_time(Duration::from_millis(101), max).unwrap_err();
+        assert!(
+            e.is_bad_request() && e.to_string().contains("ONNX_MAX_LOAD"),
+            "{e}"
+        );
+    }
 }

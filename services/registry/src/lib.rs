@@ -86,6 +86,11 @@ pub struct Config {
     /// `max_payload` (1 MB) with room for the rest of the release.
     #[arg(long, env = "ONNX_MAX_BYTES", default_value_t = ml_shared::model::DEFAULT_MAX_ONNX_BYTES)]
     pub onnx_max_bytes: usize,
+
+    /// The longest the engine may take to load an imported ONNX model; a
+    /// slower one is refused (every predictor loads it on promotion).
+    #[arg(long, env = "ONNX_MAX_LOAD", default_value = "5s", value_parser = ml_shared::settings::parse_duration)]
+    pub onnx_max_load: std::time::Duration,
 }
 
 impl Config {
@@ -130,7 +135,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let file_size_signal = watch_file_size_signal();
     let client = ml_shared::nats::connect(&config.nats, "registry").await?;
     let registry = service::Registry::new(client.clone(), config.nats.subjects(), store, holdout)
-        .with_onnx_max_bytes(config.onnx_max_bytes);
+        .with_onnx_limits(import::OnnxLimits {
+            max_bytes: config.onnx_max_bytes,
+            max_load: config.onnx_max_load,
+        });
     let served = service::serve(registry, shutdown).await;
     tracing::info!("registry stopping");
     if let Some(task) = file_size_signal {

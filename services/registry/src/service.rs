@@ -101,8 +101,8 @@ pub struct Registry {
     store: Arc<Mutex<Store>>,
     holdout: Arc<Mutex<Holdout>>,
     features: Arc<FeatureRegistry>,
-    /// The largest ONNX model accepted, in bytes.
-    onnx_max_bytes: usize,
+    /// What an ONNX model may cost.
+    onnx: crate::import::OnnxLimits,
     /// Foreign registry ids already reported, so each is logged once.
     foreign: Mutex<HashSet<String>>,
 }
@@ -116,14 +116,14 @@ impl Registry {
             store: Arc::new(Mutex::new(store)),
             holdout: Arc::new(Mutex::new(holdout)),
             features: Arc::new(FeatureRegistry::default()),
-            onnx_max_bytes: ml_shared::model::DEFAULT_MAX_ONNX_BYTES,
+            onnx: crate::import::OnnxLimits::default(),
             foreign: Mutex::default(),
         }
     }
 
-    /// Accepts ONNX models of up to `max` bytes.
-    pub fn with_onnx_max_bytes(mut self, max: usize) -> Self {
-        self.onnx_max_bytes = max;
+    /// Accepts ONNX models within `limits`.
+    pub fn with_onnx_limits(mut self, limits: crate::import::OnnxLimits) -> Self {
+        self.onnx = limits;
         self
     }
 
@@ -132,7 +132,7 @@ impl Registry {
     /// invalid, the holdout unreadable makes it unverifiable).
     fn evaluator(&self) -> impl FnMut(&ModelArtifact) -> Result<Metrics, StoreError> + Send {
         let (holdout, features) = (self.holdout.clone(), self.features.clone());
-        let max = self.onnx_max_bytes;
+        let max = self.onnx.max_bytes;
         move |artifact: &ModelArtifact| {
             let scorer = ml_onnx::Scorer::load(artifact, max)
                 .map_err(|e| StoreError::Invalid(format!("the model cannot be scored: {e}")))?;
@@ -302,11 +302,11 @@ impl Registry {
         };
         let (actor, file) = (import.actor.clone(), import.file_name.clone());
         let run_id = format!("import-{actor}-{}", import.read_ms);
-        let (max, features) = (self.onnx_max_bytes, self.features.clone());
+        let (limits, features) = (self.onnx, self.features.clone());
         let mut evaluate = self.evaluator();
         let outcome = self
             .with_store(move |s| {
-                let mut submission = crate::import::submission(import, max, &features)?;
+                let mut submission = crate::import::submission(import, &limits, &features)?;
                 submission.run.metrics = evaluate(&submission.artifact)?;
                 s.register(submission, &mut evaluate)
             })

@@ -58,9 +58,14 @@ struct Stack {
 
 impl Stack {
     /// `rows` users of a `target` data file, fixtures trained on it, a
-    /// registry and a predictor (and a trainer when `trainer`); `None` when
-    /// `ONNX_TESTS=0`.
-    async fn start(rows: usize, target: Target, trainer: bool) -> Option<Stack> {
+    /// registry and a predictor (with `predictor_env` too), and a trainer
+    /// when `trainer`; `None` when `ONNX_TESTS=0`.
+    async fn start(
+        rows: usize,
+        target: Target,
+        trainer: bool,
+        predictor_env: &[(&str, &str)],
+    ) -> Option<Stack> {
         if std::env::var("ONNX_TESTS").as_deref() == Ok("0") {
             let skip = "ONNX_TESTS=0: skipping the ONNX import tests (tests/tests/e2e/onnx.rs)\n";
             let _ = std::io::Write::write_all(&mut std::io::stderr(), skip.as_bytes());
@@ -90,7 +95,13 @@ impl Stack {
         }
         let processes = names
             .into_iter()
-            .map(|name| Process::start(name, &[], &env, &log(name)))
+            .map(|name| {
+                let mut env = env.to_vec();
+                if name == "predictor" {
+                    env.extend_from_slice(predictor_env);
+                }
+                Process::start(name, &[], &env, &log(name))
+            })
             .collect();
         let client = client(&bed.url).await;
         wait_for("the registry answers", WAIT, || async {
@@ -265,7 +276,7 @@ fn summary(models: &Value, version: u64) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imported_regressors_are_evaluated_promoted_and_served_as_onnxruntime_predicts() {
-    let Some(stack) = Stack::start(400, Target::Regression, false).await else {
+    let Some(stack) = Stack::start(400, Target::Regression, false, &[]).await else {
         return;
     };
     for (name, extra) in [("linear", &["--kind", "regressor"][..]), ("gbr", &[][..])] {
@@ -311,7 +322,7 @@ async fn imported_regressors_are_evaluated_promoted_and_served_as_onnxruntime_pr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_imported_classifier_pipeline_serves_onnxruntimes_probability_and_label() {
-    let Some(stack) = Stack::start(400, Target::Binary, false).await else {
+    let Some(stack) = Stack::start(400, Target::Binary, false, &[]).await else {
         return;
     };
     let reply = stack.import_ok(
@@ -337,6 +348,11 @@ async fn an_imported_classifier_pipeline_serves_onnxruntimes_probability_and_lab
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("declared onnx_regressor"), "{stderr}");
+    let bytes = std::fs::read(stack.file("classifier")).unwrap();
+    let reply = raw_import(&stack.client, bytes, Some(ModelKind::OnnxRegressor)).await;
+    assert_eq!(reply["error"]["code"], "bad_request", "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(message.contains("declared onnx_regressor"), "{message}");
 }
 
 /// Sends an import to the registry directly (no local check), as `kind`.
@@ -355,7 +371,10 @@ async fn raw_import(client: &Client, bytes: Vec<u8>, kind: Option<ModelKind>) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_imports_are_refused_naming_the_problem_and_production_is_untouched() {
-    let Some(stack) = Stack::start(300, Target::Regression, false).await else {
+    // The predictor loads models of at most 2,000 bytes: the linear model
+    // (355 bytes) but not the gradient-boosted one.
+    let small = [("ONNX_MAX_BYTES", "2000")];
+    let Some(stack) = Stack::start(300, Target::Regression, false, &small).await else {
         return;
     };
     let version = version_of(&stack.import_ok("linear", &[]));
@@ -410,6 +429,21 @@ async fn bad_imports_are_refused_naming_the_problem_and_production_is_untouched(
         "nothing registered, production untouched"
     );
     stack.assert_serves("linear", version).await;
+
+    // A version the registry accepts but a predictor cannot load is never
+    // installed there: the current one keeps serving.
+    let gbr = version_of(&stack.import_ok("gbr", &[]));
+    if stack.models().await["production"].as_u64() != Some(gbr) {
+        stack.promote(gbr).await;
+    }
+    let log = stack.bed.dir.path().join("predictor.log");
+    wait_for("the predictor refuses the version", WAIT, || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        (text.contains("published model refused") && text.contains("more than the limit of 2000"))
+            .then_some(())
+    })
+    .await;
+    stack.assert_serves("linear", version).await;
 }
 
 async fn request_json_bytes(client: &Client, body: Vec<u8>) -> Value {
@@ -419,7 +453,7 @@ async fn request_json_bytes(client: &Client, body: Vec<u8>) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swaps_native_onnx_native_under_load_fail_no_request() {
-    let Some(stack) = Stack::start(400, Target::Regression, true).await else {
+    let Some(stack) = Stack::start(400, Target::Regression, true, &[]).await else {
         return;
     };
     // The trainer's first run: a native version in production.
@@ -429,7 +463,14 @@ async fn swaps_native_onnx_native_under_load_fail_no_request() {
     })
     .await;
     stack.served(native).await;
-    let onnx = version_of(&stack.import_ok("gbr", &[]));
+    let reply = stack.import_ok("gbr", &[]);
+    let onnx = version_of(&reply);
+    // The gate compares an ONNX regressor with a native one on the same rows.
+    let reason = reply["gate"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("vs production v{native}'s")),
+        "{reply}"
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let lanes: Vec<_> = (0..4)

@@ -190,4 +190,34 @@ mod tests {
         assert!(!g.promoted);
         assert!(g.reason.contains("not comparable"), "{}", g.reason);
     }
+
+    #[test]
+    fn models_of_one_task_compare_whatever_their_engine() {
+        let prod = Metrics::regression(1.0, 0.8, 0.9);
+        let better = Metrics::regression(0.9, 0.7, 0.92);
+        let g = decide(
+            c(2, ModelKind::OnnxRegressor, &better),
+            Some(c(1, ModelKind::Linear, &prod)),
+            0.0,
+        );
+        assert!(g.promoted, "{}", g.reason);
+        assert_eq!(g.metric, "rmse");
+        let acc = Metrics::classification(0.8, 0.4, 0.85);
+        let g = decide(
+            c(2, ModelKind::OnnxClassifier, &acc),
+            Some(c(1, ModelKind::Logistic, &acc)),
+            0.0,
+        );
+        assert!(g.promoted && g.metric == "accuracy", "{}", g.reason);
+        let g = decide(
+            c(3, ModelKind::OnnxClassifier, &acc),
+            Some(c(2, ModelKind::OnnxRegressor, &better)),
+            1.0,
+        );
+        assert!(
+            !g.promoted && g.reason.contains("not comparable"),
+            "{}",
+            g.reason
+        );
+    }
 }

@@ -188,14 +188,22 @@ impl Stack {
             let label = reply["label"].as_u64().map(|l| l as u8);
             assert_output(&expected[i], reply["prediction"].as_f64(), label);
         }
-        let body = serde_json::json!({ "user_ids": self.user_ids }).to_string();
+        // Every user, with an unknown id in the middle: one tensor call for
+        // the known ones, `null` for the unknown one, in request order.
+        let half = self.user_ids.len() / 2;
+        let mut ids: Vec<&str> = self.user_ids.iter().map(String::as_str).collect();
+        ids.insert(half, "nobody");
+        let body = serde_json::json!({ "user_ids": ids }).to_string();
         let reply = request_json(&self.client, "ml.predict", &body).await;
         assert_eq!(reply["model_version"].as_u64(), Some(version), "{reply}");
+        assert_eq!(reply["unknown_user_ids"], serde_json::json!(["nobody"]));
         let predictions = reply["predictions"].as_array().expect("predictions");
-        assert_eq!(predictions.len(), self.user_ids.len());
-        for (i, p) in predictions.iter().enumerate() {
+        assert_eq!(predictions.len(), ids.len());
+        assert!(predictions[half].is_null() && reply["labels"][half].is_null());
+        for (i, p) in predictions.iter().enumerate().filter(|(i, _)| *i != half) {
             let label = reply["labels"][i].as_u64().map(|l| l as u8);
-            assert_output(&expected[i], p.as_f64(), label);
+            let row = if i < half { i } else { i - 1 };
+            assert_output(&expected[row], p.as_f64(), label);
         }
     }
 }

@@ -6,7 +6,9 @@ Usage: onnx-import-fixtures.py DATA_CSV OUT_DIR
 Reads a data file as `mlctl gen-data` writes it (an index column, user_id,
 feature_1, feature_2, target) and trains on the raw features feature_1 and
 feature_2, in that order (the features the import declares):
-- a regression target: a linear regression (double input) and a
+- a regression target: a linear regression (double input), the same on the
+  derived feature_3 = feature_1² too (features feature_1, feature_2,
+  feature_3: the feature store computes feature_3 for it) and a
   gradient-boosted regressor (float input);
 - a binary target: a pipeline of a standard scaler and a logistic regression
   (float input, probabilities as a tensor).
@@ -54,7 +56,7 @@ def read(path):
     return ids, np.array(rows), np.array(target)
 
 
-def export(out, name, kind, model, x, dtype, options=None):
+def export(out, name, kind, model, x, dtype, options=None, features=FEATURES):
     xs = x.astype(dtype)
     raw = to_onnx(model, xs[:1], target_opset=TARGET_OPSET, options=options).SerializeToString()
     with open(os.path.join(out, name + ".onnx"), "wb") as f:
@@ -69,7 +71,7 @@ def export(out, name, kind, model, x, dtype, options=None):
             {"probability": float(p[1]), "label": int(l)} for l, p in zip(labels, probs)
         ]
     with open(os.path.join(out, name + ".json"), "w") as f:
-        json.dump({"name": name, "kind": kind, "expected": expected}, f)
+        json.dump({"name": name, "kind": kind, "features": features, "expected": expected}, f)
     return raw
 
 
@@ -107,7 +109,10 @@ def main():
         linear = export(out, "linear", "regressor", LinearRegression().fit(x, y), x, np.float64)
         gbr = GradientBoostingRegressor(n_estimators=40, max_depth=3, random_state=SEED).fit(x, y)
         export(out, "gbr", "regressor", gbr, x, np.float32)
-        good += ["linear", "gbr"]
+        derived = np.hstack([x, x[:, :1] ** 2])
+        export(out, "linear_derived", "regressor", LinearRegression().fit(derived, y), derived,
+               np.float64, features=FEATURES + ["feature_3"])
+        good += ["linear", "gbr", "linear_derived"]
         with open(os.path.join(out, "truncated.onnx"), "wb") as f:
             f.write(linear[: len(linear) // 2])
         wide = np.hstack([x, x[:, :1]])

@@ -129,11 +129,23 @@ impl Stack {
         serde_json::from_value(v["expected"].clone()).expect("expected outputs")
     }
 
-    /// `mlctl import` of fixture `name` with `extra` flags.
+    /// `mlctl import` of fixture `name` with `extra` flags, declaring the
+    /// features it was trained on (`feature_1,feature_2` for the bad files).
     fn import(&self, name: &str, extra: &[&str]) -> Output {
         let file = self.file(name);
+        let features = std::fs::read_to_string(self.fixtures.join(format!("{name}.json")))
+            .ok()
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            .and_then(|v| v["features"].as_array().cloned())
+            .map(|f| {
+                f.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_else(|| FEATURES.to_owned());
         Command::new(binary("mlctl"))
-            .args(["import", file.to_str().unwrap(), "--features", FEATURES])
+            .args(["import", file.to_str().unwrap(), "--features", &features])
             .args(extra)
             .env("NATS_URL", &self.bed.url)
             .env("USER", "ops")
@@ -287,16 +299,20 @@ async fn imported_regressors_are_evaluated_promoted_and_served_as_onnxruntime_pr
     let Some(stack) = Stack::start(400, Target::Regression, false, &[]).await else {
         return;
     };
-    for (name, extra) in [("linear", &["--kind", "regressor"][..]), ("gbr", &[][..])] {
+    // linear_derived takes feature_3 = feature_1², computed by the feature
+    // store in the registry and the predictor as for a native model.
+    for (name, extra) in [
+        ("linear", &["--kind", "regressor"][..]),
+        ("gbr", &[][..]),
+        ("linear_derived", &[][..]),
+    ] {
         let reply = stack.import_ok(name, extra);
         let version = version_of(&reply);
         let models = stack.models().await;
         let model = summary(&models, version);
         assert_eq!(model["kind"], "onnx_regressor", "{model}");
-        assert_eq!(
-            model["feature_names"],
-            serde_json::json!(["feature_1", "feature_2"])
-        );
+        let declared: Value = read_json(&stack.fixtures.join(format!("{name}.json")));
+        assert_eq!(model["feature_names"], declared["features"]);
         // The registry's RMSE is its own, on its holdout.
         let (truth, predicted) = holdout(&stack.bed.data, &stack.user_ids, &stack.expected(name));
         let want = ml_shared::evaluation::regression_metrics(&truth, &predicted);
@@ -324,7 +340,7 @@ async fn imported_regressors_are_evaluated_promoted_and_served_as_onnxruntime_pr
     assert_eq!(first["data_fingerprint"], format!("sha256:{digest}"));
     let runs = request_json(&stack.client, "ml.registry.runs", "").await;
     let rows = runs["runs"].as_array().expect("runs");
-    assert_eq!(rows.len(), 2, "{runs}");
+    assert_eq!(rows.len(), 3, "{runs}");
     assert!(rows.iter().all(|r| r["model"] == "onnx"), "{runs}");
 }
 

@@ -282,12 +282,12 @@ EOF2
             fi
             case "${cmd}" in
             promote*)
-                wait_until 15 "predictions from version 1 after promote 1" predicted_by '"model_version":1}' ||
+                wait_until 15 "predictions from version 1 after promote 1" predicted_by '"model_version":1,' ||
                     fail "predictions do not come from version 1 after promote 1"
                 ;;
             rollback*)
                 wait_until 15 "predictions from the version before promote 1 after rollback" \
-                    predicted_by "\"model_version\":${PRODUCTION_BEFORE}}" ||
+                    predicted_by "\"model_version\":${PRODUCTION_BEFORE}," ||
                     fail "predictions do not come from version ${PRODUCTION_BEFORE} after rollback"
                 ;;
             train)

@@ -18,6 +18,7 @@ pub mod model;
 pub mod nats;
 pub mod production;
 pub mod profile;
+pub mod routing;
 pub mod settings;
 pub mod shutdown;
 pub mod subjects;

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::messages::TrainParams;
+use crate::routing::{RouteError, RouteProblem, RouteTable, Weighted};
 
 /// A name for a version. The predictors serve `production`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -49,6 +50,11 @@ pub enum MoveAction {
     Rollback,
     /// The registry, at start-up, moved off a version it cannot serve.
     Recovery,
+    /// A routing table was set (`ml.registry.route`).
+    RouteSet,
+    /// The routing table was removed (`ml.registry.route`, or the registry
+    /// at start-up when it names a version it cannot serve).
+    RouteClear,
 }
 
 impl MoveAction {
@@ -60,6 +66,8 @@ impl MoveAction {
             MoveAction::Promote => "promote",
             MoveAction::Rollback => "rollback",
             MoveAction::Recovery => "recovery",
+            MoveAction::RouteSet => "route_set",
+            MoveAction::RouteClear => "route_clear",
         }
     }
 }
@@ -86,6 +94,27 @@ pub struct AliasMove {
     pub actor: String,
     /// Why.
     pub reason: String,
+    /// An alias move, or a routing-table change (lines written before
+    /// routing tables existed read as `alias`).
+    #[serde(default)]
+    pub kind: MoveKind,
+    /// For a `route_set` move: the table set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<RouteTable>,
+    /// For a production move: the routing table in force was removed with it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub route_cleared: bool,
+}
+
+/// What a history entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveKind {
+    /// An alias named another version (`to`).
+    #[default]
+    Alias,
+    /// The routing table changed; production (`to`) stayed, the epoch moved.
+    Route,
 }
 
 /// The promotion gate's decision on a new version.
@@ -146,6 +175,101 @@ pub struct MoveReply {
     pub epoch: u64,
     /// False when the version already held the alias (nothing recorded).
     pub moved: bool,
+    /// True when the move removed the routing table that was in force
+    /// (absent otherwise).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub route_cleared: bool,
+}
+
+/// A request on `ml.registry.route`: `{}` reads the table; a table
+/// (`candidates`, `shadow`, `sticky`) sets it; `{"clear":true}` removes it.
+/// A change needs an `actor` (and takes a `reason`), as a promotion does.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRequest {
+    /// Versions served beside production, with their percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidates: Option<Vec<Weighted>>,
+    /// The shadow version and its percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<Weighted>,
+    /// A sticky split (by user or `routing_key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<bool>,
+    /// Remove the table.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clear: bool,
+    /// Why (recorded in the history).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Who (recorded in the history).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+}
+
+/// What a [`RouteRequest`] asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteAction {
+    /// The table in force and the epoch.
+    Read,
+    /// Set this table (checked by [`RouteTable::check`]).
+    Set(RouteTable),
+    /// Remove the table.
+    Clear,
+}
+
+impl RouteRequest {
+    /// What the request asks for, or why it is not a request.
+    pub fn action(&self) -> Result<RouteAction, RouteError> {
+        let sets = self.candidates.is_some() || self.shadow.is_some() || self.sticky.is_some();
+        let change = match (self.clear, sets) {
+            (true, true) => {
+                return Err(RouteError::new(
+                    RouteProblem::Conflicting,
+                    "\"clear\" cannot go with a table (candidates, shadow, sticky)",
+                ))
+            }
+            (true, false) => RouteAction::Clear,
+            (false, true) => {
+                let table = RouteTable {
+                    candidates: self.candidates.clone().unwrap_or_default(),
+                    shadow: self.shadow,
+                    sticky: self.sticky.unwrap_or(false),
+                };
+                table.check()?;
+                RouteAction::Set(table)
+            }
+            (false, false) if self.reason.is_some() || self.actor.is_some() => {
+                return Err(RouteError::new(
+                    RouteProblem::Conflicting,
+                    "nothing to do: send a table, {\"clear\":true}, or {} to read",
+                ))
+            }
+            (false, false) => return Ok(RouteAction::Read),
+        };
+        if self.actor.as_deref().is_none_or(|a| a.trim().is_empty()) {
+            return Err(RouteError::new(
+                RouteProblem::BadText,
+                "a change needs an \"actor\" (who, recorded in the history)",
+            ));
+        }
+        Ok(change)
+    }
+}
+
+/// The reply of `ml.registry.route`: the table in force (none when
+/// production takes all traffic), production and the epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteReply {
+    /// The production version, if any.
+    pub production: Option<u64>,
+    /// The table in force.
+    pub table: Option<RouteTable>,
+    /// The production epoch (which table changes move, like promotions).
+    pub epoch: u64,
+    /// Whether this request changed the table (false for a read, or a
+    /// clear with no table).
+    pub changed: bool,
 }
 
 /// A request on `ml.registry.history` (an empty payload means the newest
@@ -234,6 +358,9 @@ mod tests {
             action: MoveAction::Gate,
             actor: "registry".into(),
             reason: "first model".into(),
+            kind: MoveKind::Alias,
+            route: None,
+            route_cleared: false,
         };
         let json = serde_json::to_string(&m).unwrap();
         assert!(
@@ -241,5 +368,48 @@ mod tests {
             "{json}"
         );
         assert_eq!(serde_json::from_str::<AliasMove>(&json).unwrap(), m);
+        // A line written before routing tables existed reads as an alias move.
+        let old = r#"{"seq":1,"timestamp":"t","alias":"production","from":null,"to":1,"epoch":1,"action":"gate","actor":"registry","reason":"r"}"#;
+        let read: AliasMove = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (read.kind, read.route, read.route_cleared),
+            (MoveKind::Alias, None, false)
+        );
+    }
+
+    #[test]
+    fn route_requests_say_what_they_ask_for() {
+        let parse = |s: &str| serde_json::from_str::<RouteRequest>(s).unwrap().action();
+        assert_eq!(parse("{}").unwrap(), RouteAction::Read);
+        assert_eq!(
+            parse(r#"{"clear":true,"actor":"a"}"#).unwrap(),
+            RouteAction::Clear
+        );
+        let set = parse(
+            r#"{"candidates":[{"version":7,"percent":10}],"shadow":{"version":8,"percent":20},"sticky":true,"reason":"r","actor":"a"}"#,
+        )
+        .unwrap();
+        let RouteAction::Set(t) = set else {
+            panic!("a table")
+        };
+        assert_eq!((t.candidate_percent(), t.sticky), (10, true));
+        let problem = |s: &str| parse(s).unwrap_err().problem;
+        assert_eq!(
+            problem(r#"{"clear":true,"sticky":true,"actor":"a"}"#),
+            RouteProblem::Conflicting
+        );
+        assert_eq!(
+            problem(r#"{"reason":"r","actor":"a"}"#),
+            RouteProblem::Conflicting
+        );
+        assert_eq!(
+            problem(r#"{"candidates":[{"version":7,"percent":10}]}"#),
+            RouteProblem::BadText
+        );
+        assert_eq!(
+            problem(r#"{"candidates":[{"version":7,"percent":100}],"actor":"a"}"#),
+            RouteProblem::PercentOutOfRange
+        );
+        assert!(serde_json::from_str::<RouteRequest>(r#"{"candidate":[]}"#).is_err());
     }
 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use crate::lifecycle::GateReport;
 use crate::model::ModelArtifact;
 use crate::profile::FeatureSample;
+use crate::routing::{RouteError, RouteTable, Variant};
 
 /// Header the NATS micro-service protocol uses for an error description.
 pub const SERVICE_ERROR_HEADER: &str = "Nats-Service-Error";
@@ -31,6 +32,10 @@ pub struct PredictRequest {
     /// Raw features of an entity that is not in the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub features: Option<BTreeMap<String, f64>>,
+    /// What a sticky routing table hashes to pick a version (by default
+    /// the `user_id`, or a batch's first id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing_key: Option<String>,
 }
 
 /// A successful prediction.
@@ -48,6 +53,12 @@ pub struct PredictReply {
     pub label: Option<u8>,
     /// The registry version of the model that answered.
     pub model_version: u64,
+    /// Which side of the routing table answered (only while one is in force).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<Variant>,
+    /// This reply's unique id (the join key for later feedback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// A successful batch prediction.
@@ -63,6 +74,12 @@ pub struct BatchPredictReply {
     /// The requested ids that are not in the store.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unknown_user_ids: Vec<String>,
+    /// Which side of the routing table answered (only while one is in force).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<Variant>,
+    /// This reply's unique id (the join key for later feedback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// Machine-readable error codes, stable across releases.
@@ -121,6 +138,10 @@ pub struct ErrorBody {
     pub code: ErrorCode,
     /// A sentence for a person.
     pub message: String,
+    /// Which problem, by a stable name, where a subject documents them
+    /// (`ml.registry.route`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// An error reply: `{"error": {"code": "...", "message": "..."}}`.
@@ -138,8 +159,16 @@ impl ErrorReply {
             error: ErrorBody {
                 code,
                 message: message.into(),
+                problem: None,
             },
         }
+    }
+
+    /// A `bad_request` naming a routing problem.
+    pub fn route(error: &RouteError) -> Self {
+        let mut reply = Self::new(ErrorCode::BadRequest, error.message.clone());
+        reply.error.problem = Some(error.problem.as_str().to_owned());
+        reply
     }
 }
 
@@ -426,6 +455,27 @@ pub struct ModelRelease {
     /// compare only between releases of one registry (see
     /// [`crate::production::compare`]).
     pub registry_id: String,
+    /// The model.
+    pub artifact: ModelArtifact,
+    /// The routing table in force with it, and the models it names.
+    pub routing: Option<Box<RoutingRelease>>,
+}
+
+/// A routing table as published with the production model (binary).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoutingRelease {
+    /// The table.
+    pub table: RouteTable,
+    /// The model of every version the table names, in the table's order
+    /// (candidates, then the shadow).
+    pub models: Vec<VersionedArtifact>,
+}
+
+/// A model and its version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionedArtifact {
+    /// Registry version.
+    pub version: u64,
     /// The model.
     pub artifact: ModelArtifact,
 }

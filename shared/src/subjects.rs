@@ -29,6 +29,8 @@ pub struct Subjects {
     pub registry_history: String,
     /// Request-reply (binary): an operator imports an ONNX model.
     pub registry_import: String,
+    /// Request-reply (JSON): read, set or clear the routing table.
+    pub registry_route: String,
     /// Broadcast (binary): a new production model, to every predictor.
     pub model_production: String,
     /// Publish (JSON): batches of latency events, predictors to the monitor.
@@ -59,6 +61,7 @@ impl Subjects {
             registry_rollback: format!("{p}.registry.rollback"),
             registry_history: format!("{p}.registry.history"),
             registry_import: format!("{p}.registry.import"),
+            registry_route: format!("{p}.registry.route"),
             model_production: format!("{p}.model.production"),
             monitor_events: format!("{p}.monitor.events"),
             monitor_stats: format!("{p}.monitor.stats"),

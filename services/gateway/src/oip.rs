@@ -340,6 +340,7 @@ async fn predict_rows(state: &AppState, rows: &Rows) -> Result<Predictions, OipE
                     user_id: Some(ids[0].clone()),
                     user_ids: None,
                     features: None,
+                    routing_key: None,
                 },
             )
             .await?;
@@ -354,6 +355,7 @@ async fn predict_rows(state: &AppState, rows: &Rows) -> Result<Predictions, OipE
                 user_id: None,
                 user_ids: Some(ids.clone()),
                 features: None,
+                routing_key: None,
             })
             .expect("requests serialise");
             let reply = state.platform.predict(body.into()).await?;
@@ -416,6 +418,7 @@ async fn predict_rows(state: &AppState, rows: &Rows) -> Result<Predictions, OipE
                             user_id: None,
                             user_ids: None,
                             features: Some(row),
+                            routing_key: None,
                         },
                     )
                 })

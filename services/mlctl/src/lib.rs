@@ -26,12 +26,14 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use ml_shared::gen::Target;
 use ml_shared::lifecycle::{
-    HistoryReply, HistoryRequest, MoveReply, PromoteRequest, RollbackRequest,
+    HistoryReply, HistoryRequest, MoveReply, PromoteRequest, RollbackRequest, RouteReply,
+    RouteRequest,
 };
 use ml_shared::messages::{
     ApiReply, BatchPredictReply, ErrorReply, ModelsReply, Page, PredictReply, PredictRequest,
     RunsReply,
 };
+use ml_shared::routing::Weighted;
 use ml_shared::settings::{parse_duration, NatsSettings};
 use serde::de::DeserializeOwned;
 
@@ -61,6 +63,9 @@ pub enum Command {
         /// Raw features instead: `feature_1=0.3,feature_2=1.5`.
         #[arg(long, value_parser = parse_features)]
         features: Option<BTreeMap<String, f64>>,
+        /// What a sticky routing table hashes instead of the user id.
+        #[arg(long)]
+        routing_key: Option<String>,
     },
     /// List the registry's model versions: aliases, metrics, age.
     Models {
@@ -103,6 +108,31 @@ pub enum Command {
         /// Who, recorded in the history.
         #[arg(long, env = "USER", default_value = "unknown")]
         actor: String,
+    },
+    /// Show or change the routing table: candidates beside production, a
+    /// shadow, a sticky split (no option: show it).
+    Route {
+        /// A candidate and its share: `7:10` sends 10% to v7 (repeatable).
+        #[arg(long = "canary", value_name = "VERSION:PERCENT", value_parser = parse_weighted)]
+        canary: Vec<Weighted>,
+        /// The shadow version and its share: `8:20`.
+        #[arg(long, value_name = "VERSION:PERCENT", value_parser = parse_weighted)]
+        shadow: Option<Weighted>,
+        /// Route by a stable hash of the user (or routing_key) instead of at random.
+        #[arg(long)]
+        sticky: bool,
+        /// Remove the table: production takes all traffic.
+        #[arg(long, conflicts_with_all = ["canary", "shadow", "sticky"])]
+        clear: bool,
+        /// Why, recorded in the history.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Who, recorded in the history.
+        #[arg(long, env = "USER", default_value = "unknown")]
+        actor: String,
+        /// Print the registry's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Every alias move: when, from, to, why, by whom.
     History {
@@ -156,6 +186,21 @@ pub enum Command {
     Top(top::TopArgs),
 }
 
+fn parse_weighted(text: &str) -> Result<Weighted, String> {
+    let (version, percent) = text
+        .split_once(':')
+        .ok_or_else(|| format!("{text:?} is not VERSION:PERCENT (e.g. 7:10)"))?;
+    let number = |s: &str| {
+        s.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{s:?} is not a whole number"))
+    };
+    Ok(Weighted {
+        version: u64::from(number(version)?),
+        percent: number(percent)?,
+    })
+}
+
 fn parse_features(text: &str) -> Result<BTreeMap<String, f64>, String> {
     text.split(',')
         .filter(|p| !p.trim().is_empty())
@@ -201,12 +246,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::Predict {
                     mut user_ids,
                     features,
+                    routing_key,
                 } => {
                     let batch = user_ids.len() > 1;
                     let request = PredictRequest {
                         user_id: if batch { None } else { user_ids.pop() },
                         user_ids: batch.then_some(user_ids),
                         features,
+                        routing_key,
                     };
                     let body = serde_json::to_vec(&request)?;
                     let reply = request_json(&client, &subjects.predict, body, "predictor").await?;
@@ -280,6 +327,39 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     with_reply(reply, |r: MoveReply| {
                         println!("{}", registry_view::move_line(&r))
                     })
+                }
+                Command::Route {
+                    canary,
+                    shadow,
+                    sticky,
+                    clear,
+                    reason,
+                    actor,
+                    json,
+                } => {
+                    let change = clear || sticky || shadow.is_some() || !canary.is_empty();
+                    let request = if change {
+                        RouteRequest {
+                            candidates: (!clear).then_some(canary),
+                            shadow,
+                            sticky: (!clear).then_some(sticky),
+                            clear,
+                            reason,
+                            actor: Some(actor),
+                        }
+                    } else {
+                        RouteRequest::default()
+                    };
+                    let body = serde_json::to_vec(&request)?;
+                    let reply =
+                        request_json(&client, &subjects.registry_route, body, "registry").await?;
+                    if json {
+                        print_reply::<RouteReply>(reply)
+                    } else {
+                        with_reply(reply, |r: RouteReply| {
+                            print!("{}", registry_view::route_lines(&r))
+                        })
+                    }
                 }
                 Command::History { json, limit } => {
                     let body = serde_json::to_vec(&HistoryRequest {

@@ -5,8 +5,9 @@
 use std::cmp::Ordering;
 use std::time::{Duration, SystemTime};
 
-use ml_shared::lifecycle::{AliasMove, MoveReply};
+use ml_shared::lifecycle::{AliasMove, MoveReply, RouteReply};
 use ml_shared::messages::{ExperimentRow, Metrics, ModelsReply};
+use ml_shared::routing::RouteTable;
 use serde_json::Value;
 
 /// A condition on a column of the experiments log: `r2 > 0.9`,
@@ -293,9 +294,85 @@ pub fn history_table(moves: &[AliasMove]) -> String {
             opt(m.epoch),
             m.action.as_str(),
             m.actor,
-            m.reason
+            history_why(m)
         ));
     }
+    out
+}
+
+/// The reason, with the table set or the table a production move removed.
+fn history_why(m: &AliasMove) -> String {
+    match (&m.route, m.route_cleared) {
+        (Some(t), _) => format!("{} [{}]", m.reason, table_summary(t)),
+        (None, true) => format!("{} [routing table cleared]", m.reason),
+        (None, false) => m.reason.clone(),
+    }
+}
+
+/// A table on one line: `v7 10%, v9 5%; shadow v8 20%; sticky`.
+pub fn table_summary(t: &RouteTable) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let candidates: Vec<String> = t
+        .candidates
+        .iter()
+        .map(|c| format!("v{} {}%", c.version, c.percent))
+        .collect();
+    if !candidates.is_empty() {
+        parts.push(candidates.join(", "));
+    }
+    if let Some(s) = t.shadow {
+        parts.push(format!("shadow v{} {}%", s.version, s.percent));
+    }
+    if t.sticky {
+        parts.push("sticky".into());
+    }
+    parts.join("; ")
+}
+
+/// The routing table in force, for people.
+pub fn route_lines(r: &RouteReply) -> String {
+    let production = r.production.map_or("none".to_owned(), |v| format!("v{v}"));
+    let Some(t) = &r.table else {
+        return format!(
+            "no routing table: production {production} takes all traffic (epoch {})\n",
+            r.epoch
+        );
+    };
+    let mut out = format!(
+        "{:<10}  {:>7}  {:>7}\n{:<10}  {:>7}  {:>6}%\n",
+        "VARIANT",
+        "VERSION",
+        "PERCENT",
+        "production",
+        production,
+        100 - t.candidate_percent()
+    );
+    for c in &t.candidates {
+        out.push_str(&format!(
+            "{:<10}  {:>7}  {:>6}%\n",
+            "candidate",
+            format!("v{}", c.version),
+            c.percent
+        ));
+    }
+    if let Some(s) = t.shadow {
+        out.push_str(&format!(
+            "{:<10}  {:>7}  {:>6}%  (stored; not run yet)\n",
+            "shadow",
+            format!("v{}", s.version),
+            s.percent
+        ));
+    }
+    out.push_str(&format!(
+        "sticky: {}; epoch {}{}\n",
+        if t.sticky {
+            "yes (by user_id or routing_key)"
+        } else {
+            "no (random per request)"
+        },
+        r.epoch,
+        if r.changed { "" } else { "; unchanged" }
+    ));
     out
 }
 
@@ -303,11 +380,16 @@ pub fn history_table(moves: &[AliasMove]) -> String {
 pub fn move_line(r: &MoveReply) -> String {
     if r.moved {
         format!(
-            "{}: v{} -> v{} (epoch {})",
+            "{}: v{} -> v{} (epoch {}){}",
             r.alias,
             opt(r.from),
             r.to,
-            r.epoch
+            r.epoch,
+            if r.route_cleared {
+                "; routing table cleared"
+            } else {
+                ""
+            }
         )
     } else {
         format!(
@@ -394,5 +476,56 @@ mod tests {
             "accuracy=0.90000 log_loss=0.25000 roc_auc=0.95000"
         );
         assert_eq!(metrics_text(&Metrics::default()), "-");
+    }
+
+    #[test]
+    fn the_routing_table_prints_as_in_the_readme() {
+        use ml_shared::routing::Weighted;
+        let w = |version, percent| Weighted { version, percent };
+        let reply = RouteReply {
+            production: Some(6),
+            table: Some(RouteTable {
+                candidates: vec![w(7, 10), w(9, 5)],
+                shadow: Some(w(8, 20)),
+                sticky: true,
+            }),
+            epoch: 12,
+            changed: false,
+        };
+        assert_eq!(
+            route_lines(&reply),
+            "VARIANT     VERSION  PERCENT\n\
+             production       v6      85%\n\
+             candidate        v7      10%\n\
+             candidate        v9       5%\n\
+             shadow           v8      20%  (stored; not run yet)\n\
+             sticky: yes (by user_id or routing_key); epoch 12; unchanged\n"
+        );
+        let none = RouteReply {
+            table: None,
+            ..reply.clone()
+        };
+        assert!(route_lines(&none).starts_with("no routing table: production v6"));
+        let m = AliasMove {
+            seq: 3,
+            timestamp: "t".into(),
+            alias: ml_shared::lifecycle::Alias::Production,
+            from: Some(6),
+            to: 7,
+            epoch: Some(13),
+            action: ml_shared::lifecycle::MoveAction::Promote,
+            actor: "alice".into(),
+            reason: "good".into(),
+            kind: ml_shared::lifecycle::MoveKind::Alias,
+            route: None,
+            route_cleared: true,
+        };
+        assert!(history_table(std::slice::from_ref(&m)).contains("good [routing table cleared]"));
+        let set = AliasMove {
+            route: reply.table.clone(),
+            route_cleared: false,
+            ..m
+        };
+        assert!(history_table(&[set]).contains("good [v7 10%, v9 5%; shadow v8 20%; sticky]"));
     }
 }

@@ -61,6 +61,14 @@ impl DriftReference {
     pub fn version(&self) -> u64 {
         self.version
     }
+
+    /// Whether `release` is this reference's model (a routing-table change
+    /// republishes production under a new epoch: the reference and its
+    /// window stand).
+    pub fn is_for(&self, release: &ModelRelease) -> bool {
+        self.version == release.version
+            && release.artifact.profile.as_deref() == Some(&self.profile)
+    }
 }
 
 /// Drift of one window.
@@ -242,6 +250,7 @@ mod tests {
                 epoch: 4,
                 registry_id: "test".into(),
                 artifact,
+                routing: None,
             },
             registry,
         )
@@ -301,6 +310,21 @@ mod tests {
         foreign.raw_features.reverse();
         window.add(&foreign);
         assert_eq!((window.samples(), window.unmatched), (50, 10));
+    }
+
+    #[test]
+    fn a_republished_production_keeps_its_reference() {
+        let (release, registry) = release();
+        let reference = DriftReference::new(&release, &registry).unwrap();
+        let mut republished = release.clone();
+        republished.epoch += 1;
+        assert!(reference.is_for(&republished));
+        let mut other = release.clone();
+        other.version += 1;
+        assert!(!reference.is_for(&other));
+        let mut retrained = release;
+        retrained.artifact.profile = None;
+        assert!(!reference.is_for(&retrained));
     }
 
     #[test]

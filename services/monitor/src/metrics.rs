@@ -397,6 +397,39 @@ fn version_label(version: Option<u64>) -> String {
     version.map_or_else(|| "none".to_owned(), |v| v.to_string())
 }
 
+/// The `/metrics` server, running in a task of its own.
+pub struct Server {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    /// Binds `addr` and serves `metrics` on it.
+    pub async fn start(addr: std::net::SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics address {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "serving Prometheus metrics on /metrics");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, metrics, async move {
+            let _ = stopped.await;
+        }));
+        Ok(Self { stop, task })
+    }
+
+    /// Stops it, waiting at most five seconds.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        match tokio::time::timeout(std::time::Duration::from_secs(5), self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "metrics server failed"),
+            Ok(Err(error)) => tracing::warn!(%error, "metrics server panicked"),
+            Err(_) => tracing::warn!("metrics server did not stop in time"),
+        }
+    }
+}
+
 /// Serves `GET /metrics` on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,

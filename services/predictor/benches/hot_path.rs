@@ -33,6 +33,7 @@ fn state() -> (ServingState, Vec<String>) {
             profile: None,
             onnx: None,
         },
+        routing: None,
     };
     state.install(state.prepare(release).expect("valid model"));
     (state, ids)
@@ -67,7 +68,12 @@ fn hot_path(c: &mut Criterion) {
 
     let model = state.model().expect("installed");
     c.bench_function("predict (dot product)", |b| {
-        b.iter(|| model.artifact.predict(black_box(&[0.3, 1.5, 0.09])))
+        b.iter(|| {
+            model
+                .production
+                .artifact
+                .predict(black_box(&[0.3, 1.5, 0.09]))
+        })
     });
 
     let answer = state.predict(single.as_bytes()).expect("known user");

@@ -1,8 +1,10 @@
 //! The predictor service: answers `ml.predict` as a NATS micro-service
 //! endpoint in the `predictor` queue group, so replicas share the load.
 //!
-//! It holds the production model in memory ([`serving`]), swaps it when the
-//! registry publishes a new one ([`updates`]), and reports every request's
+//! It holds the production model in memory, with the routing table in force
+//! and every model it names ([`serving`]: the split between production and
+//! candidates, `variant` and `request_id` in replies), swaps them as one
+//! when the registry publishes ([`updates`]), and reports every request's
 //! latency to the monitor without making the reply wait ([`events`]), with a
 //! sample of the features it saw and the predictions it made, for drift.
 //! Until a model arrives it answers `no_model`. Every error reply carries the JSON
@@ -164,8 +166,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     };
     tracing::info!(users = store.len(), data = %config.data_path.display(), "feature store loaded");
+    let predictor_id = config.predictor_id.clone().unwrap_or_else(default_id);
     let state = Arc::new(
         ServingState::with_max_batch(registry, store, config.max_batch)
+            .with_instance(&predictor_id)
             .with_onnx_max_bytes(config.onnx_max_bytes),
     );
 
@@ -179,7 +183,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // connection drains at shutdown (see the end of this function).
     let aux = ml_shared::nats::connect(&config.nats, &format!("{SERVICE_NAME}-aux")).await?;
     let subjects = config.nats.subjects();
-    let predictor_id = config.predictor_id.clone().unwrap_or_else(default_id);
     let service = client
         .service_builder()
         .description("Predictions from the production model")
@@ -351,7 +354,7 @@ async fn admit(admission: &Admission, request: Request) {
                 admission.events.record(LatencyEvent {
                     ts_ms: ml_shared::time::now_ms(),
                     duration_ns: started.elapsed().as_nanos() as u64,
-                    model_version: admission.state.model().map(|m| m.version),
+                    model_version: admission.state.model().map(|m| m.version()),
                     outcome: Outcome::Error(ErrorCode::Busy),
                     sample: None,
                 });
@@ -378,7 +381,7 @@ async fn handle(admission: &Admission, request: Request, via: Option<&async_nats
                     admission.max_bytes
                 ),
             );
-            Err((error, admission.state.model().map(|m| m.version)))
+            Err((error, admission.state.model().map(|m| m.version())))
         } else {
             admission.state.predict_sampled(payload, sample.as_mut())
         };

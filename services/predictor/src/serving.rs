@@ -1,20 +1,31 @@
 //! The hot path: decode a request, look up or accept raw features, compute
 //! the model's features with the shared plan, predict, encode the reply.
 //!
-//! The model and the feature store are each behind an `ArcSwap`: a request
-//! takes a snapshot (an atomic load, no lock, no copy), so a new model or a
-//! reloaded store replaces the old one between two requests, never during one.
+//! The [`Deployment`] (the production model, and the routing table with
+//! every model it names) and the feature store are each behind an
+//! `ArcSwap`: a request takes a snapshot (an atomic load, no lock, no copy),
+//! so a new deployment or a reloaded store replaces the old one between two
+//! requests, never during one, and a request is answered by a version of the
+//! deployment in force when it arrived.
+//!
+//! With a routing table, each request goes to a version by weight: at
+//! random (a thread-local generator, no lock), or with a sticky table by the
+//! stable hash of its `routing_key`, else its `user_id` (a batch: its first
+//! id); see [`ml_shared::routing`]. Every reply carries a `request_id`.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use ml_shared::features::{FeaturePlan, FeatureRegistry, FeatureStore};
-use ml_shared::messages::{ErrorCode, ErrorReply, ModelRelease};
+use ml_shared::messages::{ErrorCode, ErrorReply, ModelRelease, RoutingRelease};
 use ml_shared::model::ModelArtifact;
 use ml_shared::profile::FeatureSample;
-use serde::{Deserialize, Serialize};
+use ml_shared::routing::{bucket_of, sticky_bucket, RouteTable, Variant};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// Most features a model may take (the per-request buffer lives on the stack).
 pub const MAX_FEATURES: usize = 64;
@@ -33,6 +44,86 @@ struct RequestRef<'a> {
     user_ids: Option<Vec<Cow<'a, str>>>,
     #[serde(borrow, default)]
     features: Option<BTreeMap<Cow<'a, str>, f64>>,
+    #[serde(borrow, default)]
+    routing_key: Option<Cow<'a, str>>,
+}
+
+impl RequestRef<'_> {
+    /// What a sticky table hashes: the `routing_key`, else the user id, else
+    /// a batch's first id.
+    fn key(&self) -> Option<&[u8]> {
+        let first = || self.user_ids.as_ref().and_then(|ids| ids.first());
+        self.routing_key
+            .as_ref()
+            .or(self.user_id.as_ref())
+            .or_else(first)
+            .map(|k| k.as_bytes())
+    }
+}
+
+/// A reply's unique id: this predictor instance's prefix and a counter,
+/// written straight into the reply (no string is built).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId {
+    prefix: Arc<str>,
+    n: u64,
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.prefix, self.n)
+    }
+}
+
+impl Serialize for RequestId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// Hands out [`RequestId`]s: an atomic counter, no lock.
+#[derive(Debug)]
+struct RequestIds {
+    prefix: Arc<str>,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    fn new(instance: &str) -> Self {
+        Self {
+            prefix: instance.into(),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    #[inline]
+    fn next(&self) -> RequestId {
+        RequestId {
+            prefix: self.prefix.clone(),
+            n: self.next.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+}
+
+thread_local! {
+    static RANDOM: Cell<u64> = Cell::new(seed());
+}
+
+/// A per-thread seed from the standard library's randomly keyed hasher.
+fn seed() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64)
+}
+
+/// A fast per-thread pseudo-random number (wyrand): no lock, no syscall.
+#[inline]
+fn fast_random() -> u64 {
+    RANDOM.with(|state| {
+        let s = state.get().wrapping_add(0xa076_1d64_78bd_642f);
+        state.set(s);
+        let t = u128::from(s) * u128::from(s ^ 0xe703_7ed1_a0b4_28db);
+        ((t >> 64) as u64) ^ (t as u64)
+    })
 }
 
 /// A successful answer, serialised as the reply. Its JSON is that of
@@ -52,6 +143,11 @@ pub enum Answer<'a> {
         label: Option<u8>,
         /// The model that answered.
         model_version: u64,
+        /// Which side of the routing table answered (only with a table).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        variant: Option<Variant>,
+        /// This reply's unique id.
+        request_id: RequestId,
     },
     /// A batch: one prediction per requested user, `null` for unknown ones.
     Many {
@@ -65,6 +161,11 @@ pub enum Answer<'a> {
         /// The requested ids that are not in the store.
         #[serde(skip_serializing_if = "Vec::is_empty")]
         unknown_user_ids: Vec<Cow<'a, str>>,
+        /// Which side of the routing table answered (only with a table).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        variant: Option<Variant>,
+        /// This reply's unique id.
+        request_id: RequestId,
     },
 }
 
@@ -75,6 +176,20 @@ impl Answer<'_> {
             Answer::One { model_version, .. } | Answer::Many { model_version, .. } => {
                 *model_version
             }
+        }
+    }
+
+    /// Which side of the routing table answered, if a table was in force.
+    pub fn variant(&self) -> Option<Variant> {
+        match self {
+            Answer::One { variant, .. } | Answer::Many { variant, .. } => *variant,
+        }
+    }
+
+    /// The reply's id.
+    pub fn request_id(&self) -> &RequestId {
+        match self {
+            Answer::One { request_id, .. } | Answer::Many { request_id, .. } => request_id,
         }
     }
 }
@@ -96,13 +211,65 @@ pub struct LoadedModel {
     pub scorer: ml_onnx::Scorer,
 }
 
-impl LoadedModel {
+/// What serves, swapped as one: the production model and, while a routing
+/// table is in force, the table and every model it names.
+#[derive(Debug)]
+pub struct Deployment {
+    /// The production model (its epoch and registry are the deployment's).
+    pub production: LoadedModel,
+    /// The routing table and its models.
+    pub routing: Option<Routing>,
+}
+
+/// A routing table with its models loaded.
+#[derive(Debug)]
+pub struct Routing {
+    /// The table.
+    pub table: RouteTable,
+    /// One model per candidate, in the table's order.
+    pub candidates: Vec<LoadedModel>,
+    /// The shadow's model (loaded; not run in this phase).
+    pub shadow: Option<LoadedModel>,
+}
+
+impl Deployment {
+    /// The production version.
+    pub fn version(&self) -> u64 {
+        self.production.version
+    }
+
     /// What the production follower needs to know of it.
     pub fn held(&self) -> ml_shared::production::Held {
         ml_shared::production::Held {
-            registry_id: self.registry_id.clone(),
-            epoch: self.epoch,
-            version: self.version,
+            registry_id: self.production.registry_id.clone(),
+            epoch: self.production.epoch,
+            version: self.production.version,
+        }
+    }
+
+    /// Every version loaded (production first).
+    pub fn versions(&self) -> Vec<u64> {
+        let mut v = vec![self.production.version];
+        if let Some(r) = &self.routing {
+            v.extend(r.table.versions());
+        }
+        v
+    }
+
+    /// The model that answers a request with routing key `key`, and its
+    /// variant (`None` without a table).
+    #[inline]
+    pub fn choose(&self, key: Option<&[u8]>) -> (&LoadedModel, Option<Variant>) {
+        let Some(routing) = &self.routing else {
+            return (&self.production, None);
+        };
+        let bucket = match key {
+            Some(key) if routing.table.sticky => sticky_bucket(key),
+            _ => bucket_of(fast_random()),
+        };
+        match routing.table.pick(bucket) {
+            Some(i) => (&routing.candidates[i], Some(Variant::Candidate)),
+            None => (&self.production, Some(Variant::Production)),
         }
     }
 }
@@ -122,6 +289,17 @@ pub enum LoadError {
     /// The model cannot be scored (an ONNX graph the engine refuses).
     #[error(transparent)]
     Scorer(#[from] ml_onnx::ScorerError),
+    /// The routing table names a version whose model was not sent.
+    #[error("the routing table names v{0}, but its model is not in the release")]
+    MissingModel(u64),
+    /// A model of the routing table is refused.
+    #[error("v{version} of the routing table: {source}")]
+    InTable {
+        /// The version.
+        version: u64,
+        /// Why.
+        source: Box<LoadError>,
+    },
 }
 
 /// Everything a request needs, shared by the request loop and the updaters.
@@ -130,8 +308,9 @@ pub struct ServingState {
     registry: FeatureRegistry,
     max_batch: usize,
     onnx_max_bytes: usize,
-    model: ArcSwapOption<LoadedModel>,
+    model: ArcSwapOption<Deployment>,
     store: ArcSwap<FeatureStore>,
+    ids: RequestIds,
 }
 
 impl ServingState {
@@ -153,6 +332,7 @@ impl ServingState {
             onnx_max_bytes: ml_shared::model::DEFAULT_MAX_ONNX_BYTES,
             model: ArcSwapOption::empty(),
             store: ArcSwap::from_pointee(store),
+            ids: RequestIds::new(&format!("{:08x}", fast_random() as u32)),
         }
     }
 
@@ -162,43 +342,107 @@ impl ServingState {
         self
     }
 
+    /// Request ids are `<id>-<nonce>-<n>`: this predictor's id, a random
+    /// nonce drawn at start (two instances with one id, or a restart, never
+    /// share ids) and a counter.
+    pub fn with_instance(mut self, id: &str) -> Self {
+        self.ids = RequestIds::new(&format!("{id}-{:08x}", fast_random() as u32));
+        self
+    }
+
     /// The feature registry.
     pub fn registry(&self) -> &FeatureRegistry {
         &self.registry
     }
 
-    /// The model being served, if any.
-    pub fn model(&self) -> Option<Arc<LoadedModel>> {
+    /// The deployment being served, if any.
+    pub fn model(&self) -> Option<Arc<Deployment>> {
         self.model.load_full()
     }
 
-    /// Epoch of the model being served (0 when none).
+    /// Epoch of the deployment being served (0 when none).
     pub fn epoch(&self) -> u64 {
-        self.model.load().as_ref().map_or(0, |m| m.epoch)
+        self.model.load().as_ref().map_or(0, |m| m.production.epoch)
     }
 
-    /// Checks a release and prepares it for serving.
-    pub fn prepare(&self, release: ModelRelease) -> Result<LoadedModel, LoadError> {
-        release.artifact.validate()?;
-        if release.artifact.feature_names.len() > MAX_FEATURES {
-            return Err(LoadError::TooWide(release.artifact.feature_names.len()));
+    /// Checks a release and prepares it, with every model of its routing
+    /// table, for serving: one model refused refuses the whole release.
+    pub fn prepare(&self, release: ModelRelease) -> Result<Deployment, LoadError> {
+        let ModelRelease {
+            version,
+            epoch,
+            registry_id,
+            artifact,
+            routing,
+        } = release;
+        let load = |version: u64, artifact: ModelArtifact| {
+            self.load_model(version, epoch, registry_id.clone(), artifact)
+        };
+        let routing = routing
+            .map(|r| self.prepare_routing(*r, &load))
+            .transpose()?;
+        Ok(Deployment {
+            production: load(version, artifact)?,
+            routing,
+        })
+    }
+
+    fn prepare_routing(
+        &self,
+        release: RoutingRelease,
+        load: &dyn Fn(u64, ModelArtifact) -> Result<LoadedModel, LoadError>,
+    ) -> Result<Routing, LoadError> {
+        let RoutingRelease { table, mut models } = release;
+        let mut take = |version: u64| {
+            let i = models
+                .iter()
+                .position(|m| m.version == version)
+                .ok_or(LoadError::MissingModel(version))?;
+            load(version, models.swap_remove(i).artifact).map_err(|e| LoadError::InTable {
+                version,
+                source: Box::new(e),
+            })
+        };
+        let candidates = table
+            .candidates
+            .iter()
+            .map(|c| take(c.version))
+            .collect::<Result<Vec<_>, _>>()?;
+        let shadow = table.shadow.map(|s| take(s.version)).transpose()?;
+        Ok(Routing {
+            table,
+            candidates,
+            shadow,
+        })
+    }
+
+    fn load_model(
+        &self,
+        version: u64,
+        epoch: u64,
+        registry_id: String,
+        artifact: ModelArtifact,
+    ) -> Result<LoadedModel, LoadError> {
+        artifact.validate()?;
+        if artifact.feature_names.len() > MAX_FEATURES {
+            return Err(LoadError::TooWide(artifact.feature_names.len()));
         }
-        let plan = self.registry.plan(&release.artifact.feature_names)?;
-        let scorer = ml_onnx::Scorer::load(&release.artifact, self.onnx_max_bytes)?;
+        let plan = self.registry.plan(&artifact.feature_names)?;
+        let scorer = ml_onnx::Scorer::load(&artifact, self.onnx_max_bytes)?;
         Ok(LoadedModel {
-            version: release.version,
-            epoch: release.epoch,
-            registry_id: release.registry_id,
-            artifact: release.artifact,
+            version,
+            epoch,
+            registry_id,
+            artifact,
             plan,
             scorer,
         })
     }
 
-    /// Serves `model` from the next request on. The caller serialises calls
-    /// and checks epochs.
-    pub fn install(&self, model: LoadedModel) {
-        self.model.store(Some(Arc::new(model)));
+    /// Serves `deployment` from the next request on. The caller serialises
+    /// calls and checks epochs.
+    pub fn install(&self, deployment: Deployment) {
+        self.model.store(Some(Arc::new(deployment)));
     }
 
     /// Serves `store` from the next request on.
@@ -226,8 +470,8 @@ impl ServingState {
         payload: &'p [u8],
         mut sample: Option<&mut FeatureSample>,
     ) -> Result<Answer<'p>, (ErrorReply, Option<u64>)> {
-        let model = self.model.load();
-        let version = model.as_ref().map(|m| m.version);
+        let deployment = self.model.load();
+        let version = deployment.as_ref().map(|m| m.version());
         let fail = |code, message: String| Err((ErrorReply::new(code, message), version));
 
         if payload.iter().all(u8::is_ascii_whitespace) {
@@ -240,12 +484,15 @@ impl ServingState {
             Ok(r) => r,
             Err(e) => return fail(ErrorCode::BadRequest, format!("invalid request: {e}")),
         };
-        let Some(model) = model.as_ref() else {
+        let Some(deployment) = deployment.as_ref() else {
             return fail(
                 ErrorCode::NoModel,
                 "no model has been published yet; retry shortly".into(),
             );
         };
+        let (model, variant) = deployment.choose(request.key());
+        let version = Some(model.version);
+        let fail = |code, message: String| Err((ErrorReply::new(code, message), version));
         let mut x = [0.0; MAX_FEATURES];
         let x = &mut x[..model.plan.len()];
         let mut score = |raw: &[f64]| {
@@ -262,6 +509,7 @@ impl ServingState {
                 user_id: Some(user_id),
                 user_ids: None,
                 features: None,
+                ..
             } => {
                 let store = self.store.load();
                 let Some(raw) = store.raw(&user_id) else {
@@ -278,12 +526,15 @@ impl ServingState {
                     prediction,
                     label: model.scorer.label(prediction),
                     model_version: model.version,
+                    variant,
+                    request_id: self.ids.next(),
                 })
             }
             RequestRef {
                 user_id: None,
                 user_ids: Some(user_ids),
                 features: None,
+                ..
             } => {
                 if user_ids.is_empty() || user_ids.len() > self.max_batch {
                     return fail(
@@ -312,12 +563,15 @@ impl ServingState {
                     labels,
                     model_version: model.version,
                     unknown_user_ids,
+                    variant,
+                    request_id: self.ids.next(),
                 })
             }
             RequestRef {
                 user_id: None,
                 user_ids: None,
                 features: Some(features),
+                ..
             } => {
                 let mut raw = [0.0; MAX_FEATURES];
                 let raw = &mut raw[..self.registry.raw_names().len()];
@@ -332,6 +586,8 @@ impl ServingState {
                     prediction,
                     label: model.scorer.label(prediction),
                     model_version: model.version,
+                    variant,
+                    request_id: self.ids.next(),
                 })
             }
             _ => fail(
@@ -401,6 +657,7 @@ mod tests {
                 profile: None,
                 onnx: None,
             },
+            routing: None,
         }
     }
 
@@ -410,31 +667,173 @@ mod tests {
 
     #[test]
     fn predicts_for_known_users_and_raw_features() {
-        let s = state();
+        let s = state().with_instance("p1");
         assert_eq!(code(s.predict(br#"{"user_id":"u1"}"#)), ErrorCode::NoModel);
         s.install(s.prepare(release(7)).unwrap());
         let r = s.predict(br#"{"user_id":"u1"}"#).unwrap();
+        let Answer::One {
+            user_id,
+            prediction,
+            label,
+            model_version,
+            variant,
+            request_id,
+        } = &r
+        else {
+            panic!("one answer")
+        };
         assert_eq!(
-            r,
-            Answer::One {
-                user_id: Some("u1".into()),
-                prediction: 0.5 + 2.0 + 30.0 + 400.0,
-                label: None,
-                model_version: 7
-            }
+            (
+                user_id.as_deref(),
+                *prediction,
+                *label,
+                *model_version,
+                *variant
+            ),
+            (Some("u1"), 0.5 + 2.0 + 30.0 + 400.0, None, 7, None)
         );
+        let prefix = request_id.to_string();
+        let prefix = prefix.strip_suffix("-1").expect("the first id ends in -1");
+        assert!(prefix.starts_with("p1-") && prefix.len() == 11, "{prefix}");
         let r = s
             .predict(br#"{"features":{"feature_1":2,"feature_2":3}}"#)
             .unwrap();
         assert_eq!(
             serde_json::to_string(&r).unwrap(),
-            r#"{"prediction":432.5,"model_version":7}"#
+            format!(r#"{{"prediction":432.5,"model_version":7,"request_id":"{prefix}-2"}}"#)
         );
         let r = s.predict(br#"{"user_ids":["u1","nobody","u1"]}"#).unwrap();
         assert_eq!(
             serde_json::to_string(&r).unwrap(),
-            r#"{"predictions":[432.5,null,432.5],"model_version":7,"unknown_user_ids":["nobody"]}"#
+            format!(
+                r#"{{"predictions":[432.5,null,432.5],"model_version":7,"unknown_user_ids":["nobody"],"request_id":"{prefix}-3"}}"#
+            )
         );
+    }
+
+    /// Production v1 with candidate v2 at `percent`.
+    fn routed(percent: u32, sticky: bool) -> ModelRelease {
+        let mut r = release(1);
+        let mut candidate = release(2).artifact;
+        candidate.intercept = 1000.0;
+        r.routing = Some(Box::new(RoutingRelease {
+            table: RouteTable {
+                candidates: vec![ml_shared::routing::Weighted {
+                    version: 2,
+                    percent,
+                }],
+                shadow: None,
+                sticky,
+            },
+            models: vec![ml_shared::messages::VersionedArtifact {
+                version: 2,
+                artifact: candidate,
+            }],
+        }));
+        r
+    }
+
+    fn answered(s: &ServingState, body: &str) -> (u64, Option<Variant>, f64) {
+        match s.predict(body.as_bytes()).unwrap() {
+            Answer::One {
+                model_version,
+                variant,
+                prediction,
+                ..
+            } => (model_version, variant, prediction),
+            Answer::Many {
+                model_version,
+                variant,
+                predictions,
+                ..
+            } => (model_version, variant, predictions[0].unwrap_or_default()),
+        }
+    }
+
+    #[test]
+    fn a_table_splits_requests_by_weight_and_says_which_side_answered() {
+        let s = state();
+        s.install(s.prepare(routed(10, false)).unwrap());
+        let n = 20_000;
+        let mut canary = 0;
+        for _ in 0..n {
+            let (version, variant, prediction) = answered(&s, r#"{"user_id":"u1"}"#);
+            match version {
+                2 => {
+                    canary += 1;
+                    assert_eq!((variant, prediction), (Some(Variant::Candidate), 1432.0));
+                }
+                _ => assert_eq!(
+                    (version, variant, prediction),
+                    (1, Some(Variant::Production), 432.5)
+                ),
+            }
+        }
+        // 2,000 expected; the binomial's sd is 42.
+        assert!(
+            (1_800..2_200).contains(&canary),
+            "{canary} of {n} to the canary"
+        );
+        let json = serde_json::to_string(&s.predict(br#"{"user_id":"u1"}"#).unwrap()).unwrap();
+        assert!(json.contains(r#""variant":"#), "{json}");
+    }
+
+    #[test]
+    fn a_sticky_table_sends_one_key_to_one_version() {
+        let s = state();
+        s.install(s.prepare(routed(50, true)).unwrap());
+        let mut seen = std::collections::BTreeMap::new();
+        for i in 0..200 {
+            let body =
+                format!(r#"{{"features":{{"feature_1":2,"feature_2":3}},"routing_key":"k{i}"}}"#);
+            let first = answered(&s, &body).0;
+            for _ in 0..20 {
+                assert_eq!(answered(&s, &body).0, first, "key k{i} moved");
+            }
+            *seen.entry(first).or_insert(0) += 1;
+            let want = if s
+                .model()
+                .unwrap()
+                .routing
+                .as_ref()
+                .unwrap()
+                .table
+                .pick(sticky_bucket(format!("k{i}").as_bytes()))
+                == Some(0)
+            {
+                2
+            } else {
+                1
+            };
+            assert_eq!(first, want);
+        }
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        // The user id is the key when there is no routing_key; a batch's is its first id.
+        let single = answered(&s, r#"{"user_id":"u1"}"#).0;
+        let batch = answered(&s, r#"{"user_ids":["u1","nobody"]}"#).0;
+        let keyed = answered(&s, r#"{"user_ids":["nobody"],"routing_key":"u1"}"#).0;
+        assert_eq!((single, batch), (keyed, keyed));
+    }
+
+    #[test]
+    fn a_release_whose_table_cannot_load_is_refused_whole() {
+        let s = state();
+        s.install(s.prepare(release(1)).unwrap());
+        let mut missing = routed(10, false);
+        missing.routing.as_mut().unwrap().models.clear();
+        assert!(matches!(
+            s.prepare(missing),
+            Err(LoadError::MissingModel(2))
+        ));
+        let mut bad = routed(10, false);
+        bad.routing.as_mut().unwrap().models[0]
+            .artifact
+            .feature_names[2] = "feature_9".into();
+        assert!(matches!(
+            s.prepare(bad),
+            Err(LoadError::InTable { version: 2, .. })
+        ));
+        assert_eq!(s.model().unwrap().versions(), [1]);
     }
 
     #[test]
@@ -565,6 +964,7 @@ mod fuzz {
                 profile: None,
                 onnx: None,
             },
+            routing: None,
         };
         s.install(s.prepare(release).unwrap());
         s

@@ -15,9 +15,10 @@ use ml_shared::subjects::Subjects;
 
 use crate::serving::ServingState;
 
-/// Offers a release: installed when it is newer than the model served (see
-/// [`production::compare`]) and usable; otherwise the current model keeps
-/// serving. A release from another registry than the served model's is
+/// Offers a release: installed when it is newer than the deployment served
+/// (see [`production::compare`]) and every model of it (production and the
+/// routing table's) is usable; otherwise the current deployment keeps
+/// serving, whole. A release from another registry than the served model's is
 /// installed too (the registry is the system of record), with an error in
 /// the log: the registry's state was reset or replaced.
 pub fn offer(state: &ServingState, release: ModelRelease, source: &'static str) {
@@ -45,15 +46,23 @@ pub fn offer(state: &ServingState, release: ModelRelease, source: &'static str) 
         Comparison::Newer => {}
     }
     let (version, epoch) = (release.version, release.epoch);
-    let previous = current.map(|h| h.version);
+    let previous = state.model().map(|m| m.versions());
     match state.prepare(release) {
-        Ok(model) => {
-            state.install(model);
-            tracing::info!(source, version, epoch, ?previous, "now serving model");
+        Ok(deployment) => {
+            let table = deployment.routing.as_ref().map(|r| r.table.clone());
+            state.install(deployment);
+            tracing::info!(
+                source,
+                version,
+                epoch,
+                ?previous,
+                ?table,
+                "now serving model"
+            );
         }
         Err(error) => tracing::error!(
-            source, version, %error, serving = ?previous,
-            "published model refused; keeping the current one"
+            source, version, epoch, %error, serving = ?previous,
+            "published model or routing table refused; keeping the current deployment whole"
         ),
     }
 }

@@ -13,6 +13,10 @@
 //!   submission: holdout metrics, store, gate, publish ([`import`]);
 //! - `ml.registry.promote`, `ml.registry.rollback` (JSON): move `production`
 //!   by hand, recorded in the history with who and why, then publish;
+//! - `ml.registry.route` (JSON): read, set or clear the routing table
+//!   (weighted candidates beside production, a shadow, a sticky switch);
+//!   a change moves the production epoch, is recorded in the history with
+//!   who and why, and is published with the production model;
 //! - `ml.registry.history` (JSON): the alias moves, a page at a time;
 //! - `ml.registry.run_failed` (JSON): log a run that produced no model;
 //! - `ml.registry.production` (binary): the production model, for a predictor

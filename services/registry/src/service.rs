@@ -19,13 +19,14 @@ use ml_shared::codec;
 use ml_shared::features::FeatureRegistry;
 use ml_shared::lifecycle::{
     FailedRun, HistoryReply, HistoryRequest, MoveReply, PromoteRequest, RecordedReply,
-    RollbackRequest,
+    RollbackRequest, RouteRequest,
 };
 use ml_shared::messages::{
     ErrorCode, ErrorReply, ImportRequest, Metrics, Page, ProductionQuery, ProductionReply,
     RunsReply, Submission, SubmitReply,
 };
 use ml_shared::model::ModelArtifact;
+use ml_shared::routing::{RouteError, RouteProblem};
 use ml_shared::subjects::Subjects;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -62,11 +63,13 @@ pub enum Endpoint {
     History,
     /// `ml.registry.import`.
     Import,
+    /// `ml.registry.route`.
+    Route,
 }
 
 impl Endpoint {
     /// Every endpoint.
-    pub const ALL: [Endpoint; 9] = [
+    pub const ALL: [Endpoint; 10] = [
         Endpoint::Submit,
         Endpoint::Production,
         Endpoint::Models,
@@ -76,6 +79,7 @@ impl Endpoint {
         Endpoint::Rollback,
         Endpoint::History,
         Endpoint::Import,
+        Endpoint::Route,
     ];
 
     /// The endpoint's name and subject.
@@ -90,6 +94,7 @@ impl Endpoint {
             Endpoint::Rollback => ("rollback", &s.registry_rollback),
             Endpoint::History => ("history", &s.registry_history),
             Endpoint::Import => ("import", &s.registry_import),
+            Endpoint::Route => ("route", &s.registry_route),
         }
     }
 }
@@ -218,6 +223,7 @@ impl Registry {
             Endpoint::Rollback => self.on_rollback(&request).await,
             Endpoint::History => self.on_history(&request).await,
             Endpoint::Import => self.on_import(&request).await,
+            Endpoint::Route => self.on_route(&request).await,
         }
     }
 
@@ -410,6 +416,46 @@ impl Registry {
         }
     }
 
+    /// Reads, sets or clears the routing table; a change is published to
+    /// the predictors with the production model, like a promotion.
+    async fn on_route(&self, request: &Request) {
+        let payload = &request.message.payload;
+        let payload: &[u8] = if payload.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            payload
+        };
+        let parsed = serde_json::from_slice::<RouteRequest>(payload)
+            .map_err(|e| RouteError::new(RouteProblem::Malformed, format!("invalid request: {e}")))
+            .and_then(|req| Ok((req.action()?, req)));
+        let (action, req) = match parsed {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(problem = e.problem.as_str(), error = %e, "routing table refused");
+                return self.reply_error(request, &ErrorReply::route(&e)).await;
+            }
+        };
+        let outcome = self
+            .with_store(move |s| {
+                let actor = req.actor.as_deref().unwrap_or_default();
+                s.route(action, req.reason.as_deref(), actor)
+            })
+            .await;
+        match outcome {
+            Ok(reply) => {
+                self.reply_json(request, &reply).await;
+                if reply.changed {
+                    tracing::info!(table = ?reply.table, epoch = reply.epoch, "routing table changed");
+                    self.publish_production().await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "routing table refused");
+                self.reply_error(request, &store_error(&e)).await;
+            }
+        }
+    }
+
     async fn on_history(&self, request: &Request) {
         let Some(req) = self.parse::<HistoryRequest>(request, true).await else {
             return;
@@ -464,13 +510,22 @@ impl Registry {
             return;
         };
         let (version, epoch) = (release.version, release.epoch);
+        let routed = release.routing.as_ref().map(|r| {
+            let versions: Vec<String> = r.table.versions().map(|v| format!("v{v}")).collect();
+            versions.join(",")
+        });
         let payload = codec::encode(&release);
         match self
             .client
             .publish(self.subjects.model_production.clone(), payload.into())
             .await
         {
-            Ok(()) => tracing::info!(version, epoch, "production model published"),
+            Ok(()) => tracing::info!(
+                version,
+                epoch,
+                routed = routed.as_deref().unwrap_or("-"),
+                "production model published"
+            ),
             Err(error) => tracing::warn!(%error, version, "cannot publish the production model"),
         }
     }
@@ -569,6 +624,9 @@ fn fit<T: Clone, R: Serialize>(items: &mut Vec<T>, reply: impl Fn(Vec<T>) -> R) 
 
 /// The error reply for a store error: the caller's fault, or the disk's.
 fn store_error(e: &StoreError) -> ErrorReply {
+    if let StoreError::Route(route) = e {
+        return ErrorReply::route(route);
+    }
     let code = if e.is_bad_request() {
         ErrorCode::BadRequest
     } else {

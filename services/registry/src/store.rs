@@ -5,7 +5,7 @@
 //!   models/model-00000001.bin   one artifact per version (codec envelope, checksummed)
 //!   experiments.csv             one line per run (registered or failed), for people and spreadsheets
 //!   history.jsonl               one JSON line per alias move: the journal of production and candidate
-//!   production.json             {"version":N,"epoch":E,"candidate":C,"previous":[…],"seq":S}
+//!   production.json             {"version":N,"epoch":E,"candidate":C,"previous":[…],"seq":S,"routing":{…}}
 //!   registry.json               {"registry_id":"…"}: this directory's identity
 //! ```
 //!
@@ -32,6 +32,13 @@
 //! reused: the next one is above every number seen in the artifact files,
 //! the log and the history, corrupt ones included.
 //!
+//! A routing table (see [`ml_shared::routing`]) is part of the same state: a
+//! change is a history line (`"kind":"route"`, the commit point) and then the
+//! pointer, like an alias move, and moves the production epoch. A production
+//! move to another version clears the table in the same line
+//! (`route_cleared`); a table naming a version that cannot be served is
+//! cleared at start-up.
+//!
 //! A write that fails (disk full, a file-size limit) leaves the earlier state
 //! as it was: a partial log line is cut at once, and an artifact whose alias
 //! moves could not be committed is removed.
@@ -47,12 +54,16 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use ml_shared::codec::{self, CodecError};
-use ml_shared::lifecycle::{Alias, AliasMove, FailedRun, GateReport, MoveAction, MoveReply};
+use ml_shared::lifecycle::{
+    Alias, AliasMove, FailedRun, GateReport, MoveAction, MoveKind, MoveReply, RouteAction,
+    RouteReply,
+};
 use ml_shared::messages::{
     CorruptVersion, ExperimentRow, Metrics, ModelRelease, ModelSummary, ModelsReply, Page,
-    RunRecord, Submission,
+    RoutingRelease, RunRecord, Submission, VersionedArtifact,
 };
 use ml_shared::model::{ModelArtifact, ModelError};
+use ml_shared::routing::{RouteError, RouteProblem, RouteTable};
 use serde::{Deserialize, Serialize};
 
 use crate::gate::{self, Contender};
@@ -104,6 +115,9 @@ pub enum StoreError {
     /// A rollback with no earlier production version.
     #[error("there is no previous production version to roll back to")]
     NoPrevious,
+    /// A routing table refused (nothing applied).
+    #[error(transparent)]
+    Route(#[from] RouteError),
     /// A log file cannot be parsed.
     #[error("log {path}: {reason}")]
     Log {
@@ -158,6 +172,9 @@ struct Pointer {
     /// The last history move reflected here.
     #[serde(default)]
     seq: u64,
+    /// The routing table in force, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    routing: Option<RouteTable>,
 }
 
 impl Pointer {
@@ -171,6 +188,17 @@ impl Pointer {
     /// Applies one move; replaying the history from an older pointer gives
     /// the same state as applying the moves as they were made.
     fn apply(&mut self, m: &AliasMove) {
+        if m.kind == MoveKind::Route {
+            self.routing = m.route.clone();
+            if let Some(epoch) = m.epoch {
+                self.epoch = epoch;
+            }
+            self.seq = m.seq;
+            return;
+        }
+        if m.route_cleared {
+            self.routing = None;
+        }
         match m.alias {
             Alias::Candidate => self.candidate = Some(m.to),
             Alias::Production => {
@@ -180,7 +208,11 @@ impl Pointer {
                             self.previous.truncate(i);
                         }
                     }
-                    MoveAction::Register | MoveAction::Gate | MoveAction::Promote => {
+                    MoveAction::Register
+                    | MoveAction::Gate
+                    | MoveAction::Promote
+                    | MoveAction::RouteSet
+                    | MoveAction::RouteClear => {
                         if let Some(from) = m.from.filter(|&f| f != m.to) {
                             self.previous.push(from);
                             let excess = self.previous.len().saturating_sub(ROLLBACK_DEPTH);
@@ -205,6 +237,8 @@ struct Draft<'a> {
     action: MoveAction,
     actor: &'a str,
     reason: String,
+    /// For a routing change: the table after it (`None`: cleared).
+    route: Option<Option<RouteTable>>,
 }
 
 /// The outcome of a registration.
@@ -276,6 +310,7 @@ impl Store {
             .unwrap_or(0)
             + 1;
         store.recover_production()?;
+        store.recover_routing()?;
         store.recover_missing_rows(&rows, &history)?;
         Ok(store)
     }
@@ -446,6 +481,9 @@ impl Store {
                 (_, Some(v), None) => (Alias::Production, v),
                 (_, None, None) => continue,
             };
+            // The pointer's routing table goes with its production line, so
+            // that a replay of the history alone gives the same state.
+            let routed = alias == Alias::Production && pointer.routing.is_some();
             let m = AliasMove {
                 seq,
                 timestamp: timestamp.clone(),
@@ -453,12 +491,23 @@ impl Store {
                 from: None,
                 to,
                 epoch: (alias == Alias::Production).then_some(pointer.epoch),
-                action: MoveAction::Recovery,
+                action: if routed {
+                    MoveAction::RouteSet
+                } else {
+                    MoveAction::Recovery
+                },
                 actor: REGISTRY_ACTOR.to_owned(),
                 reason: format!(
                     "history line {seq} lost in a crash; restored from production.json ({} v{to})",
                     alias.as_str()
                 ),
+                kind: if routed {
+                    MoveKind::Route
+                } else {
+                    MoveKind::Alias
+                },
+                route: pointer.routing.clone().filter(|_| routed),
+                route_cleared: false,
             };
             tracing::error!(seq, alias = %alias, to, "history line lost in a crash restored from production.json");
             serde_json::to_writer(&mut text, &m).expect("a move serialises");
@@ -508,6 +557,7 @@ impl Store {
             action: MoveAction::Recovery,
             actor: REGISTRY_ACTOR,
             reason,
+            route: None,
         }])?;
         Ok(())
     }
@@ -564,16 +614,28 @@ impl Store {
         let mut text = Vec::new();
         let timestamp = ml_shared::time::rfc3339_ms(ml_shared::time::now_ms());
         for d in drafts {
+            let production = d.alias == Alias::Production;
             let m = AliasMove {
                 seq: next.seq + 1,
                 timestamp: timestamp.clone(),
                 alias: d.alias,
                 from: next.get(d.alias),
                 to: d.to,
-                epoch: (d.alias == Alias::Production).then_some(next.epoch + 1),
+                epoch: production.then_some(next.epoch + 1),
                 action: d.action,
                 actor: d.actor.to_owned(),
                 reason: d.reason.clone(),
+                kind: if d.route.is_some() {
+                    MoveKind::Route
+                } else {
+                    MoveKind::Alias
+                },
+                route: d.route.clone().flatten(),
+                // Production moving to another version ends the table's life.
+                route_cleared: d.route.is_none()
+                    && production
+                    && next.routing.is_some()
+                    && next.version != Some(d.to),
             };
             next.apply(&m);
             serde_json::to_writer(&mut text, &m).expect("a move serialises");
@@ -588,6 +650,7 @@ impl Store {
             tracing::info!(
                 alias = %m.alias, from = ?m.from, to = m.to, epoch = ?m.epoch,
                 action = m.action.as_str(), actor = %m.actor, reason = %m.reason,
+                route = ?m.route, route_cleared = m.route_cleared,
                 "alias moved"
             );
         }
@@ -712,6 +775,7 @@ impl Store {
             action: MoveAction::Register,
             actor: TRAINER_ACTOR,
             reason: format!("run {}; gate: {}", model.run.run_id, report.reason),
+            route: None,
         }];
         if report.promoted {
             drafts.push(Draft {
@@ -720,6 +784,7 @@ impl Store {
                 action: MoveAction::Gate,
                 actor: REGISTRY_ACTOR,
                 reason: report.reason.clone(),
+                route: None,
             });
         }
         self.models.insert(version, model);
@@ -828,6 +893,7 @@ impl Store {
                 to: version,
                 epoch: self.pointer.epoch,
                 moved: false,
+                route_cleared: false,
             });
         }
         self.move_production(version, MoveAction::Promote, reason, actor)
@@ -855,6 +921,7 @@ impl Store {
             action,
             actor,
             reason: reason.to_owned(),
+            route: None,
         }])?;
         let m = &moves[0];
         Ok(MoveReply {
@@ -863,6 +930,7 @@ impl Store {
             to,
             epoch: self.pointer.epoch,
             moved: true,
+            route_cleared: m.route_cleared,
         })
     }
 
@@ -891,16 +959,153 @@ impl Store {
         Ok(moves)
     }
 
-    /// The production model, ready to publish.
+    /// The production model, with the routing table in force and its
+    /// models, ready to publish.
     pub fn production_release(&self) -> Option<ModelRelease> {
         let version = self.pointer.version?;
         let model = self.models.get(&version)?;
+        let routing = self.pointer.routing.as_ref().map(|table| {
+            Box::new(RoutingRelease {
+                table: table.clone(),
+                models: table
+                    .versions()
+                    .filter_map(|v| {
+                        let m = self.models.get(&v)?;
+                        Some(VersionedArtifact {
+                            version: v,
+                            artifact: m.artifact.clone(),
+                        })
+                    })
+                    .collect(),
+            })
+        });
         Some(ModelRelease {
             version,
             epoch: self.pointer.epoch,
             registry_id: self.id.clone(),
             artifact: model.artifact.clone(),
+            routing,
         })
+    }
+
+    /// The routing table in force, production and the epoch.
+    pub fn route_state(&self, changed: bool) -> RouteReply {
+        RouteReply {
+            production: self.pointer.version,
+            table: self.pointer.routing.clone(),
+            epoch: self.pointer.epoch,
+            changed,
+        }
+    }
+
+    /// Reads, sets or clears the routing table. A change is checked whole
+    /// (every version servable, none the production version), committed to
+    /// the history with `actor` and `reason`, and moves the production
+    /// epoch; a refused one changes nothing.
+    pub fn route(
+        &mut self,
+        action: RouteAction,
+        reason: Option<&str>,
+        actor: &str,
+    ) -> Result<RouteReply, StoreError> {
+        let (table, default_reason) = match action {
+            RouteAction::Read => return Ok(self.route_state(false)),
+            RouteAction::Clear if self.pointer.routing.is_none() => {
+                return Ok(self.route_state(false))
+            }
+            RouteAction::Clear => (None, "routing table cleared"),
+            RouteAction::Set(table) => (Some(table), "routing table set"),
+        };
+        let reason = reason.unwrap_or(default_reason);
+        for (what, text) in [("reason", reason), ("actor", actor)] {
+            check_text(what, text)
+                .map_err(|e| RouteError::new(RouteProblem::BadText, e.to_string()))?;
+        }
+        let Some(production) = self.pointer.version else {
+            return Err(RouteError::new(
+                RouteProblem::NoProduction,
+                "there is no production model to split traffic with",
+            )
+            .into());
+        };
+        if let Some(t) = &table {
+            self.check_servable(t, production)?;
+            if self.pointer.routing.as_ref() == Some(t) {
+                return Ok(self.route_state(false));
+            }
+        }
+        let action = if table.is_some() {
+            MoveAction::RouteSet
+        } else {
+            MoveAction::RouteClear
+        };
+        self.commit(&[Draft {
+            alias: Alias::Production,
+            to: production,
+            action,
+            actor,
+            reason: reason.to_owned(),
+            route: Some(table),
+        }])?;
+        Ok(self.route_state(true))
+    }
+
+    /// Every version of `table` is stored, servable (its file verified
+    /// again) and not `production`.
+    fn check_servable(&mut self, table: &RouteTable, production: u64) -> Result<(), StoreError> {
+        for version in table.versions() {
+            if version == production {
+                return Err(RouteError::new(
+                    RouteProblem::IsProduction,
+                    format!("v{version} is the production version; it takes the rest of the traffic already"),
+                )
+                .into());
+            }
+            match self.verify_on_disk(version) {
+                Ok(()) => {}
+                Err(StoreError::UnknownVersion(v)) => {
+                    return Err(RouteError::new(
+                        RouteProblem::UnknownVersion,
+                        format!("v{v} is not in the registry"),
+                    )
+                    .into())
+                }
+                Err(StoreError::Corrupt { version, reason }) => {
+                    return Err(RouteError::new(
+                        RouteProblem::CorruptVersion,
+                        format!("v{version} cannot be served: its artifact is corrupt ({reason})"),
+                    )
+                    .into())
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears a routing table that names a version this registry cannot
+    /// serve (found at start-up), recorded in the history.
+    fn recover_routing(&mut self) -> Result<(), StoreError> {
+        let Some(table) = &self.pointer.routing else {
+            return Ok(());
+        };
+        let bad = table
+            .versions()
+            .find(|v| !self.models.contains_key(v) || self.pointer.version == Some(*v));
+        let (Some(bad), Some(production)) = (bad, self.pointer.version) else {
+            return Ok(());
+        };
+        let reason = format!("the routing table names v{bad}, which cannot be served; cleared");
+        tracing::error!(version = bad, %reason, "routing table recovered");
+        self.commit(&[Draft {
+            alias: Alias::Production,
+            to: production,
+            action: MoveAction::RouteClear,
+            actor: REGISTRY_ACTOR,
+            reason,
+            route: Some(None),
+        }])?;
+        Ok(())
     }
 
     /// Moves the production epoch past `seen`, an epoch of this registry
@@ -929,6 +1134,7 @@ impl Store {
             action: MoveAction::Recovery,
             actor: REGISTRY_ACTOR,
             reason,
+            route: None,
         }]);
         if outcome.is_err() && self.pointer.epoch == seen {
             self.pointer.epoch = kept;

@@ -121,6 +121,11 @@ const RULES: &[Rule] = &[
         subscribe: &["registry"],
     },
     Rule {
+        subject: "ml.registry.route",
+        publish: &["admin"],
+        subscribe: &["registry"],
+    },
+    Rule {
         subject: "ml.model.production",
         publish: &["registry"],
         subscribe: &["predictor", "monitor"],
@@ -378,7 +383,35 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
         "{text}"
     );
     outputs.push(text);
-    for args in [&["models"][..], &["runs"][..], &["stats"][..]] {
+    // The operator sets, reads and clears a routing table.
+    let (ok, text) = mlctl(
+        &[
+            "route", "--canary", "1:10", "--reason", "canary", "--actor", "olivia",
+        ],
+        &as_admin,
+    );
+    assert!(
+        ok && text.contains("candidate") && text.contains("v1"),
+        "{text}"
+    );
+    outputs.push(text);
+    let user = read_rows(&data)[0].0.clone();
+    let (ok, text) = wait_for("the table served", WAIT, || {
+        let (ok, text) = mlctl(&["predict", &user, "--routing-key", "k-1"], &as_admin);
+        async move { (ok && text.contains("\"variant\":")).then_some((ok, text)) }
+    })
+    .await;
+    assert!(ok && text.contains("\"request_id\":"), "{text}");
+    outputs.push(text);
+    let (ok, text) = mlctl(&["route", "--clear", "--actor", "olivia"], &as_admin);
+    assert!(ok && text.contains("no routing table"), "{text}");
+    outputs.push(text);
+    for args in [
+        &["models"][..],
+        &["runs"][..],
+        &["stats"][..],
+        &["route"][..],
+    ] {
         let (ok, text) = mlctl(args, &as_admin);
         assert!(ok, "{args:?}: {text}");
         outputs.push(text);

@@ -392,6 +392,7 @@ async fn bad_model_artifacts_are_refused_by_the_registry_and_by_predictors() {
         epoch: 100,
         registry_id: registry_id.clone(),
         artifact,
+        routing: None,
     };
     for (_, bytes, _) in bad_encodings(|a| codec::encode(&release(a))) {
         client
@@ -407,6 +408,7 @@ async fn bad_model_artifacts_are_refused_by_the_registry_and_by_predictors() {
         epoch: 50,
         registry_id: registry_id.clone(),
         artifact: artifact(),
+        routing: None,
     };
     assert_eq!(served().await, Some(1), "still version 1");
     client

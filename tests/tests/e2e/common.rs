@@ -115,6 +115,37 @@ pub fn exact_artifact(offset: f64) -> ml_shared::model::ModelArtifact {
     }
 }
 
+/// A submission of [`exact_artifact`]`(rmse)` claiming that RMSE (run
+/// `i`): on [`write_exact_data`]'s rows, the registry finds the same figure.
+pub fn exact_submission(i: u64, rmse: f64) -> ml_shared::messages::Submission {
+    use ml_shared::messages::{Metrics, RunRecord, Submission, TrainParams};
+    let names: Vec<String> = vec!["feature_1".into(), "feature_2".into(), "feature_3".into()];
+    Submission {
+        run: RunRecord {
+            run_id: format!("run-test-{i:04}"),
+            started_ms: ml_shared::time::now_ms(),
+            duration_ms: 1,
+            params: TrainParams {
+                model: "linear".into(),
+                seed: 42,
+                validation_fraction: 0.2,
+            },
+            metrics: Metrics::regression(rmse, rmse * 0.8, 0.99),
+            rows_train: 80,
+            rows_validation: 20,
+            data_path: "users.csv".into(),
+            data_fingerprint: format!("sha256:{i:064x}"),
+            feature_names: names.clone(),
+        },
+        // On the exact data the registry's holdout holds, this model's RMSE
+        // is `rmse`: the figure claimed is the figure the registry finds.
+        artifact: ml_shared::model::ModelArtifact {
+            feature_names: names,
+            ..exact_artifact(rmse)
+        },
+    }
+}
+
 /// Writes generated sample data.
 pub fn write_data(path: &Path, rows: usize, seed: u64) {
     let file = std::fs::File::create(path).expect("data file");
@@ -220,7 +251,10 @@ pub async fn predictor_request_counts(client: &Client) -> std::collections::BTre
     let mut counts = std::collections::BTreeMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
     while let Ok(Some(m)) = tokio::time::timeout_at(deadline, replies.next()).await {
-        let v: Value = serde_json::from_slice(&m.payload).expect("stats JSON");
+        // A status message (no responders: no predictor yet) is not a reply.
+        let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else {
+            continue;
+        };
         let id = v["id"].as_str().expect("id").to_owned();
         let n = v["endpoints"][0]["num_requests"].as_u64().unwrap_or(0);
         counts.insert(id, n);

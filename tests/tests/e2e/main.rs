@@ -15,6 +15,7 @@ mod monitoring;
 mod onnx;
 mod pipeline;
 mod processes;
+mod rollouts;
 mod swaps;
 mod trainer_scale;
 mod trust;

@@ -13,10 +13,8 @@ use std::time::{Duration, Instant};
 
 use ml_shared::lifecycle::{AliasMove, HistoryReply};
 use ml_shared::messages::{
-    ApiReply, ExperimentRow, Metrics, ModelsReply, RunRecord, RunsReply, Submission, SubmitReply,
-    TrainParams,
+    ApiReply, ExperimentRow, ModelsReply, RunsReply, Submission, SubmitReply,
 };
-use ml_shared::model::ModelArtifact;
 use ml_tests::services::{binary, Process};
 use ml_tests::{wait_for, NatsServer};
 use rand::{Rng, SeedableRng};
@@ -27,31 +25,7 @@ use crate::common::*;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn submission(i: u64, rmse: f64) -> Submission {
-    let names: Vec<String> = vec!["feature_1".into(), "feature_2".into(), "feature_3".into()];
-    Submission {
-        run: RunRecord {
-            run_id: format!("run-test-{i:04}"),
-            started_ms: ml_shared::time::now_ms(),
-            duration_ms: 1,
-            params: TrainParams {
-                model: "linear".into(),
-                seed: 42,
-                validation_fraction: 0.2,
-            },
-            metrics: Metrics::regression(rmse, rmse * 0.8, 0.99),
-            rows_train: 80,
-            rows_validation: 20,
-            data_path: "users.csv".into(),
-            data_fingerprint: format!("sha256:{i:064x}"),
-            feature_names: names.clone(),
-        },
-        // On the exact data the registry's holdout holds, this model's RMSE
-        // is `rmse`: the figure claimed is the figure the registry finds.
-        artifact: ModelArtifact {
-            feature_names: names,
-            ..exact_artifact(rmse)
-        },
-    }
+    exact_submission(i, rmse)
 }
 
 /// Submits and returns the acknowledgement, or why there was none.

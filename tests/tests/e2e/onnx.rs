@@ -463,8 +463,9 @@ async fn bad_imports_are_refused_naming_the_problem_and_production_is_untouched(
     let log = stack.bed.dir.path().join("predictor.log");
     wait_for("the predictor refuses the version", WAIT, || async {
         let text = std::fs::read_to_string(&log).ok()?;
-        (text.contains("published model refused") && text.contains("more than the limit of 2000"))
-            .then_some(())
+        (text.contains("refused; keeping the current")
+            && text.contains("more than the limit of 2000"))
+        .then_some(())
     })
     .await;
     stack.assert_serves("linear", version).await;

@@ -337,20 +337,22 @@ async fn a_registry_reset_is_said_loudly_and_the_fleet_follows_the_registry() {
     let fresh: PathBuf = dir.path().join("fresh");
     let _new = registry(&shipped, &fresh, &data, &log("registry-new"));
     listing(&admin, "ml.registry.models", "").await;
+    let said = |name: &str| {
+        std::fs::read_to_string(log(name))
+            .unwrap()
+            .contains("registry reset")
+    };
+    // The predictor reconciles (every 500 ms) with the old registry's model
+    // in hand: the new registry, still empty, says so.
+    wait_for("the new registry hears of the old model", WAIT, || async {
+        said("registry-new").then_some(())
+    })
+    .await;
     let reply = submit(&trainer, &honest("run-new", 0.25)).await;
     assert_eq!(reply["version"], 1, "{reply}");
     wait_for("the new registry's model served", WAIT, || async {
         offset().await.filter(|o| (o - 0.25).abs() < 1e-9)
     })
     .await;
-    let said = |name: &str| {
-        std::fs::read_to_string(log(name))
-            .unwrap()
-            .contains("registry reset")
-    };
     assert!(said("predictor"), "the predictor says nothing of the reset");
-    wait_for("the new registry hears of the old model", WAIT, || async {
-        said("registry-new").then_some(())
-    })
-    .await;
 }

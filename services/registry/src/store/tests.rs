@@ -484,3 +484,163 @@ fn an_epoch_seen_beyond_the_directory_is_passed_and_recorded() {
     drop(store);
     assert_eq!(open(dir.path()).production_epoch(), 10);
 }
+
+fn set_table(candidates: &[(u64, u32)], shadow: Option<(u64, u32)>) -> RouteAction {
+    use ml_shared::routing::Weighted;
+    RouteAction::Set(RouteTable {
+        candidates: candidates
+            .iter()
+            .map(|&(version, percent)| Weighted { version, percent })
+            .collect(),
+        shadow: shadow.map(|(version, percent)| Weighted { version, percent }),
+        sticky: true,
+    })
+}
+
+fn route_problem(store: &mut Store, action: RouteAction) -> RouteProblem {
+    match store.route(action, Some("try"), "alice") {
+        Err(StoreError::Route(e)) => e.problem,
+        other => panic!("refused, not {other:?}"),
+    }
+}
+
+#[test]
+fn routing_tables_are_checked_committed_replayed_and_cleared_by_a_promotion() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    assert_eq!(
+        route_problem(&mut store, set_table(&[(1, 10)], None)),
+        RouteProblem::NoProduction
+    );
+    register(&mut store, submission(1.0)).unwrap();
+    for intercept in [2.0, 3.0, 4.0] {
+        let r = register(&mut store, submission_rmse(intercept, 0.5)).unwrap();
+        assert!(!r.production);
+    }
+    let epoch = store.production_epoch();
+    let pointer_before = fs::read(dir.path().join(PRODUCTION)).unwrap();
+
+    let reply = store
+        .route(
+            set_table(&[(2, 10)], Some((3, 20))),
+            Some("canary"),
+            "alice",
+        )
+        .unwrap();
+    assert!(reply.changed);
+    assert_eq!((reply.production, reply.epoch), (Some(1), epoch + 1));
+    let in_force = RouteReply {
+        changed: false,
+        ..reply.clone()
+    };
+    let release = store.production_release().unwrap();
+    let routing = release.routing.expect("the table goes with the release");
+    assert_eq!(
+        routing.models.iter().map(|m| m.version).collect::<Vec<_>>(),
+        [2, 3]
+    );
+    let line = store.history(Some(1)).unwrap().remove(0);
+    assert_eq!(
+        (
+            line.kind,
+            line.action,
+            line.actor.as_str(),
+            line.reason.as_str()
+        ),
+        (MoveKind::Route, MoveAction::RouteSet, "alice", "canary")
+    );
+    assert_eq!(line.route.as_ref(), reply.table.as_ref());
+    // The same table again changes nothing: no line, no epoch.
+    let lines = store.history(None).unwrap().len();
+    let again = store
+        .route(set_table(&[(2, 10)], Some((3, 20))), None, "alice")
+        .unwrap();
+    assert!(!again.changed);
+    assert_eq!(again.epoch, reply.epoch);
+    assert_eq!(store.history(None).unwrap().len(), lines);
+
+    // Refused tables change nothing.
+    let seq = store.history(None).unwrap().len();
+    assert_eq!(
+        route_problem(&mut store, set_table(&[(1, 10)], None)),
+        RouteProblem::IsProduction
+    );
+    assert_eq!(
+        route_problem(&mut store, set_table(&[(2, 10)], Some((1, 5)))),
+        RouteProblem::IsProduction
+    );
+    assert_eq!(
+        route_problem(&mut store, set_table(&[(99, 10)], None)),
+        RouteProblem::UnknownVersion
+    );
+    let artifact = dir.path().join(model_file(4));
+    let mut bytes = fs::read(&artifact).unwrap();
+    bytes[60] ^= 0x01;
+    fs::write(&artifact, bytes).unwrap();
+    assert_eq!(
+        route_problem(&mut store, set_table(&[(4, 10)], None)),
+        RouteProblem::CorruptVersion
+    );
+    assert_eq!(store.history(None).unwrap().len(), seq);
+    assert_eq!(store.route_state(false), in_force);
+
+    // A crash between the history line and the pointer: replayed.
+    drop(store);
+    let pointer_after = fs::read(dir.path().join(PRODUCTION)).unwrap();
+    fs::write(dir.path().join(PRODUCTION), &pointer_before).unwrap();
+    let mut store = open(dir.path());
+    assert_eq!(store.route_state(false), in_force);
+    assert_eq!(
+        fs::read(dir.path().join(PRODUCTION)).unwrap(),
+        pointer_after
+    );
+
+    // A promotion clears the table, and says so.
+    let moved = store.promote(2, "canary good", "alice").unwrap();
+    assert!(moved.route_cleared && moved.moved);
+    assert_eq!(moved.epoch, reply.epoch + 1);
+    assert_eq!(store.route_state(false).table, None);
+    assert!(store.production_release().unwrap().routing.is_none());
+    let line = store.history(Some(1)).unwrap().remove(0);
+    assert!(line.route_cleared && line.kind == MoveKind::Alias);
+    drop(store);
+    let mut store = open(dir.path());
+    assert_eq!(store.route_state(false).table, None, "after a restart too");
+
+    // A clear is recorded; a clear of nothing is not.
+    store
+        .route(set_table(&[(3, 5)], None), None, "bob")
+        .unwrap();
+    let cleared = store.route(RouteAction::Clear, None, "bob").unwrap();
+    assert!(cleared.changed && cleared.table.is_none());
+    let line = store.history(Some(1)).unwrap().remove(0);
+    assert_eq!((line.action, line.route), (MoveAction::RouteClear, None));
+    assert!(
+        !store
+            .route(RouteAction::Clear, None, "bob")
+            .unwrap()
+            .changed
+    );
+}
+
+#[test]
+fn a_table_naming_a_version_that_cannot_be_served_is_cleared_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    register(&mut store, submission(1.0)).unwrap();
+    register(&mut store, submission_rmse(2.0, 0.5)).unwrap();
+    store
+        .route(set_table(&[(2, 10)], None), None, "alice")
+        .unwrap();
+    let epoch = store.production_epoch();
+    drop(store);
+    fs::remove_file(dir.path().join(model_file(2))).unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.route_state(false).table, None);
+    assert_eq!(store.production_epoch(), epoch + 1);
+    let line = store.history(Some(1)).unwrap().remove(0);
+    assert_eq!(
+        (line.action, line.actor.as_str()),
+        (MoveAction::RouteClear, REGISTRY_ACTOR)
+    );
+}

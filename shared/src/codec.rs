@@ -6,7 +6,7 @@
 //! | bytes | content |
 //! |---|---|
 //! | 8 | magic `MLMODEL\0` |
-//! | 2 | format version, little-endian (currently 3) |
+//! | 2 | format version, little-endian (currently 4) |
 //! | 8 | payload length, little-endian |
 //! | 32 | SHA-256 of the payload |
 //! | n | payload: `bincode` 2 (standard config) of the value, through serde |
@@ -17,8 +17,10 @@
 //!
 //! Format history: version 1 had regression-only metrics and no scaler in
 //! the artifact; version 2 added the logistic family, the scaler, and
-//! metrics for classifiers; version 3 (this build) adds the training data's
-//! reference profile to the artifact, for drift monitoring. `bincode` is not
+//! metrics for classifiers; version 3 added the training data's reference
+//! profile to the artifact, for drift monitoring; version 4 (this build)
+//! adds the graph of an imported ONNX model to the artifact (and the ONNX
+//! model kinds, which go last in their enum). `bincode` is not
 //! self-describing, so new fields cannot decode from old bytes: a reader
 //! that must accept files written by older versions (the registry's store)
 //! uses [`decode_or_legacy`] with the old shapes. Messages on the wire are
@@ -32,7 +34,7 @@ use sha2::{Digest, Sha256};
 /// The first bytes of every encoded value.
 pub const MAGIC: &[u8; 8] = b"MLMODEL\0";
 /// The format version written by this build.
-pub const FORMAT_VERSION: u16 = 3;
+pub const FORMAT_VERSION: u16 = 4;
 /// The oldest format version readable through [`decode_or_legacy`].
 pub const OLDEST_VERSION: u16 = 1;
 /// Largest payload accepted by [`decode`] (64 MiB).
@@ -81,6 +83,14 @@ fn config() -> bincode::config::Configuration<
 /// Encodes `value` in the envelope.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     encode_as(value, FORMAT_VERSION)
+}
+
+/// Encodes `value` in the envelope of an older format `version` (`value`
+/// must have that version's shape): for the tests of readers that must still
+/// read files written by older builds.
+#[doc(hidden)]
+pub fn encode_as_version<T: Serialize>(value: &T, version: u16) -> Vec<u8> {
+    encode_as(value, version)
 }
 
 fn encode_as<T: Serialize>(value: &T, version: u16) -> Vec<u8> {
@@ -202,6 +212,7 @@ mod tests {
                 scale: vec![1.0, 3.5],
             }),
             profile: None,
+            onnx: None,
         }
     }
 
@@ -287,6 +298,7 @@ mod tests {
                     intercept: v1.intercept,
                     scaler: v2,
                     profile: None,
+                    onnx: None,
                 })
             })
         };
@@ -368,6 +380,7 @@ mod fuzz {
                     intercept,
                     scaler: scaler.map(|(mean, scale)| crate::model::Scaler { mean, scale }),
                     profile: None,
+                    onnx: None,
                 }
             })
     }

@@ -19,6 +19,9 @@ pub enum EvaluationError {
     /// No labelled row to evaluate on.
     #[error("no labelled rows to evaluate on")]
     NoRows,
+    /// The model could not be run on the rows.
+    #[error("the model cannot be run: {0}")]
+    Model(String),
     /// The model's output is not a finite number on some row.
     #[error(
         "the model predicts {value} on holdout row {row} (entity {entity:?}): not a finite number"
@@ -99,32 +102,69 @@ pub fn roc_auc(truth: &[f64], score: &[f64]) -> f64 {
 pub type LabelledRow<'a> = (&'a str, &'a [f64], f64);
 
 /// The metrics of `artifact` on `rows`, its features computed by `registry`
-/// (the code the predictors run). Every prediction must be finite.
+/// (the code the predictors run). Every prediction must be finite. Native
+/// models only (an ONNX artifact predicts NaN here): an engine scores any
+/// artifact through [`evaluate_batch`].
 pub fn evaluate<'a>(
     artifact: &ModelArtifact,
     registry: &FeatureRegistry,
     rows: impl IntoIterator<Item = LabelledRow<'a>>,
 ) -> Result<Metrics, EvaluationError> {
-    let plan = registry.plan(&artifact.feature_names)?;
+    let width = artifact.feature_names.len();
+    evaluate_batch(
+        &artifact.feature_names,
+        artifact.kind.is_classifier(),
+        registry,
+        rows,
+        |features, _| {
+            Ok(features
+                .chunks_exact(width)
+                .map(|x| artifact.predict(x))
+                .collect())
+        },
+    )
+}
+
+/// The metrics of a model taking `feature_names` on `rows`: every row's
+/// features are computed by `registry`'s plan into one row-major matrix,
+/// scored by one call of `predict(matrix, rows)`, which returns one
+/// prediction per row (a classifier's: the probability of class 1). Every
+/// prediction must be finite.
+pub fn evaluate_batch<'a>(
+    feature_names: &[String],
+    classifier: bool,
+    registry: &FeatureRegistry,
+    rows: impl IntoIterator<Item = LabelledRow<'a>>,
+    predict: impl FnOnce(&[f64], usize) -> Result<Vec<f64>, String>,
+) -> Result<Metrics, EvaluationError> {
+    let plan = registry.plan(feature_names)?;
     let mut features = vec![0.0; plan.len()];
-    let (mut truth, mut predicted) = (Vec::new(), Vec::new());
-    for (row, (entity, raw, target)) in rows.into_iter().enumerate() {
+    let (mut matrix, mut entities, mut truth) = (Vec::new(), Vec::new(), Vec::new());
+    for (entity, raw, target) in rows {
         plan.compute_into(raw, &mut features);
-        let value = artifact.predict(&features);
-        if !value.is_finite() {
-            return Err(EvaluationError::NonFinite {
-                row,
-                entity: entity.to_owned(),
-                value,
-            });
-        }
+        matrix.extend_from_slice(&features);
+        entities.push(entity);
         truth.push(target);
-        predicted.push(value);
     }
     if truth.is_empty() {
         return Err(EvaluationError::NoRows);
     }
-    Ok(if artifact.kind.is_classifier() {
+    let predicted = predict(&matrix, truth.len()).map_err(EvaluationError::Model)?;
+    if predicted.len() != truth.len() {
+        return Err(EvaluationError::Model(format!(
+            "{} predictions for {} rows",
+            predicted.len(),
+            truth.len()
+        )));
+    }
+    if let Some(row) = predicted.iter().position(|p| !p.is_finite()) {
+        return Err(EvaluationError::NonFinite {
+            row,
+            entity: entities[row].to_owned(),
+            value: predicted[row],
+        });
+    }
+    Ok(if classifier {
         classification_metrics(&truth, &predicted)
     } else {
         regression_metrics(&truth, &predicted)
@@ -144,6 +184,7 @@ mod tests {
             intercept: 1.0,
             scaler: None,
             profile: None,
+            onnx: None,
         }
     }
 

@@ -408,6 +408,29 @@ pub struct Submission {
     pub artifact: ModelArtifact,
 }
 
+/// An operator's import of an ONNX model (binary, through [`crate::codec`]):
+/// the file and its lineage. The registry checks and evaluates the model
+/// itself; the reply is a [`SubmitReply`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImportRequest {
+    /// The ONNX graph and the SHA-256 of the file as the importer read it.
+    pub graph: crate::model::OnnxGraph,
+    /// The declared kind ([`crate::model::ModelKind::OnnxRegressor`] or
+    /// [`crate::model::ModelKind::OnnxClassifier`]); `None` to take the
+    /// model's outputs' word.
+    pub kind: Option<crate::model::ModelKind>,
+    /// The model's input features (raw or derived), in input order.
+    pub feature_names: Vec<String>,
+    /// The file's name, for the run record.
+    pub file_name: String,
+    /// Who imports it.
+    pub actor: String,
+    /// Why.
+    pub reason: String,
+    /// When the importer read the file, ms since the Unix epoch.
+    pub read_ms: u64,
+}
+
 /// The registry's reply to a submission (JSON).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SubmitReply {

@@ -21,6 +21,11 @@ pub enum ModelKind {
     /// the probability of class 1. New variants go last: the codec encodes
     /// the variant's position.
     Logistic,
+    /// An imported ONNX regressor ([`ModelArtifact::onnx`]): one value per row.
+    OnnxRegressor,
+    /// An imported ONNX binary classifier ([`ModelArtifact::onnx`]): the
+    /// probability of class 1.
+    OnnxClassifier,
 }
 
 impl ModelKind {
@@ -29,12 +34,20 @@ impl ModelKind {
         match self {
             ModelKind::Linear => "linear",
             ModelKind::Logistic => "logistic",
+            ModelKind::OnnxRegressor => "onnx_regressor",
+            ModelKind::OnnxClassifier => "onnx_classifier",
         }
+    }
+
+    /// Whether the model is an imported ONNX graph (scored by an engine,
+    /// not by [`ModelArtifact::predict`]).
+    pub fn is_onnx(self) -> bool {
+        matches!(self, ModelKind::OnnxRegressor | ModelKind::OnnxClassifier)
     }
 
     /// Whether the model is a classifier (its prediction is a probability).
     pub fn is_classifier(self) -> bool {
-        matches!(self, ModelKind::Logistic)
+        matches!(self, ModelKind::Logistic | ModelKind::OnnxClassifier)
     }
 }
 
@@ -111,6 +124,79 @@ pub enum ModelError {
     /// The scaler does not match the features, or a scale is not positive.
     #[error("invalid scaler: {0}")]
     BadScaler(String),
+    /// The ONNX graph is missing, misplaced, too large or not what its digest says.
+    #[error("invalid ONNX model: {0}")]
+    BadOnnx(String),
+}
+
+/// The largest ONNX graph an artifact may carry by default: artifacts travel
+/// in one NATS message (the server's `max_payload`, 1 MB), with room for the
+/// rest of the release.
+pub const DEFAULT_MAX_ONNX_BYTES: usize = 768 * 1024;
+
+/// An imported ONNX graph, as carried by an artifact: the file's bytes and
+/// their SHA-256 (lowercase hex), checked by [`ModelArtifact::validate`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnnxGraph {
+    /// The ONNX file, byte for byte.
+    #[serde(with = "bytes")]
+    pub bytes: Vec<u8>,
+    /// SHA-256 of `bytes`, lowercase hex.
+    pub sha256: String,
+}
+
+impl OnnxGraph {
+    /// The graph of `bytes`, with their digest.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        let sha256 = sha256_hex(&bytes);
+        Self { bytes, sha256 }
+    }
+}
+
+/// SHA-256 of `bytes`, lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Bytes as one length-prefixed block (serde's default for `Vec<u8>` is a
+/// sequence of numbers: up to 3 bytes each in bincode's varint encoding).
+mod bytes {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(b) = seq.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        deserializer.deserialize_byte_buf(Visitor)
+    }
 }
 
 /// A trained model with the ordered names of the features it expects.
@@ -132,6 +218,11 @@ pub struct ModelArtifact {
     /// artifact travels inside enums.
     #[serde(default)]
     pub profile: Option<Box<ReferenceProfile>>,
+    /// The graph of an imported ONNX model ([`ModelKind::OnnxRegressor`],
+    /// [`ModelKind::OnnxClassifier`]), whose `coefficients` are empty and
+    /// `intercept` 0; `None` for a native model. Boxed, like the profile.
+    #[serde(default)]
+    pub onnx: Option<Box<OnnxGraph>>,
 }
 
 impl ModelArtifact {
@@ -140,16 +231,19 @@ impl ModelArtifact {
         if self.feature_names.is_empty() {
             return Err(ModelError::NoFeatures);
         }
+        for (i, name) in self.feature_names.iter().enumerate() {
+            if self.feature_names[..i].contains(name) {
+                return Err(ModelError::DuplicateFeature(name.clone()));
+            }
+        }
+        if self.kind.is_onnx() || self.onnx.is_some() {
+            return self.validate_onnx();
+        }
         if self.coefficients.len() != self.feature_names.len() {
             return Err(ModelError::ShapeMismatch {
                 coefficients: self.coefficients.len(),
                 features: self.feature_names.len(),
             });
-        }
-        for (i, name) in self.feature_names.iter().enumerate() {
-            if self.feature_names[..i].contains(name) {
-                return Err(ModelError::DuplicateFeature(name.clone()));
-            }
         }
         if !self.intercept.is_finite() {
             return Err(ModelError::NotFinite("intercept".into()));
@@ -189,6 +283,45 @@ impl ModelArtifact {
         Ok(())
     }
 
+    /// The checks of an ONNX artifact: an ONNX kind with a graph, no linear
+    /// parameters, a graph within the codec's limit
+    /// ([`crate::codec::MAX_PAYLOAD`]; services apply their own, smaller one) and bytes matching their digest.
+    /// Whether the engine can run the graph is the engine's check.
+    fn validate_onnx(&self) -> Result<(), ModelError> {
+        let Some(graph) = &self.onnx else {
+            return Err(ModelError::BadOnnx(format!(
+                "a {} model carries no graph",
+                self.kind.as_str()
+            )));
+        };
+        if !self.kind.is_onnx() {
+            return Err(ModelError::BadOnnx(format!(
+                "a {} model carries a graph",
+                self.kind.as_str()
+            )));
+        }
+        if !self.coefficients.is_empty() || self.scaler.is_some() || self.intercept != 0.0 {
+            return Err(ModelError::BadOnnx(
+                "an ONNX model has no coefficients, intercept or scaler".into(),
+            ));
+        }
+        if graph.bytes.is_empty() {
+            return Err(ModelError::BadOnnx("the graph is empty (0 bytes)".into()));
+        }
+        if graph.bytes.len() > crate::codec::MAX_PAYLOAD {
+            return Err(ModelError::BadOnnx(format!(
+                "the graph is {} bytes",
+                graph.bytes.len()
+            )));
+        }
+        if sha256_hex(&graph.bytes) != graph.sha256 {
+            return Err(ModelError::BadOnnx(
+                "the graph does not match its sha256".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The score `intercept + Σ coefficient·z` for one feature vector, in
     /// `feature_names` order (standardised here when the model has a scaler).
     #[inline]
@@ -219,12 +352,14 @@ impl ModelArtifact {
 
     /// The prediction for one feature vector, in `feature_names` order: the
     /// score for a linear model, the probability of class 1 for a logistic one.
+    /// An ONNX model is scored by an engine (`ml_onnx::Scorer`): here it
+    /// predicts NaN, which every caller refuses as not finite.
     #[inline]
     pub fn predict(&self, features: &[f64]) -> f64 {
-        let score = self.score(features);
         match self.kind {
-            ModelKind::Linear => score,
-            ModelKind::Logistic => sigmoid(score),
+            ModelKind::Linear => self.score(features),
+            ModelKind::Logistic => sigmoid(self.score(features)),
+            ModelKind::OnnxRegressor | ModelKind::OnnxClassifier => f64::NAN,
         }
     }
 
@@ -279,7 +414,29 @@ mod tests {
             intercept: 0.5,
             scaler: None,
             profile: None,
+            onnx: None,
         }
+    }
+
+    #[test]
+    fn onnx_artifacts_carry_a_graph_matching_its_digest() {
+        let mut m = model();
+        m.kind = ModelKind::OnnxRegressor;
+        assert!(matches!(m.validate(), Err(ModelError::BadOnnx(_))));
+        m.coefficients.clear();
+        m.intercept = 0.0;
+        m.onnx = Some(Box::new(OnnxGraph::new(b"graph".to_vec())));
+        assert_eq!(m.validate(), Ok(()));
+        assert!(m.predict(&[1.0, 2.0]).is_nan());
+        m.onnx.as_mut().unwrap().bytes[0] ^= 1;
+        assert!(matches!(m.validate(), Err(ModelError::BadOnnx(_))));
+        m.onnx = Some(Box::new(OnnxGraph::new(Vec::new())));
+        assert!(matches!(m.validate(), Err(ModelError::BadOnnx(_))));
+        let mut native = model();
+        native.onnx = Some(Box::new(OnnxGraph::new(b"graph".to_vec())));
+        assert!(matches!(native.validate(), Err(ModelError::BadOnnx(_))));
+        assert!(ModelKind::OnnxClassifier.is_classifier());
+        assert_eq!(ModelKind::OnnxClassifier.as_str(), "onnx_classifier");
     }
 
     #[test]

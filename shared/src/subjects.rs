@@ -27,6 +27,8 @@ pub struct Subjects {
     pub registry_rollback: String,
     /// Request-reply (JSON): every alias move.
     pub registry_history: String,
+    /// Request-reply (binary): an operator imports an ONNX model.
+    pub registry_import: String,
     /// Request-reply (JSON): read, set or clear the routing table.
     pub registry_route: String,
     /// Broadcast (binary): a new production model, to every predictor.
@@ -58,6 +60,7 @@ impl Subjects {
             registry_promote: format!("{p}.registry.promote"),
             registry_rollback: format!("{p}.registry.rollback"),
             registry_history: format!("{p}.registry.history"),
+            registry_import: format!("{p}.registry.import"),
             registry_route: format!("{p}.registry.route"),
             model_production: format!("{p}.model.production"),
             monitor_events: format!("{p}.monitor.events"),

@@ -154,7 +154,7 @@ fn tensor_meta(name: &str, datatype: &str, shape: &[i64]) -> Value {
 
 /// Whether a model family has a label output.
 pub fn is_classifier(kind: &str) -> bool {
-    kind == "logistic"
+    kind == "logistic" || kind == "onnx_classifier"
 }
 
 fn metadata(state: &AppState, models: &ModelsReply, model: &ModelSummary) -> Value {

@@ -7,6 +7,7 @@
 //! timeout.
 
 pub mod bench;
+pub mod import;
 pub mod registry_view;
 mod requests;
 pub mod secrets;
@@ -147,6 +148,9 @@ pub enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Import an ONNX model (scikit-learn via skl2onnx) as a new version:
+    /// checked here, then checked, evaluated and registered by the registry.
+    Import(import::ImportArgs),
     /// Print the monitor's current statistics (JSON).
     Stats,
     /// Write deterministic sample data as CSV.
@@ -228,6 +232,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Top(args) => top::run(&nats, args).await,
+        Command::Import(args) => import::run(&nats, args).await,
         command => {
             let client = connect(&nats).await?;
             let code = requests::run(&client, &nats.subjects(), command).await;
@@ -295,7 +300,7 @@ fn unavailable(error: async_nats::RequestError, service: &str, subject: &str) ->
     }
 }
 
-async fn request_json(
+pub(crate) async fn request_json(
     client: &Client,
     subject: &str,
     body: Vec<u8>,
@@ -355,7 +360,7 @@ pub(crate) fn print_reply<T: DeserializeOwned>(payload: Bytes) -> ExitCode {
     with_reply(payload, |_: T| println!("{text}"))
 }
 
-fn print_error(error: &ErrorReply) -> ExitCode {
+pub(crate) fn print_error(error: &ErrorReply) -> ExitCode {
     eprintln!(
         "{}",
         serde_json::to_string(error).unwrap_or_else(|_| error.to_string())

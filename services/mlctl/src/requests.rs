@@ -90,7 +90,8 @@ pub async fn run(
         | Command::Bench(_)
         | Command::Echo
         | Command::Secrets
-        | Command::Top(_) => unreachable!("not a request command"),
+        | Command::Top(_)
+        | Command::Import(_) => unreachable!("not a request command"),
     }
 }
 

@@ -234,6 +234,7 @@ mod tests {
             intercept: 3.0,
             scaler: None,
             profile: None,
+            onnx: None,
         };
         let plan = registry.plan(&names).unwrap();
         let rows: Vec<Vec<f64>> = grid(2000, 0.0).iter().map(|r| plan.compute(r)).collect();

@@ -31,6 +31,7 @@ fn state() -> (ServingState, Vec<String>) {
             intercept: 3.0,
             scaler: None,
             profile: None,
+            onnx: None,
         },
         routing: None,
     };

@@ -21,6 +21,7 @@
 //! (the other replicas take new ones), flushes its events and leaves.
 
 pub mod events;
+pub mod scoring;
 pub mod serving;
 pub mod updates;
 
@@ -83,6 +84,11 @@ pub struct Config {
     /// Largest batch (`{"user_ids": [...]}`) a request may hold.
     #[arg(long, env = "MAX_BATCH", default_value_t = serving::DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
+
+    /// The largest ONNX model loaded, in bytes (a larger published version
+    /// is refused; the current one keeps serving).
+    #[arg(long, env = "ONNX_MAX_BYTES", default_value_t = ml_shared::model::DEFAULT_MAX_ONNX_BYTES)]
+    pub onnx_max_bytes: usize,
 
     /// This instance's id in latency events (default: host name and pid).
     #[arg(long, env = "PREDICTOR_ID")]
@@ -163,7 +169,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let predictor_id = config.predictor_id.clone().unwrap_or_else(default_id);
     let state = Arc::new(
         ServingState::with_max_batch(registry, store, config.max_batch)
-            .with_instance(&predictor_id),
+            .with_instance(&predictor_id)
+            .with_onnx_max_bytes(config.onnx_max_bytes),
     );
 
     let buffer = config.predict_buffer.max(1);

@@ -207,6 +207,8 @@ pub struct LoadedModel {
     pub artifact: ModelArtifact,
     /// How to compute its inputs from raw features.
     pub plan: FeaturePlan,
+    /// How to score them (native or ONNX).
+    pub scorer: ml_onnx::Scorer,
 }
 
 /// What serves, swapped as one: the production model and, while a routing
@@ -284,6 +286,9 @@ pub enum LoadError {
     /// More features than [`MAX_FEATURES`].
     #[error("{0} features; at most {MAX_FEATURES} are supported")]
     TooWide(usize),
+    /// The model cannot be scored (an ONNX graph the engine refuses).
+    #[error(transparent)]
+    Scorer(#[from] ml_onnx::ScorerError),
     /// The routing table names a version whose model was not sent.
     #[error("the routing table names v{0}, but its model is not in the release")]
     MissingModel(u64),
@@ -302,6 +307,7 @@ pub enum LoadError {
 pub struct ServingState {
     registry: FeatureRegistry,
     max_batch: usize,
+    onnx_max_bytes: usize,
     model: ArcSwapOption<Deployment>,
     store: ArcSwap<FeatureStore>,
     ids: RequestIds,
@@ -323,10 +329,17 @@ impl ServingState {
         Self {
             registry,
             max_batch,
+            onnx_max_bytes: ml_shared::model::DEFAULT_MAX_ONNX_BYTES,
             model: ArcSwapOption::empty(),
             store: ArcSwap::from_pointee(store),
             ids: RequestIds::new(&format!("{:08x}", fast_random() as u32)),
         }
+    }
+
+    /// Loads ONNX models of up to `max` bytes.
+    pub fn with_onnx_max_bytes(mut self, max: usize) -> Self {
+        self.onnx_max_bytes = max;
+        self
     }
 
     /// Request ids are `<id>-<nonce>-<n>`: this predictor's id, a random
@@ -415,12 +428,14 @@ impl ServingState {
             return Err(LoadError::TooWide(artifact.feature_names.len()));
         }
         let plan = self.registry.plan(&artifact.feature_names)?;
+        let scorer = ml_onnx::Scorer::load(&artifact, self.onnx_max_bytes)?;
         Ok(LoadedModel {
             version,
             epoch,
             registry_id,
             artifact,
             plan,
+            scorer,
         })
     }
 
@@ -482,8 +497,7 @@ impl ServingState {
         let x = &mut x[..model.plan.len()];
         let mut score = |raw: &[f64]| {
             model.plan.compute_into(raw, x);
-            let p = model.artifact.predict(x);
-            let p = p.is_finite().then_some(p)?;
+            let p = model.scorer.predict_one(x)?;
             if let Some(sample) = sample.as_deref_mut() {
                 sample.set(raw, p);
             }
@@ -510,7 +524,7 @@ impl ServingState {
                 Ok(Answer::One {
                     user_id: Some(user_id),
                     prediction,
-                    label: model.artifact.label(prediction),
+                    label: model.scorer.label(prediction),
                     model_version: model.version,
                     variant,
                     request_id: self.ids.next(),
@@ -533,21 +547,15 @@ impl ServingState {
                     );
                 }
                 let store = self.store.load();
-                let mut predictions = Vec::with_capacity(user_ids.len());
-                let mut unknown_user_ids = Vec::new();
-                for id in user_ids {
-                    match store.raw(&id) {
-                        Some(raw) => predictions.push(score(raw)),
-                        None => {
-                            predictions.push(None);
-                            unknown_user_ids.push(id);
-                        }
-                    }
-                }
+                let (predictions, unknown_user_ids) =
+                    match crate::scoring::score_batch(model, &store, user_ids, sample) {
+                        Ok(scored) => scored,
+                        Err(message) => return fail(ErrorCode::Internal, message),
+                    };
                 let labels = model.artifact.kind.is_classifier().then(|| {
                     predictions
                         .iter()
-                        .map(|p| p.and_then(|p| model.artifact.label(p)))
+                        .map(|p| p.and_then(|p| model.scorer.label(p)))
                         .collect()
                 });
                 Ok(Answer::Many {
@@ -576,7 +584,7 @@ impl ServingState {
                 Ok(Answer::One {
                     user_id: None,
                     prediction,
-                    label: model.artifact.label(prediction),
+                    label: model.scorer.label(prediction),
                     model_version: model.version,
                     variant,
                     request_id: self.ids.next(),
@@ -647,6 +655,7 @@ mod tests {
                 intercept: 0.5,
                 scaler: None,
                 profile: None,
+                onnx: None,
             },
             routing: None,
         }
@@ -953,6 +962,7 @@ mod fuzz {
                 intercept: 0.5,
                 scaler: None,
                 profile: None,
+                onnx: None,
             },
             routing: None,
         };

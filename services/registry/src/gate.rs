@@ -2,13 +2,16 @@
 //! validation metric is no worse than the production version's by more than
 //! a relative tolerance (`PROMOTE_TOLERANCE`).
 //!
-//! The metric fits the family: RMSE (lower is better) for a linear model,
-//! accuracy (higher is better) for a logistic one. "Worse by" is relative to
+//! The metric fits the task: RMSE (lower is better) for a regressor (linear
+//! or imported ONNX), accuracy (higher is better) for a classifier (logistic
+//! or imported ONNX). "Worse by" is relative to
 //! production's value: with a tolerance of 0.05, a regression model passes
 //! with an RMSE up to 1.05 × production's, a classifier with an accuracy down
-//! to 0.95 × production's. The first model always passes. A model of another
-//! family than production's is not comparable and stays a candidate; a person
-//! can promote it.
+//! to 0.95 × production's. The first model always passes. Models of the same
+//! task are compared whatever their engine (an ONNX regressor with a linear
+//! production model: both are scored on the same holdout rows); a model of
+//! the other task is not comparable and stays a candidate; a person can
+//! promote it.
 
 use ml_shared::lifecycle::GateReport;
 use ml_shared::messages::Metrics;
@@ -19,9 +22,10 @@ pub const DEFAULT_TOLERANCE: f64 = 0.05;
 
 /// The metric the gate compares for a family, and whether higher is better.
 pub fn gate_metric(kind: ModelKind) -> (&'static str, bool) {
-    match kind {
-        ModelKind::Linear => ("rmse", false),
-        ModelKind::Logistic => ("accuracy", true),
+    if kind.is_classifier() {
+        ("accuracy", true)
+    } else {
+        ("rmse", false)
     }
 }
 
@@ -62,7 +66,7 @@ pub fn decide(
             format!("{metric} {value:.6}: first model, no production version to compare with"),
         );
     };
-    if prod.kind != candidate.kind {
+    if prod.kind.is_classifier() != candidate.kind.is_classifier() {
         return report(
             None,
             false,
@@ -185,5 +189,35 @@ mod tests {
         );
         assert!(!g.promoted);
         assert!(g.reason.contains("not comparable"), "{}", g.reason);
+    }
+
+    #[test]
+    fn models_of_one_task_compare_whatever_their_engine() {
+        let prod = Metrics::regression(1.0, 0.8, 0.9);
+        let better = Metrics::regression(0.9, 0.7, 0.92);
+        let g = decide(
+            c(2, ModelKind::OnnxRegressor, &better),
+            Some(c(1, ModelKind::Linear, &prod)),
+            0.0,
+        );
+        assert!(g.promoted, "{}", g.reason);
+        assert_eq!(g.metric, "rmse");
+        let acc = Metrics::classification(0.8, 0.4, 0.85);
+        let g = decide(
+            c(2, ModelKind::OnnxClassifier, &acc),
+            Some(c(1, ModelKind::Logistic, &acc)),
+            0.0,
+        );
+        assert!(g.promoted && g.metric == "accuracy", "{}", g.reason);
+        let g = decide(
+            c(3, ModelKind::OnnxClassifier, &acc),
+            Some(c(2, ModelKind::OnnxRegressor, &better)),
+            1.0,
+        );
+        assert!(
+            !g.promoted && g.reason.contains("not comparable"),
+            "{}",
+            g.reason
+        );
     }
 }

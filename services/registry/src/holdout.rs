@@ -17,12 +17,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use ml_onnx::Scorer;
 use ml_shared::data::{DataError, HashingReader, RowReader, TARGET};
-use ml_shared::evaluation::{self, EvaluationError};
+use ml_shared::evaluation::EvaluationError;
 use ml_shared::features::FeatureRegistry;
 use ml_shared::holdout::is_holdout;
 use ml_shared::messages::Metrics;
-use ml_shared::model::ModelArtifact;
 
 /// The labelled holdout rows of one version of the data file.
 #[derive(Debug)]
@@ -50,10 +50,10 @@ impl HoldoutRows {
         self.entities.is_empty()
     }
 
-    /// The metrics of `artifact` on these rows.
+    /// The metrics of a model (native or ONNX) on these rows.
     pub fn evaluate(
         &self,
-        artifact: &ModelArtifact,
+        scorer: &Scorer,
         registry: &FeatureRegistry,
     ) -> Result<Metrics, EvaluationError> {
         let rows = (0..self.len()).map(|i| {
@@ -63,7 +63,7 @@ impl HoldoutRows {
                 self.targets[i],
             )
         });
-        evaluation::evaluate(artifact, registry, rows)
+        scorer.evaluate(registry, rows)
     }
 }
 

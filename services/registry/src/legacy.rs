@@ -1,11 +1,13 @@
-//! The shapes of artifact files written by codec formats 1 and 2, so that a
+//! The shapes of artifact files written by codec formats 1 to 3, so that a
 //! registry directory written before the logistic family and the scaler
-//! (format 1) or the reference profile (format 2) existed still opens: every
+//! (format 1), the reference profile (format 2) or imported ONNX models
+//! (format 3) existed still opens: every
 //! old version stays listed, servable and promotable (without a drift check,
 //! for want of a profile).
 
 use ml_shared::messages::{Metrics, RunRecord, TrainParams};
 use ml_shared::model::{ModelArtifact, ModelKind, Scaler};
+use ml_shared::profile::ReferenceProfile;
 use serde::Deserialize;
 
 use crate::store::StoredModel;
@@ -73,6 +75,7 @@ impl From<StoredModelV1> for StoredModel {
                 intercept: old.artifact.intercept,
                 scaler: None,
                 profile: None,
+                onnx: None,
             },
             // Format 1 recorded no lineage.
             parent: None,
@@ -112,8 +115,116 @@ impl From<StoredModelV2> for StoredModel {
                 intercept: old.artifact.intercept,
                 scaler: old.artifact.scaler,
                 profile: None,
+                onnx: None,
             },
             parent: old.parent,
         }
+    }
+}
+
+/// A stored model as format 3 wrote it: the artifact had no ONNX graph.
+#[derive(Debug, Deserialize)]
+pub struct StoredModelV3 {
+    version: u64,
+    created_ms: u64,
+    run: RunRecord,
+    artifact: ArtifactV3,
+    parent: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ArtifactV3 {
+    kind: ModelKind,
+    feature_names: Vec<String>,
+    coefficients: Vec<f64>,
+    intercept: f64,
+    scaler: Option<Scaler>,
+    profile: Option<Box<ReferenceProfile>>,
+}
+
+impl From<StoredModelV3> for StoredModel {
+    fn from(old: StoredModelV3) -> Self {
+        StoredModel {
+            version: old.version,
+            created_ms: old.created_ms,
+            run: old.run,
+            artifact: ModelArtifact {
+                kind: old.artifact.kind,
+                feature_names: old.artifact.feature_names,
+                coefficients: old.artifact.coefficients,
+                intercept: old.artifact.intercept,
+                scaler: old.artifact.scaler,
+                profile: old.artifact.profile,
+                onnx: None,
+            },
+            parent: old.parent,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::read_model;
+    use serde::Serialize;
+
+    #[derive(Serialize)]
+    struct WrittenV3 {
+        version: u64,
+        created_ms: u64,
+        run: RunRecord,
+        artifact: WrittenArtifactV3,
+        parent: Option<u64>,
+    }
+
+    #[derive(Serialize)]
+    struct WrittenArtifactV3 {
+        kind: ModelKind,
+        feature_names: Vec<String>,
+        coefficients: Vec<f64>,
+        intercept: f64,
+        scaler: Option<Scaler>,
+        profile: Option<Box<ReferenceProfile>>,
+    }
+
+    #[test]
+    fn a_format_3_artifact_file_reads_as_a_native_model() {
+        let names = vec!["feature_1".to_owned()];
+        let written = WrittenV3 {
+            version: 7,
+            created_ms: 1,
+            run: RunRecord {
+                run_id: "r".into(),
+                started_ms: 1,
+                duration_ms: 2,
+                params: TrainParams {
+                    model: "linear".into(),
+                    seed: 1,
+                    validation_fraction: 0.2,
+                },
+                metrics: Metrics::regression(1.0, 1.0, 0.5),
+                rows_train: 10,
+                rows_validation: 2,
+                data_path: "d.csv".into(),
+                data_fingerprint: "f".into(),
+                feature_names: names.clone(),
+            },
+            artifact: WrittenArtifactV3 {
+                kind: ModelKind::Linear,
+                feature_names: names,
+                coefficients: vec![2.0],
+                intercept: 1.0,
+                scaler: None,
+                profile: None,
+            },
+            parent: Some(6),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model-00000007.bin");
+        std::fs::write(&path, ml_shared::codec::encode_as_version(&written, 3)).unwrap();
+        let model = read_model(&path).unwrap();
+        assert_eq!((model.version, model.parent), (7, Some(6)));
+        assert_eq!(model.artifact.onnx, None);
+        assert_eq!(model.artifact.predict(&[3.0]), 7.0);
     }
 }

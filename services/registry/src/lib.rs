@@ -8,6 +8,9 @@
 //!   registry's figures, reply `{"version":N,"production":bool,"gate":{…}}`
 //!   only after the fsyncs, then publish the production model on
 //!   `ml.model.production` if it changed;
+//! - `ml.registry.import` (binary, operators): load an ONNX model with
+//!   `ml-onnx` (refused with the engine's reason otherwise), then as a
+//!   submission: holdout metrics, store, gate, publish ([`import`]);
 //! - `ml.registry.promote`, `ml.registry.rollback` (JSON): move `production`
 //!   by hand, recorded in the history with who and why, then publish;
 //! - `ml.registry.route` (JSON): read, set or clear the routing table
@@ -29,6 +32,7 @@
 
 pub mod gate;
 pub mod holdout;
+pub mod import;
 pub mod journal;
 pub mod legacy;
 pub mod service;
@@ -80,6 +84,17 @@ pub struct Config {
     /// `VALIDATION_FRACTION`.
     #[arg(long, env = "REGISTRY_HOLDOUT_FRACTION", default_value_t = 0.2)]
     pub holdout_fraction: f64,
+
+    /// The largest ONNX model accepted (imports and submissions), in bytes.
+    /// A version travels in one NATS message: keep it under the server's
+    /// `max_payload` (1 MB) with room for the rest of the release.
+    #[arg(long, env = "ONNX_MAX_BYTES", default_value_t = ml_shared::model::DEFAULT_MAX_ONNX_BYTES)]
+    pub onnx_max_bytes: usize,
+
+    /// The longest the engine may take to load an imported ONNX model; a
+    /// slower one is refused (every predictor loads it on promotion).
+    #[arg(long, env = "ONNX_MAX_LOAD", default_value = "5s", value_parser = ml_shared::settings::parse_duration)]
+    pub onnx_max_load: std::time::Duration,
 }
 
 impl Config {
@@ -123,7 +138,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // instead and the submission gets `unavailable`, like on a full disk.
     let file_size_signal = watch_file_size_signal();
     let client = ml_shared::nats::connect(&config.nats, "registry").await?;
-    let registry = service::Registry::new(client.clone(), config.nats.subjects(), store, holdout);
+    let registry = service::Registry::new(client.clone(), config.nats.subjects(), store, holdout)
+        .with_onnx_limits(import::OnnxLimits {
+            max_bytes: config.onnx_max_bytes,
+            max_load: config.onnx_max_load,
+        });
     let served = service::serve(registry, shutdown).await;
     tracing::info!("registry stopping");
     if let Some(task) = file_size_signal {

@@ -22,8 +22,8 @@ use ml_shared::lifecycle::{
     RollbackRequest, RouteRequest,
 };
 use ml_shared::messages::{
-    ErrorCode, ErrorReply, Metrics, Page, ProductionQuery, ProductionReply, RunsReply, Submission,
-    SubmitReply,
+    ErrorCode, ErrorReply, ImportRequest, Metrics, Page, ProductionQuery, ProductionReply,
+    RunsReply, Submission, SubmitReply,
 };
 use ml_shared::model::ModelArtifact;
 use ml_shared::routing::{RouteError, RouteProblem};
@@ -61,13 +61,15 @@ pub enum Endpoint {
     Rollback,
     /// `ml.registry.history`.
     History,
+    /// `ml.registry.import`.
+    Import,
     /// `ml.registry.route`.
     Route,
 }
 
 impl Endpoint {
     /// Every endpoint.
-    pub const ALL: [Endpoint; 9] = [
+    pub const ALL: [Endpoint; 10] = [
         Endpoint::Submit,
         Endpoint::Production,
         Endpoint::Models,
@@ -76,6 +78,7 @@ impl Endpoint {
         Endpoint::Promote,
         Endpoint::Rollback,
         Endpoint::History,
+        Endpoint::Import,
         Endpoint::Route,
     ];
 
@@ -90,6 +93,7 @@ impl Endpoint {
             Endpoint::Promote => ("promote", &s.registry_promote),
             Endpoint::Rollback => ("rollback", &s.registry_rollback),
             Endpoint::History => ("history", &s.registry_history),
+            Endpoint::Import => ("import", &s.registry_import),
             Endpoint::Route => ("route", &s.registry_route),
         }
     }
@@ -102,6 +106,8 @@ pub struct Registry {
     store: Arc<Mutex<Store>>,
     holdout: Arc<Mutex<Holdout>>,
     features: Arc<FeatureRegistry>,
+    /// What an ONNX model may cost.
+    onnx: crate::import::OnnxLimits,
     /// Foreign registry ids already reported, so each is logged once.
     foreign: Mutex<HashSet<String>>,
 }
@@ -115,7 +121,33 @@ impl Registry {
             store: Arc::new(Mutex::new(store)),
             holdout: Arc::new(Mutex::new(holdout)),
             features: Arc::new(FeatureRegistry::default()),
+            onnx: crate::import::OnnxLimits::default(),
             foreign: Mutex::default(),
+        }
+    }
+
+    /// Accepts ONNX models within `limits`.
+    pub fn with_onnx_limits(mut self, limits: crate::import::OnnxLimits) -> Self {
+        self.onnx = limits;
+        self
+    }
+
+    /// A model's metrics on the holdout: native or ONNX, loaded by the
+    /// engine with the registry's limit (a model the engine refuses is
+    /// invalid, the holdout unreadable makes it unverifiable).
+    fn evaluator(&self) -> impl FnMut(&ModelArtifact) -> Result<Metrics, StoreError> + Send {
+        let (holdout, features) = (self.holdout.clone(), self.features.clone());
+        let max = self.onnx.max_bytes;
+        move |artifact: &ModelArtifact| {
+            let scorer = ml_onnx::Scorer::load(artifact, max)
+                .map_err(|e| StoreError::Invalid(format!("the model cannot be scored: {e}")))?;
+            let rows = holdout
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .rows(&features)
+                .map_err(|e| StoreError::Unverifiable(e.to_string()))?;
+            rows.evaluate(&scorer, &features)
+                .map_err(|e| StoreError::Invalid(format!("on the registry's holdout: {e}")))
         }
     }
 }
@@ -190,6 +222,7 @@ impl Registry {
             Endpoint::Promote => self.on_promote(&request).await,
             Endpoint::Rollback => self.on_rollback(&request).await,
             Endpoint::History => self.on_history(&request).await,
+            Endpoint::Import => self.on_import(&request).await,
             Endpoint::Route => self.on_route(&request).await,
         }
     }
@@ -253,20 +286,50 @@ impl Registry {
             }
         };
         let run_id = submission.run.run_id.chars().take(100).collect::<String>();
-        let (holdout, features) = (self.holdout.clone(), self.features.clone());
-        let mut evaluate = move |artifact: &ModelArtifact| -> Result<Metrics, StoreError> {
-            let rows = holdout
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .rows(&features)
-                .map_err(|e| StoreError::Unverifiable(e.to_string()))?;
-            rows.evaluate(artifact, &features)
-                .map_err(|e| StoreError::Invalid(format!("on the registry's holdout: {e}")))
-        };
-        match self
+        let mut evaluate = self.evaluator();
+        let outcome = self
             .with_store(move |s| s.register(submission, &mut evaluate))
-            .await
-        {
+            .await;
+        self.after_register(request, &run_id, outcome).await;
+    }
+
+    /// An operator's ONNX model: checked and loaded here ([`crate::import`]),
+    /// its claimed metrics the registry's own, then registered like a
+    /// submission.
+    async fn on_import(&self, request: &Request) {
+        let import: ImportRequest = match codec::decode(&request.message.payload) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, bytes = request.message.payload.len(), "unreadable import");
+                let reply =
+                    ErrorReply::new(ErrorCode::BadRequest, format!("unreadable import: {e}"));
+                return self.reply_error(request, &reply).await;
+            }
+        };
+        let (actor, file) = (import.actor.clone(), import.file_name.clone());
+        let run_id = format!("import-{actor}-{}", import.read_ms);
+        let (limits, features) = (self.onnx, self.features.clone());
+        let mut evaluate = self.evaluator();
+        let outcome = self
+            .with_store(move |s| {
+                let mut submission = crate::import::submission(import, &limits, &features)?;
+                submission.run.metrics = evaluate(&submission.artifact)?;
+                s.register(submission, &mut evaluate)
+            })
+            .await;
+        if let Err(error) = &outcome {
+            tracing::warn!(%actor, %file, %error, "onnx import refused");
+        }
+        self.after_register(request, &run_id, outcome).await;
+    }
+
+    async fn after_register(
+        &self,
+        request: &Request,
+        run_id: &str,
+        outcome: Result<crate::store::Registered, StoreError>,
+    ) {
+        match outcome {
             Ok(registered) => {
                 let gate = &registered.gate;
                 tracing::info!(

@@ -68,7 +68,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::gate::{self, Contender};
 use crate::journal::{self, io_err, IoError, TMP_SUFFIX};
-use crate::legacy::{StoredModelV1, StoredModelV2};
+use crate::legacy::{StoredModelV1, StoredModelV2, StoredModelV3};
 
 const MODELS_DIR: &str = "models";
 const EXPERIMENTS: &str = "experiments.csv";
@@ -1311,6 +1311,7 @@ pub fn read_model(path: &Path) -> Result<StoredModel, String> {
     let model: StoredModel = codec::decode_or_legacy(&bytes, |old| match old.version() {
         1 => old.decode::<StoredModelV1>().map(Into::into),
         2 => old.decode::<StoredModelV2>().map(Into::into),
+        3 => old.decode::<StoredModelV3>().map(Into::into),
         v => Err(CodecError::UnsupportedVersion(v)),
     })
     .map_err(|e: CodecError| e.to_string())?;

@@ -333,6 +333,12 @@ pub fn train_dataset(
             (fitted.params().to_vec(), fitted.intercept())
         }
         ModelKind::Logistic => fit_logistic(x, &y, spec.max_iterations)?,
+        ModelKind::OnnxRegressor | ModelKind::OnnxClassifier => {
+            return Err(TrainError::Fit(format!(
+                "{} models are imported, not trained",
+                kind.as_str()
+            )))
+        }
     };
     let mut artifact = ModelArtifact {
         kind,
@@ -341,6 +347,7 @@ pub fn train_dataset(
         intercept,
         scaler: Some(scaler),
         profile: None,
+        onnx: None,
     };
     artifact.validate()?;
     // The profile describes the features as the monitor sees them: raw,
@@ -356,9 +363,10 @@ pub fn train_dataset(
         .map(|row| artifact.predict(row.as_slice().expect("contiguous")))
         .collect();
     let truth: Vec<f64> = val_rows.iter().map(|&r| targets[r]).collect();
-    let metrics = match kind {
-        ModelKind::Linear => regression_metrics(&truth, &predicted),
-        ModelKind::Logistic => classification_metrics(&truth, &predicted),
+    let metrics = if kind.is_classifier() {
+        classification_metrics(&truth, &predicted)
+    } else {
+        regression_metrics(&truth, &predicted)
     };
     let run = run_record(RunParts {
         run_id,

@@ -542,6 +542,12 @@ pub fn train_file(
                 report.convergence = Some(convergence);
                 (theta[..p].to_vec(), theta[p])
             }
+            ModelKind::OnnxRegressor | ModelKind::OnnxClassifier => {
+                return Err(TrainError::Fit(format!(
+                    "{} models are imported, not trained",
+                    kind.as_str()
+                )))
+            }
         };
         let artifact = ModelArtifact {
             kind,
@@ -550,6 +556,7 @@ pub fn train_file(
             intercept,
             scaler: Some(scaler),
             profile: None,
+            onnx: None,
         };
         artifact.validate()?;
         Ok(artifact)
@@ -748,21 +755,22 @@ enum Scoring {
 
 impl Scoring {
     fn new(kind: ModelKind) -> Self {
-        match kind {
-            ModelKind::Linear => Scoring::Regression {
+        if !kind.is_classifier() {
+            Scoring::Regression {
                 n: 0,
                 sse: 0.0,
                 sae: 0.0,
                 mean: 0.0,
                 m2: 0.0,
-            },
-            ModelKind::Logistic => Scoring::Classification {
+            }
+        } else {
+            Scoring::Classification {
                 n: 0,
                 correct: 0,
                 loss: 0.0,
                 positives: Vec::new(),
                 negatives: Vec::new(),
-            },
+            }
         }
     }
 

@@ -12,11 +12,16 @@
 //! Inference is tract (pure Rust), with two ONNX-ML operators added that
 //! tract-onnx does not register: `Scaler` and `TreeEnsembleRegressor`
 //! ([`ops`]).
+//!
+//! [`Scorer`] puts native artifacts and ONNX ones behind one interface, for
+//! the registry (holdout metrics) and the predictors (serving).
 
 mod error;
 mod inspect;
 mod model;
 pub mod ops;
+mod scorer;
 
 pub use error::{OnnxError, UnsupportedOperator};
 pub use model::{Kind, Limits, OnnxModel, Output};
+pub use scorer::{onnx_kind, Scorer, ScorerError};

@@ -116,6 +116,11 @@ const RULES: &[Rule] = &[
         subscribe: &["registry"],
     },
     Rule {
+        subject: "ml.registry.import",
+        publish: &["admin"],
+        subscribe: &["registry"],
+    },
+    Rule {
         subject: "ml.registry.route",
         publish: &["admin"],
         subscribe: &["registry"],
@@ -459,6 +464,7 @@ async fn the_shipped_nats_config_lets_each_service_do_its_job_and_nothing_more()
     for target in [
         "ml.train",
         "ml.registry.submit",
+        "ml.registry.import",
         "ml.registry.promote",
         "ml.alerts",
         "ml.model.production",

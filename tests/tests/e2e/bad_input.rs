@@ -271,6 +271,7 @@ fn artifact() -> ModelArtifact {
         intercept: 0.5,
         scaler: None,
         profile: None,
+        onnx: None,
     }
 }
 

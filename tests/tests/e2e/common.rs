@@ -111,6 +111,7 @@ pub fn exact_artifact(offset: f64) -> ml_shared::model::ModelArtifact {
         intercept: intercept + offset,
         scaler: None,
         profile: None,
+        onnx: None,
     }
 }
 

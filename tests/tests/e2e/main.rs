@@ -12,6 +12,7 @@ mod load;
 mod model_registry;
 mod monitor_bounds;
 mod monitoring;
+mod onnx;
 mod pipeline;
 mod processes;
 mod rollouts;

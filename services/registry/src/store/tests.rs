@@ -56,6 +56,7 @@ fn submission_with(intercept: f64, kind: ModelKind, metrics: Metrics) -> Submiss
             intercept,
             scaler: None,
             profile: None,
+            onnx: None,
         },
     }
 }

@@ -720,7 +720,9 @@ pub enum ProgressEvent {
     Reading,
     /// A pass over the data file is done.
     PassDone,
-    /// The model is fitted and scored; the registry is evaluating it.
+    /// The model is fitted and scored; the registry is evaluating it. The
+    /// report's `pass_number` is then the number of passes made, `bytes` the
+    /// file's size, and its rates those of all passes together.
     Submitting,
 }
 

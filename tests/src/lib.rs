@@ -443,6 +443,21 @@ where
     }
 }
 
+/// Waits until a registry answers `ml.registry.models` with its listing (a
+/// registry still starting answers nothing, or `unavailable`).
+///
+/// # Panics
+///
+/// If no registry answers within `timeout`.
+pub async fn registry_answers(client: &async_nats::Client, timeout: Duration) {
+    wait_for("the registry answers", timeout, || async {
+        let reply = client.request("ml.registry.models", "".into()).await.ok()?;
+        let listing: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
+        listing["models"].is_array().then_some(())
+    })
+    .await
+}
+
 /// Installs a `tracing` subscriber printing to the test output, only when the
 /// env variable `TEST_LOG` is set; filtered by `RUST_LOG` (default `info`).
 /// Idempotent: later calls (and calls after another subscriber was installed)

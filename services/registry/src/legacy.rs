@@ -83,18 +83,25 @@ impl From<StoredModelV1> for StoredModel {
     }
 }
 
-/// A stored model as format 2 wrote it: the artifact had no profile.
+/// A stored model as formats 2 and 3 wrote it, with its format's artifact.
 #[derive(Debug, Deserialize)]
-pub struct StoredModelV2 {
+pub struct StoredModelOf<A> {
     version: u64,
     created_ms: u64,
     run: RunRecord,
-    artifact: ArtifactV2,
+    artifact: A,
     parent: Option<u64>,
 }
 
+/// Format 2: the artifact had no profile.
+pub type StoredModelV2 = StoredModelOf<ArtifactV2>;
+
+/// Format 3: the artifact had no ONNX graph.
+pub type StoredModelV3 = StoredModelOf<ArtifactV3>;
+
+/// Format 2's artifact.
 #[derive(Debug, Deserialize)]
-struct ArtifactV2 {
+pub struct ArtifactV2 {
     kind: ModelKind,
     feature_names: Vec<String>,
     coefficients: Vec<f64>,
@@ -102,61 +109,47 @@ struct ArtifactV2 {
     scaler: Option<Scaler>,
 }
 
-impl From<StoredModelV2> for StoredModel {
-    fn from(old: StoredModelV2) -> Self {
-        StoredModel {
-            version: old.version,
-            created_ms: old.created_ms,
-            run: old.run,
-            artifact: ModelArtifact {
-                kind: old.artifact.kind,
-                feature_names: old.artifact.feature_names,
-                coefficients: old.artifact.coefficients,
-                intercept: old.artifact.intercept,
-                scaler: old.artifact.scaler,
-                profile: None,
-                onnx: None,
-            },
-            parent: old.parent,
+/// Format 3's artifact: format 2's fields, then the profile (bincode
+/// writes a nested struct's fields in line, so this reads the flat record).
+#[derive(Debug, Deserialize)]
+pub struct ArtifactV3 {
+    base: ArtifactV2,
+    profile: Option<Box<ReferenceProfile>>,
+}
+
+impl ArtifactV2 {
+    fn with_profile(self, profile: Option<Box<ReferenceProfile>>) -> ModelArtifact {
+        ModelArtifact {
+            kind: self.kind,
+            feature_names: self.feature_names,
+            coefficients: self.coefficients,
+            intercept: self.intercept,
+            scaler: self.scaler,
+            profile,
+            onnx: None,
         }
     }
 }
 
-/// A stored model as format 3 wrote it: the artifact had no ONNX graph.
-#[derive(Debug, Deserialize)]
-pub struct StoredModelV3 {
-    version: u64,
-    created_ms: u64,
-    run: RunRecord,
-    artifact: ArtifactV3,
-    parent: Option<u64>,
+impl From<ArtifactV2> for ModelArtifact {
+    fn from(old: ArtifactV2) -> Self {
+        old.with_profile(None)
+    }
 }
 
-#[derive(Debug, Deserialize)]
-struct ArtifactV3 {
-    kind: ModelKind,
-    feature_names: Vec<String>,
-    coefficients: Vec<f64>,
-    intercept: f64,
-    scaler: Option<Scaler>,
-    profile: Option<Box<ReferenceProfile>>,
+impl From<ArtifactV3> for ModelArtifact {
+    fn from(old: ArtifactV3) -> Self {
+        old.base.with_profile(old.profile)
+    }
 }
 
-impl From<StoredModelV3> for StoredModel {
-    fn from(old: StoredModelV3) -> Self {
+impl<A: Into<ModelArtifact>> From<StoredModelOf<A>> for StoredModel {
+    fn from(old: StoredModelOf<A>) -> Self {
         StoredModel {
             version: old.version,
             created_ms: old.created_ms,
             run: old.run,
-            artifact: ModelArtifact {
-                kind: old.artifact.kind,
-                feature_names: old.artifact.feature_names,
-                coefficients: old.artifact.coefficients,
-                intercept: old.artifact.intercept,
-                scaler: old.artifact.scaler,
-                profile: old.artifact.profile,
-                onnx: None,
-            },
+            artifact: old.artifact.into(),
             parent: old.parent,
         }
     }
@@ -169,11 +162,11 @@ mod tests {
     use serde::Serialize;
 
     #[derive(Serialize)]
-    struct WrittenV3 {
+    struct WrittenV3<A> {
         version: u64,
         created_ms: u64,
         run: RunRecord,
-        artifact: WrittenArtifactV3,
+        artifact: A,
         parent: Option<u64>,
     }
 
@@ -187,10 +180,65 @@ mod tests {
         profile: Option<Box<ReferenceProfile>>,
     }
 
+    #[derive(Serialize)]
+    struct WrittenArtifactV2 {
+        kind: ModelKind,
+        feature_names: Vec<String>,
+        coefficients: Vec<f64>,
+        intercept: f64,
+        scaler: Option<Scaler>,
+    }
+
+    #[test]
+    fn a_format_2_artifact_file_reads_as_a_native_model_without_a_profile() {
+        let WrittenV3 {
+            version,
+            created_ms,
+            run,
+            artifact,
+            parent,
+        } = written_v3();
+        let written = WrittenV3 {
+            version,
+            created_ms,
+            run,
+            artifact: WrittenArtifactV2 {
+                kind: artifact.kind,
+                feature_names: artifact.feature_names,
+                coefficients: artifact.coefficients,
+                intercept: artifact.intercept,
+                scaler: Some(Scaler {
+                    mean: vec![1.0],
+                    scale: vec![2.0],
+                }),
+            },
+            parent,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model-00000007.bin");
+        std::fs::write(&path, ml_shared::codec::encode_as_version(&written, 2)).unwrap();
+        let model = read_model(&path).unwrap();
+        assert_eq!((model.version, model.parent), (7, Some(6)));
+        assert!(model.artifact.profile.is_none() && model.artifact.onnx.is_none());
+        // z = (3 − 1)/2 = 1; 2·1 + 1.
+        assert_eq!(model.artifact.predict(&[3.0]), 3.0);
+    }
+
     #[test]
     fn a_format_3_artifact_file_reads_as_a_native_model() {
+        let written = written_v3();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model-00000007.bin");
+        std::fs::write(&path, ml_shared::codec::encode_as_version(&written, 3)).unwrap();
+        let model = read_model(&path).unwrap();
+        assert_eq!((model.version, model.parent), (7, Some(6)));
+        assert_eq!(model.artifact.onnx, None);
+        assert_eq!(model.artifact.predict(&[3.0]), 7.0);
+    }
+
+    fn written_v3() -> WrittenV3<WrittenArtifactV3> {
         let names = vec!["feature_1".to_owned()];
-        let written = WrittenV3 {
+        WrittenV3 {
             version: 7,
             created_ms: 1,
             run: RunRecord {
@@ -218,13 +266,6 @@ mod tests {
                 profile: None,
             },
             parent: Some(6),
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("model-00000007.bin");
-        std::fs::write(&path, ml_shared::codec::encode_as_version(&written, 3)).unwrap();
-        let model = read_model(&path).unwrap();
-        assert_eq!((model.version, model.parent), (7, Some(6)));
-        assert_eq!(model.artifact.onnx, None);
-        assert_eq!(model.artifact.predict(&[3.0]), 7.0);
+        }
     }
 }

@@ -35,6 +35,7 @@ pub mod holdout;
 pub mod import;
 pub mod journal;
 pub mod legacy;
+pub mod recent;
 pub mod service;
 pub mod store;
 

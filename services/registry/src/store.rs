@@ -69,6 +69,7 @@ use serde::{Deserialize, Serialize};
 use crate::gate::{self, Contender};
 use crate::journal::{self, io_err, IoError, TMP_SUFFIX};
 use crate::legacy::{StoredModelV1, StoredModelV2, StoredModelV3};
+use crate::recent::RecentIds;
 
 const MODELS_DIR: &str = "models";
 const EXPERIMENTS: &str = "experiments.csv";
@@ -262,6 +263,8 @@ pub struct Store {
     next_version: u64,
     tolerance: f64,
     id: String,
+    /// Failed runs already logged: a repeated report is logged once.
+    failed_runs: RecentIds,
 }
 
 /// The contents of `registry.json`.
@@ -289,11 +292,15 @@ impl Store {
             next_version: 1,
             tolerance,
             id: String::new(),
+            failed_runs: RecentIds::default(),
         };
         store.remove_temporaries()?;
         store.id = store.load_identity()?;
         store.load_models()?;
         let rows = store.recover_experiments()?;
+        for row in rows.iter().filter(|r| r.status == "failed") {
+            store.failed_runs.insert(&row.run_id);
+        }
         let history = store.recover_history()?;
         store.pointer = store.load_pointer(&history)?;
         store.next_version = store
@@ -770,9 +777,13 @@ impl Store {
         Err(e)
     }
 
-    /// Logs a run that produced no model (`status=failed`).
+    /// Logs a run that produced no model (`status=failed`), once: a run id
+    /// logged recently is acknowledged again without a second line.
     pub fn record_failure(&mut self, run: &FailedRun) -> Result<(), StoreError> {
         check_text("run_id", &run.run_id)?;
+        if self.failed_runs.contains(&run.run_id) {
+            return Ok(());
+        }
         check_text("reason", &run.reason)?;
         check_text("data_path", &run.data_path)?;
         check_text("params.model", &run.params.model)?;
@@ -807,6 +818,7 @@ impl Store {
             Some(&csv_header()),
             &csv_line(&row),
         )?;
+        self.failed_runs.insert(&run.run_id);
         Ok(())
     }
 

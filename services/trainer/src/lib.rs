@@ -28,6 +28,7 @@
 //! nothing new. When the registry cannot say, the trainer trains. A request
 //! on `ml.train` always trains.
 
+pub mod failures;
 pub mod pipeline;
 pub mod recorded;
 mod runs;

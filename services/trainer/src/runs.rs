@@ -9,7 +9,7 @@ use std::time::Instant;
 use async_nats::Client;
 use ml_shared::data::{self, FileStamp};
 use ml_shared::features::FeatureRegistry;
-use ml_shared::lifecycle::{FailedRun, RecordedReply};
+use ml_shared::lifecycle::FailedRun;
 use ml_shared::messages::{
     ApiReply, ErrorCode, ProgressEvent, ProgressReport, RunRecord, Submission, SubmitReply,
     TrainParams, TrainReply,
@@ -18,9 +18,10 @@ use ml_shared::model::ModelArtifact;
 use ml_shared::subjects::Subjects;
 use tokio::sync::mpsc;
 
+use crate::failures::FailureReports;
 use crate::pipeline::{TrainError, TrainSpec};
 use crate::recorded::{newest_recorded_run, same_params, RecordedRuns, LAST_RUN_TIMEOUT};
-use crate::stream::{self, RunOptions};
+use crate::stream::{self, RunOptions, RunReport};
 use crate::{Config, Outcome, RunError};
 
 /// Progress reports of a run, to whoever asked for them (bounded: a report
@@ -45,6 +46,8 @@ pub struct Trainer {
     /// Whether the registry has told us its newest run (once is enough:
     /// afterwards this trainer's own runs are the newest).
     asked_registry: Arc<AtomicBool>,
+    /// Failed runs, reported until the registry has them.
+    failures: Arc<FailureReports>,
 }
 
 /// The blocking part of a run: read, maybe skip, train.
@@ -55,7 +58,7 @@ enum Attempt {
     },
     Trained {
         key: Option<RunKey>,
-        result: Box<Result<(ModelArtifact, RunRecord), TrainError>>,
+        result: Box<Result<(ModelArtifact, RunRecord, RunReport), TrainError>>,
     },
 }
 
@@ -71,7 +74,13 @@ struct Run {
 impl Trainer {
     /// A trainer with no run behind it.
     pub fn new(client: Client, subjects: Subjects, config: Config) -> Self {
+        let failures = FailureReports::new(
+            client.clone(),
+            subjects.registry_run_failed.clone().into(),
+            config.submit_timeout,
+        );
         Self {
+            failures: Arc::new(failures),
             client,
             subjects,
             config: Arc::new(config),
@@ -130,6 +139,10 @@ impl Trainer {
                 "not connected to NATS".into(),
             ));
         }
+        if self.failures.pending() > 0 {
+            let failures = self.failures.clone();
+            tokio::spawn(async move { failures.flush().await });
+        }
         let run = Run {
             id: format!("run-{:016x}", rand::random::<u64>()),
             started_ms: ml_shared::time::now_ms(),
@@ -152,18 +165,18 @@ impl Trainer {
             }
             Attempt::Trained { key, result } => (key, *result),
         };
-        let (artifact, record) = match result {
+        let (artifact, record, report) = match result {
             Ok(v) => v,
             Err(error) => {
                 let fingerprint = key.as_ref().map(|k| k.fingerprint.clone());
-                self.report_failure(&self.failed(&run, fingerprint, error.to_string()))
-                    .await;
+                let failed = self.failed(&run, fingerprint, error.to_string());
+                self.failures.report(failed).await;
                 self.remember(key, &run.id);
                 return Err(RunError::Train(error));
             }
         };
         if let Some(progress) = &run.progress {
-            progress.try_send(submitting(&record, &run)).ok();
+            progress.try_send(submitting(&record, &report, &run)).ok();
         }
         let outcome = self.submit(&record, artifact).await;
         if let Err(RunError::Refused(refusal)) = &outcome {
@@ -171,7 +184,7 @@ impl Trainer {
             let mut failed = self.failed(&run, Some(record.data_fingerprint.clone()), reason);
             failed.duration_ms = record.duration_ms;
             failed.params = record.params.clone();
-            self.report_failure(&failed).await;
+            self.failures.report(failed).await;
         }
         if !matches!(outcome, Err(RunError::RegistryUnavailable(_))) {
             self.remember(key, &run.id);
@@ -222,7 +235,7 @@ impl Trainer {
             let result = stream::train_file(&config.data_path, &registry, &spec, id, options).map(
                 |trained| {
                     log_fitted(&trained.report);
-                    (trained.artifact, trained.run)
+                    (trained.artifact, trained.run, trained.report)
                 },
             );
             Attempt::Trained {
@@ -323,33 +336,6 @@ impl Trainer {
             ));
         }
     }
-
-    /// Reports a failed run to the registry, so that the experiments log has
-    /// it; a registry that cannot be reached only costs a log line.
-    async fn report_failure(&self, failed: &FailedRun) {
-        let body = serde_json::to_vec(failed).expect("serialisable");
-        let request = self
-            .client
-            .request(self.subjects.registry_run_failed.clone(), body.into());
-        let outcome = match tokio::time::timeout(self.config.submit_timeout, request).await {
-            Err(_) => Err("no reply in time".to_owned()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Ok(Ok(m)) => match serde_json::from_slice::<ApiReply<RecordedReply>>(&m.payload) {
-                Ok(ApiReply::Ok(_)) => Ok(()),
-                Ok(ApiReply::Err(e)) => Err(e.to_string()),
-                Err(e) => Err(format!("unreadable reply: {e}")),
-            },
-        };
-        match outcome {
-            Ok(()) => {
-                tracing::info!(run_id = %failed.run_id, "failed run recorded by the registry")
-            }
-            Err(error) => tracing::warn!(
-                run_id = %failed.run_id, %error,
-                "the registry did not record the failed run"
-            ),
-        }
-    }
 }
 
 /// The data file's fingerprint, and its stamp before it was taken: the
@@ -380,19 +366,24 @@ fn log_fitted(report: &stream::RunReport) {
 
 /// The last progress report of a run: fitted and scored, now with the
 /// registry.
-fn submitting(record: &RunRecord, run: &Run) -> ProgressReport {
+fn submitting(record: &RunRecord, report: &RunReport, run: &Run) -> ProgressReport {
     let rows = (record.rows_train + record.rows_validation) as u64;
     let elapsed_s = run.started.elapsed().as_secs_f64();
+    // Every pass reads the whole file: the first one's bytes are its size.
+    let bytes = report.passes.first().map_or(0, |pass| pass.bytes);
+    let seconds: f64 = report.passes.iter().map(|pass| pass.seconds).sum();
     ProgressReport {
         event: ProgressEvent::Submitting,
         pass: None,
-        pass_number: 0,
+        pass_number: report.passes.len() as u32,
         rows,
-        bytes: 0,
-        total_bytes: 0,
+        bytes,
+        total_bytes: bytes,
         elapsed_s,
-        rows_per_s: rows as f64 / elapsed_s.max(1e-9),
-        mb_per_s: 0.0,
+        rows_per_s: rows as f64 * report.passes.len() as f64 / seconds.max(1e-9),
+        mb_per_s: report.passes.iter().map(|pass| pass.bytes).sum::<u64>() as f64
+            / seconds.max(1e-9)
+            / 1e6,
         eta_s: None,
     }
 }

@@ -41,7 +41,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ml_shared::data::{DataError, FileStamp, HashingReader, RowReader};
-use ml_shared::features::FeatureRegistry;
+use ml_shared::features::{FeaturePlan, FeatureRegistry};
 use ml_shared::holdout::is_holdout;
 use ml_shared::messages::{Metrics, ProgressEvent, ProgressReport, RunRecord};
 use ml_shared::model::{ModelArtifact, ModelKind, Scaler, DECISION_THRESHOLD};
@@ -50,7 +50,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::pipeline::{self, TrainError, TrainSpec, LOGISTIC_C, MIN_ROWS};
-use crate::solve::{Moments, NewtonStep};
+use crate::solve::{LinearSolution, Moments, NewtonStep, Summary};
 
 /// Training rows kept (uniformly at random) for the reference profile's
 /// quantile bins.
@@ -375,6 +375,115 @@ impl Reservoir {
     }
 }
 
+/// What pass 1 gathers: the training rows' moments and sample, the id
+/// filter, the holdout rows while they fit, and whether the target is binary.
+struct FirstPass<'a> {
+    plan: &'a FeaturePlan,
+    spec: &'a TrainSpec,
+    p: usize,
+    moments: Moments,
+    sample: Reservoir,
+    filter: IdFilter,
+    non_binary: Option<f64>,
+    n_validation: u64,
+    raw: Vec<f64>,
+    row: Vec<f64>,
+    /// Every id's hash while they fit [`SMALL_FILE_ROWS`] (an exact
+    /// duplicate check by sorting), else `None`.
+    id_hashes: Option<Vec<u64>>,
+    /// The holdout rows (features then target) while they fit
+    /// [`HOLDOUT_BUFFER_ROWS`] (scored without a last pass), else `None`.
+    holdout: Option<Vec<f64>>,
+}
+
+impl<'a> FirstPass<'a> {
+    fn new(source: &Source<'_>, plan: &'a FeaturePlan, spec: &'a TrainSpec, p: usize) -> Self {
+        Self {
+            plan,
+            spec,
+            p,
+            moments: Moments::new(p + 1),
+            sample: Reservoir::new(p, spec.seed),
+            filter: IdFilter::for_file(source.stamp.len),
+            non_binary: None,
+            n_validation: 0,
+            raw: vec![0.0; source.raw_names.len()],
+            row: vec![0.0; p + 1],
+            // Reserved whole: untouched pages cost nothing, and no doubling
+            // reallocation holds two copies at once.
+            id_hashes: Some(Vec::with_capacity(SMALL_FILE_ROWS)),
+            holdout: Some(Vec::with_capacity(HOLDOUT_BUFFER_ROWS * (p + 1))),
+        }
+    }
+
+    fn add<R: Read>(&mut self, rows: &RowReader<R>, path: &Path) -> Result<(), TrainError> {
+        let id = rows.user_id()?;
+        let h = IdFilter::hash(id);
+        self.filter.insert(h);
+        if let Some(hashes) = self.id_hashes.as_mut() {
+            if hashes.len() < SMALL_FILE_ROWS {
+                hashes.push(h);
+            } else {
+                self.id_hashes = None;
+            }
+        }
+        rows.features_into(&mut self.raw)?;
+        let Some(y) = rows.target()? else {
+            return Err(TrainError::NoTarget(path.display().to_string()));
+        };
+        if self.non_binary.is_none() && y != 0.0 && y != 1.0 {
+            self.non_binary = Some(y);
+        }
+        let p = self.p;
+        self.plan.compute_into(&self.raw, &mut self.row[..p]);
+        self.row[p] = y;
+        if is_holdout(id, self.spec.validation_fraction, self.spec.seed) {
+            self.n_validation += 1;
+            if let Some(kept) = self.holdout.as_mut() {
+                if kept.len() < HOLDOUT_BUFFER_ROWS * (p + 1) {
+                    kept.extend_from_slice(&self.row);
+                } else {
+                    self.holdout = None;
+                }
+            }
+        } else {
+            self.moments.push(&self.row);
+            self.sample.offer(&self.row[..p]);
+        }
+        Ok(())
+    }
+
+    /// The suspected duplicates: exactly those hashes seen twice when every
+    /// hash was kept, else what the filter could not rule out.
+    fn duplicate_check(&mut self) -> DuplicateCheck {
+        let candidates = match self.id_hashes.take() {
+            Some(mut hashes) => {
+                hashes.sort_unstable();
+                hashes
+                    .windows(2)
+                    .filter(|w| w[0] == w[1])
+                    .map(|w| w[0])
+                    .collect()
+            }
+            None => std::mem::take(&mut self.filter.candidates),
+        };
+        self.filter = IdFilter::for_file(0);
+        DuplicateCheck {
+            candidates,
+            first_line: HashMap::new(),
+        }
+    }
+}
+
+/// One run over one file: the file, the spec and the features, shared by
+/// its steps.
+struct FileRun<'a> {
+    source: Source<'a>,
+    spec: &'a TrainSpec,
+    plan: FeaturePlan,
+    names: Vec<String>,
+}
+
 /// Trains on the file at `path` in passes (see the module documentation).
 /// With [`RunOptions::fingerprinted`], a file changed since the fingerprint
 /// was taken fails the run.
@@ -400,145 +509,110 @@ pub fn train_file(
         passes: std::cell::Cell::new(0),
     };
     source.check_unchanged()?;
-    let fingerprint = options.fingerprinted.map(|(f, _)| f.to_owned());
     let names: Vec<String> = registry.names().map(str::to_owned).collect();
-    let plan = registry.plan(&names)?;
-    let p = names.len();
+    let run = FileRun {
+        plan: registry.plan(&names)?,
+        source,
+        spec,
+        names,
+    };
     let mut report = RunReport::default();
-
-    // Pass 1: statistics, sample, id filter, fingerprint.
-    let mut moments = Moments::new(p + 1);
-    let mut sample = Reservoir::new(p, spec.seed);
-    let mut filter = IdFilter::for_file(source.stamp.len);
-    let mut non_binary: Option<f64> = None;
-    let mut n_validation = 0u64;
-    let mut raw = vec![0.0; source.raw_names.len()];
-    let mut row = vec![0.0; p + 1];
-    // While they fit their budgets: every id's hash (an exact duplicate
-    // check by sorting) and the holdout rows (scored without a last pass).
-    // Reserved whole: untouched pages cost nothing, and no doubling
-    // reallocation holds two copies at once.
-    let mut id_hashes: Option<Vec<u64>> = Some(Vec::with_capacity(SMALL_FILE_ROWS));
-    let mut holdout: Option<Vec<f64>> = Some(Vec::with_capacity(HOLDOUT_BUFFER_ROWS * (p + 1)));
-    let collect = |rows: &RowReader<_>| -> Result<(), TrainError> {
-        let id = rows.user_id()?;
-        let h = IdFilter::hash(id);
-        filter.insert(h);
-        if let Some(hashes) = id_hashes.as_mut() {
-            if hashes.len() < SMALL_FILE_ROWS {
-                hashes.push(h);
-            } else {
-                id_hashes = None;
-            }
-        }
-        rows.features_into(&mut raw)?;
-        let Some(y) = rows.target()? else {
-            return Err(TrainError::NoTarget(path.display().to_string()));
-        };
-        if non_binary.is_none() && y != 0.0 && y != 1.0 {
-            non_binary = Some(y);
-        }
-        plan.compute_into(&raw, &mut row[..p]);
-        row[p] = y;
-        if is_holdout(id, spec.validation_fraction, spec.seed) {
-            n_validation += 1;
-            if let Some(kept) = holdout.as_mut() {
-                if kept.len() < HOLDOUT_BUFFER_ROWS * (p + 1) {
-                    kept.extend_from_slice(&row);
-                } else {
-                    holdout = None;
-                }
-            }
-        } else {
-            moments.push(&row);
-            sample.offer(&row[..p]);
-        }
-        Ok(())
-    };
-    let file = source.open()?;
-    let reader = match fingerprint {
-        Some(_) => HashingReader::plain(file),
-        None => HashingReader::new(file),
-    };
-    let (pass, reader) = source.pass("statistics", reader, collect)?;
-    report.passes.push(pass);
-    let fingerprint = fingerprint
-        .or_else(|| reader.fingerprint())
-        .expect("a fingerprint given or taken");
-    let total = report.passes[0].rows;
-    if total == 0 {
-        return Err(DataError::Empty {
-            path: path.to_owned(),
-        }
-        .into());
-    }
-    // Suspected duplicates: exactly those hashes seen twice when every
-    // hash was kept, else what the filter could not rule out.
-    let candidates = match id_hashes {
-        Some(mut hashes) => {
-            hashes.sort_unstable();
-            hashes
-                .windows(2)
-                .filter(|w| w[0] == w[1])
-                .map(|w| w[0])
-                .collect()
-        }
-        None => std::mem::take(&mut filter.candidates),
-    };
-    let mut duplicates = DuplicateCheck {
-        candidates,
-        first_line: HashMap::new(),
-    };
-    drop(filter);
-    let stats = moments.finish();
+    let mut first = FirstPass::new(&run.source, &run.plan, spec, run.names.len());
+    let fingerprint = run.first_pass(&mut first, &mut report)?;
+    let mut duplicates = first.duplicate_check();
+    let stats = std::mem::replace(&mut first.moments, Moments::new(0)).finish();
     let n_train = stats.n;
+    let fitted = run.fit(&stats, &first, &mut report);
+    let mut artifact = match fitted {
+        Ok(a) => a,
+        Err(error) => {
+            // A duplicate id would be the truer reason for the failure.
+            run.check_duplicates(&mut duplicates, &mut report)?;
+            return Err(error);
+        }
+    };
+    artifact.profile = Some(Box::new(run.profile(&artifact, &first.sample, n_train)));
+    let holdout = first.holdout.take();
+    let metrics = run.score(&artifact, holdout, &mut duplicates, &mut report)?;
+    let run = pipeline::run_record(pipeline::RunParts {
+        run_id,
+        started_ms,
+        started,
+        kind: artifact.kind,
+        spec,
+        metrics,
+        rows_train: n_train as usize,
+        rows_validation: first.n_validation as usize,
+        data_path: path,
+        data_fingerprint: fingerprint,
+        feature_names: run.names,
+    })?;
+    Ok(Trained {
+        artifact,
+        run,
+        report,
+    })
+}
 
-    // Anything that fails before the scoring pass first makes sure the
-    // failure is not a duplicate id, which would be the truer reason.
-    let fitted = (|| {
-        if (n_train as usize) < MIN_ROWS || (n_validation as usize) < MIN_ROWS {
+impl FileRun<'_> {
+    /// Pass 1 (statistics, sample, id filter); returns the file's
+    /// fingerprint, taken on the way unless the caller gave it.
+    fn first_pass(
+        &self,
+        first: &mut FirstPass<'_>,
+        report: &mut RunReport,
+    ) -> Result<String, TrainError> {
+        let given = self.source.options.fingerprinted.map(|(f, _)| f.to_owned());
+        let file = self.source.open()?;
+        let reader = match given {
+            Some(_) => HashingReader::plain(file),
+            None => HashingReader::new(file),
+        };
+        let path = self.source.path;
+        let (pass, reader) = self
+            .source
+            .pass("statistics", reader, |rows| first.add(rows, path))?;
+        let rows = pass.rows;
+        report.passes.push(pass);
+        if rows == 0 {
+            return Err(DataError::Empty {
+                path: path.to_owned(),
+            }
+            .into());
+        }
+        Ok(given
+            .or_else(|| reader.fingerprint())
+            .expect("a fingerprint given or taken"))
+    }
+
+    /// The model, from pass 1's statistics (and, for a logistic model,
+    /// Newton's passes).
+    fn fit(
+        &self,
+        stats: &Summary,
+        first: &FirstPass<'_>,
+        report: &mut RunReport,
+    ) -> Result<ModelArtifact, TrainError> {
+        let (n_train, n_validation) = (stats.n as usize, first.n_validation as usize);
+        if n_train < MIN_ROWS || n_validation < MIN_ROWS {
             return Err(TrainError::TooFewRows {
-                rows: total as usize,
-                train: n_train as usize,
-                validation: n_validation as usize,
+                rows: n_train + n_validation,
+                train: n_train,
+                validation: n_validation,
             });
         }
-        let kind = pipeline::resolve_kind(spec.model, non_binary)?;
-        let scaler = Scaler {
-            mean: stats.mean[..p].to_vec(),
-            scale: (0..p)
-                .map(|j| {
-                    let sd = stats.sd(j);
-                    if sd > f64::EPSILON {
-                        sd
-                    } else {
-                        1.0
-                    }
-                })
-                .collect(),
-        };
+        let p = self.names.len();
+        let kind = pipeline::resolve_kind(self.spec.model, first.non_binary)?;
+        let scaler = scaler_of(stats, p);
         let (coefficients, intercept) = match kind {
             ModelKind::Linear => {
-                let fit = crate::solve::solve_linear(&stats, &names)?;
-                // In the artifact's standardised units: z = (x − m)/s.
-                let coefficients: Vec<f64> = fit
-                    .coefficients
-                    .iter()
-                    .zip(&scaler.scale)
-                    .map(|(b, s)| b * s)
-                    .collect();
-                let intercept = fit.intercept
-                    + fit
-                        .coefficients
-                        .iter()
-                        .zip(&scaler.mean)
-                        .map(|(b, m)| b * m)
-                        .sum::<f64>();
-                (coefficients, intercept)
+                let fit = crate::solve::solve_linear(stats, &self.names)?;
+                in_standard_units(&fit, &scaler)
             }
             ModelKind::Logistic => {
-                crate::solve::check_constant(&stats, p, &names)?;
-                let (theta, convergence) = newton(&source, spec, &plan, &scaler, p, &mut report)?;
+                crate::solve::check_constant(stats, p, &self.names)?;
+                let (theta, convergence) =
+                    newton(&self.source, self.spec, &self.plan, &scaler, p, report)?;
                 report.convergence = Some(convergence);
                 (theta[..p].to_vec(), theta[p])
             }
@@ -551,7 +625,7 @@ pub fn train_file(
         };
         let artifact = ModelArtifact {
             kind,
-            feature_names: names.clone(),
+            feature_names: self.names.clone(),
             coefficients,
             intercept,
             scaler: Some(scaler),
@@ -560,81 +634,120 @@ pub fn train_file(
         };
         artifact.validate()?;
         Ok(artifact)
-    })();
-    let mut artifact = match fitted {
-        Ok(a) => a,
-        Err(error) => {
-            if !duplicates.candidates.is_empty() {
-                let (pass, _) = source.pass("duplicate check", source.open()?, |rows| {
-                    Ok(duplicates.check(rows, rows.user_id()?)?)
-                })?;
-                report.passes.push(pass);
-            }
-            return Err(error);
+    }
+
+    /// A pass that only compares the suspect ids, when there are any.
+    fn check_duplicates(
+        &self,
+        duplicates: &mut DuplicateCheck,
+        report: &mut RunReport,
+    ) -> Result<(), TrainError> {
+        if duplicates.candidates.is_empty() {
+            return Ok(());
         }
-    };
+        let (pass, _) = self
+            .source
+            .pass("duplicate check", self.source.open()?, |rows| {
+                Ok(duplicates.check(rows, rows.user_id()?)?)
+            })?;
+        report.passes.push(pass);
+        Ok(())
+    }
 
-    // The reference profile, from the sample of training rows.
-    let sample_rows = sample.rows.len() / p.max(1);
-    let columns: Vec<Vec<f64>> = (0..p)
-        .map(|j| (0..sample_rows).map(|i| sample.rows[i * p + j]).collect())
-        .collect();
-    let predictions: Vec<f64> = sample
-        .rows
-        .chunks_exact(p)
-        .map(|x| artifact.predict(x))
-        .collect();
-    drop(sample);
-    let mut profile = ReferenceProfile::from_columns(&names, &columns, &predictions, DEFAULT_BINS)
-        .expect("finite training data and a validated model give finite histograms");
-    profile.rows = n_train;
-    drop((columns, predictions));
-    artifact.profile = Some(Box::new(profile));
+    /// The reference profile, from the sample of training rows.
+    fn profile(
+        &self,
+        artifact: &ModelArtifact,
+        sample: &Reservoir,
+        n_train: u64,
+    ) -> ReferenceProfile {
+        let p = self.names.len();
+        let sample_rows = sample.rows.len() / p.max(1);
+        let columns: Vec<Vec<f64>> = (0..p)
+            .map(|j| (0..sample_rows).map(|i| sample.rows[i * p + j]).collect())
+            .collect();
+        let predictions: Vec<f64> = sample
+            .rows
+            .chunks_exact(p)
+            .map(|x| artifact.predict(x))
+            .collect();
+        let mut profile =
+            ReferenceProfile::from_columns(&self.names, &columns, &predictions, DEFAULT_BINS)
+                .expect("finite training data and a validated model give finite histograms");
+        profile.rows = n_train;
+        profile
+    }
 
-    // The holdout's metrics, and the duplicate check: from the rows kept in
-    // memory when they all fit and no id is suspect, else in a last pass.
-    let mut scores = Scoring::new(artifact.kind);
-    match holdout {
-        Some(kept) if duplicates.candidates.is_empty() => {
+    /// The holdout's metrics, and the duplicate check: from the rows kept
+    /// in memory when they all fit and no id is suspect, else in a last pass.
+    fn score(
+        &self,
+        artifact: &ModelArtifact,
+        holdout: Option<Vec<f64>>,
+        duplicates: &mut DuplicateCheck,
+        report: &mut RunReport,
+    ) -> Result<Metrics, TrainError> {
+        let p = self.names.len();
+        let mut scores = Scoring::new(artifact.kind);
+        if let Some(kept) = holdout.filter(|_| duplicates.candidates.is_empty()) {
             for r in kept.chunks_exact(p + 1) {
                 scores.add(r[p], artifact.predict(&r[..p]));
             }
+            return Ok(scores.finish());
         }
-        kept => {
-            drop(kept);
-            let mut x = vec![0.0; p];
-            let (pass, _) = source.pass("scoring", source.open()?, |rows| {
-                let id = rows.user_id()?;
-                duplicates.check(rows, id)?;
-                if is_holdout(id, spec.validation_fraction, spec.seed) {
-                    rows.features_into(&mut raw)?;
-                    let y = rows.target()?.expect("the target column was checked");
-                    plan.compute_into(&raw, &mut x);
-                    scores.add(y, artifact.predict(&x));
-                }
-                Ok(())
-            })?;
-            report.passes.push(pass);
-        }
+        let (mut raw, mut x) = (vec![0.0; self.source.raw_names.len()], vec![0.0; p]);
+        let spec = self.spec;
+        let (pass, _) = self.source.pass("scoring", self.source.open()?, |rows| {
+            let id = rows.user_id()?;
+            duplicates.check(rows, id)?;
+            if is_holdout(id, spec.validation_fraction, spec.seed) {
+                rows.features_into(&mut raw)?;
+                let y = rows.target()?.expect("the target column was checked");
+                self.plan.compute_into(&raw, &mut x);
+                scores.add(y, artifact.predict(&x));
+            }
+            Ok(())
+        })?;
+        report.passes.push(pass);
+        Ok(scores.finish())
     }
-    let run = pipeline::run_record(pipeline::RunParts {
-        run_id,
-        started_ms,
-        started,
-        kind: artifact.kind,
-        spec,
-        metrics: scores.finish(),
-        rows_train: n_train as usize,
-        rows_validation: n_validation as usize,
-        data_path: path,
-        data_fingerprint: fingerprint,
-        feature_names: names,
-    })?;
-    Ok(Trained {
-        artifact,
-        run,
-        report,
-    })
+}
+
+/// Standardising scales: each feature's standard deviation, or 1 for a
+/// constant one.
+fn scaler_of(stats: &Summary, p: usize) -> Scaler {
+    Scaler {
+        mean: stats.mean[..p].to_vec(),
+        scale: (0..p)
+            .map(|j| {
+                let sd = stats.sd(j);
+                if sd > f64::EPSILON {
+                    sd
+                } else {
+                    1.0
+                }
+            })
+            .collect(),
+    }
+}
+
+/// A least-squares fit in raw units, in the artifact's standardised units:
+/// z = (x − m)/s.
+fn in_standard_units(fit: &LinearSolution, scaler: &Scaler) -> (Vec<f64>, f64) {
+    let coefficients = fit
+        .coefficients
+        .iter()
+        .zip(&scaler.scale)
+        .map(|(b, s)| b * s)
+        .collect();
+    let intercept = fit.intercept
+        + fit
+            .coefficients
+            .iter()
+            .zip(&scaler.mean)
+            .map(|(b, m)| b * m)
+            .sum::<f64>();
+    (coefficients, intercept)
 }
 
 /// Newton's method on the regularised logistic loss, one pass per
@@ -642,37 +755,21 @@ pub fn train_file(
 fn newton(
     source: &Source<'_>,
     spec: &TrainSpec,
-    plan: &ml_shared::features::FeaturePlan,
+    plan: &FeaturePlan,
     scaler: &Scaler,
     p: usize,
     report: &mut RunReport,
 ) -> Result<(Vec<f64>, Convergence), TrainError> {
-    let alpha = 1.0 / LOGISTIC_C;
     let mut theta = vec![0.0; p + 1];
     // The last point whose loss was accepted, its evaluation, and the
     // direction taken from it.
     let mut accepted: Option<(Vec<f64>, NewtonStep)> = None;
     let mut direction: Vec<f64> = Vec::new();
     let mut step = 1.0;
-    let mut raw = vec![0.0; source.raw_names.len()];
-    let mut z = vec![0.0; p];
     let mut iterations = 0u64;
     while iterations < spec.max_iterations {
         iterations += 1;
-        let mut eval = NewtonStep::new(p);
-        let (pass, _) = source.pass("newton", source.open()?, |rows| {
-            let id = rows.user_id()?;
-            if !is_holdout(id, spec.validation_fraction, spec.seed) {
-                rows.features_into(&mut raw)?;
-                let y = rows.target()?.expect("the target column was checked");
-                plan.compute_into(&raw, &mut z);
-                scaler.transform(&mut z);
-                eval.add(&z, y, &theta);
-            }
-            Ok(())
-        })?;
-        report.passes.push(pass);
-        eval.finish(alpha, &theta);
+        let eval = newton_pass(source, spec, plan, scaler, &theta, report)?;
         let gradient = eval.gradient_norm();
         tracing::info!(
             iteration = iterations,
@@ -710,8 +807,45 @@ fn newton(
         step = 1.0;
         theta = theta.iter().zip(&direction).map(|(t, d)| t + d).collect();
     }
-    let (theta, last) = accepted.ok_or(TrainError::NotConverged {
-        iterations,
+    converged(accepted.map(|(theta, last)| (theta, last, iterations)))
+}
+
+/// One Newton pass: the loss, gradient and Hessian at `theta` over the
+/// training rows.
+fn newton_pass(
+    source: &Source<'_>,
+    spec: &TrainSpec,
+    plan: &FeaturePlan,
+    scaler: &Scaler,
+    theta: &[f64],
+    report: &mut RunReport,
+) -> Result<NewtonStep, TrainError> {
+    let p = theta.len() - 1;
+    let mut eval = NewtonStep::new(p);
+    let (mut raw, mut z) = (vec![0.0; source.raw_names.len()], vec![0.0; p]);
+    let (pass, _) = source.pass("newton", source.open()?, |rows| {
+        let id = rows.user_id()?;
+        if !is_holdout(id, spec.validation_fraction, spec.seed) {
+            rows.features_into(&mut raw)?;
+            let y = rows.target()?.expect("the target column was checked");
+            plan.compute_into(&raw, &mut z);
+            scaler.transform(&mut z);
+            eval.add(&z, y, theta);
+        }
+        Ok(())
+    })?;
+    report.passes.push(pass);
+    eval.finish(1.0 / LOGISTIC_C, theta);
+    Ok(eval)
+}
+
+/// The last accepted point when its gradient is small enough, else
+/// [`TrainError::NotConverged`].
+fn converged(
+    accepted: Option<(Vec<f64>, NewtonStep, u64)>,
+) -> Result<(Vec<f64>, Convergence), TrainError> {
+    let (theta, last, iterations) = accepted.ok_or(TrainError::NotConverged {
+        iterations: 0,
         gradient: f64::NAN,
     })?;
     let gradient = last.gradient_norm();
@@ -721,18 +855,20 @@ fn newton(
             gradient,
         });
     }
-    let convergence = Convergence {
-        iterations,
-        gradient,
-        loss: last.loss,
-    };
     tracing::info!(
         iterations,
         gradient,
         loss = last.loss,
         "logistic fit converged"
     );
-    Ok((theta, convergence))
+    Ok((
+        theta,
+        Convergence {
+            iterations,
+            gradient,
+            loss: last.loss,
+        },
+    ))
 }
 
 /// Validation metrics accumulated over the holdout rows.

@@ -500,10 +500,7 @@ async fn a_bad_data_file_fails_the_run_with_line_and_reason_and_promotes_nothing
             &["users.csv:2", "feature_1"],
         ),
     ];
-    wait_for("registry answers", WAIT, || async {
-        client.request("ml.registry.models", "".into()).await.ok()
-    })
-    .await;
+    ml_tests::registry_answers(&client, WAIT).await;
     wait_for("trainer subscribed", WAIT, || async {
         client.request("ml.train", "".into()).await.ok()
     })
@@ -524,6 +521,50 @@ async fn a_bad_data_file_fails_the_run_with_line_and_reason_and_promotes_nothing
     write_data(&data, 100, 23);
     let reply = request_json(&client, "ml.train", "").await;
     assert_eq!(reply["version"], 1, "{reply}");
+    for service in [trainer, registry] {
+        service.stop().await;
+    }
+}
+
+/// A run that fails while no registry runs is reported once one does: the
+/// trainer keeps the report and sends it before its next run, and the
+/// experiments log holds it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_fails_while_the_registry_is_down_is_logged_when_it_is_back() {
+    ml_tests::init_logging();
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let dir = ml_tests::temp_dir();
+    let data = dir.path().join("users.csv");
+    let trainer = services::trainer(&url, &data, "0");
+    let client = client(&url).await;
+    std::fs::write(&data, "user_id,feature_1,feature_2,target\na,1,x,3\n").unwrap();
+    let failed = wait_for("the trainer answers", WAIT, || async {
+        let reply = client.request("ml.train", "".into()).await.ok()?;
+        serde_json::from_slice::<Value>(&reply.payload).ok()
+    })
+    .await;
+    assert_eq!(failed["error"]["code"], "bad_request", "{failed}");
+
+    let registry = services::registry(&url, &dir.path().join("registry"), &data);
+    ml_tests::registry_answers(&client, WAIT).await;
+    write_data(&data, 100, 23);
+    let reply = request_json(&client, "ml.train", "").await;
+    assert_eq!(reply["version"], 1, "{reply}");
+    let runs = wait_for("the failed run in the log", WAIT, || async {
+        let runs = request_json(&client, "ml.registry.runs", "").await;
+        (runs["runs"].as_array()?.len() == 2).then_some(runs)
+    })
+    .await;
+    let failed: Vec<&Value> = runs["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] == "failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{runs}");
+    let reason = failed[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("users.csv:2"), "{reason}");
     for service in [trainer, registry] {
         service.stop().await;
     }

@@ -182,10 +182,7 @@ async fn services_started_before_nats_are_ready_within_5s_of_it() {
     // published: all of them are connected and subscribed.
     wait_served(&client, &body, 1, "predictor serves version 1").await;
     let served = up.elapsed();
-    wait_for("registry answers", within(up.elapsed()), || async {
-        client.request("ml.registry.models", "".into()).await.ok()
-    })
-    .await;
+    ml_tests::registry_answers(&client, within(up.elapsed())).await;
     wait_for("monitor answers", within(up.elapsed()), || async {
         client.request("ml.monitor.stats", "".into()).await.ok()
     })

@@ -104,13 +104,7 @@ impl Stack {
             })
             .collect();
         let client = client(&bed.url).await;
-        wait_for("the registry answers", WAIT, || async {
-            let m = client.request("ml.registry.models", "".into()).await.ok()?;
-            serde_json::from_slice::<Value>(&m.payload).ok()?["models"]
-                .is_array()
-                .then_some(())
-        })
-        .await;
+        ml_tests::registry_answers(&client, WAIT).await;
         Some(Stack {
             bed,
             fixtures,

@@ -273,10 +273,7 @@ async fn a_failed_run_registers_nothing_and_says_why() {
     let client = client(&url).await;
     // The registry first: a failed run is reported to it once, when the
     // run fails (a registry still starting would miss the report).
-    wait_for("the registry answers", WAIT, || async {
-        client.request("ml.registry.models", "".into()).await.ok()
-    })
-    .await;
+    ml_tests::registry_answers(&client, WAIT).await;
 
     let reply = wait_for("trainer answers", WAIT, || async {
         let m = client.request("ml.train", "".into()).await.ok()?;

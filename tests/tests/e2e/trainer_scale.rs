@@ -96,10 +96,7 @@ async fn a_large_file_trains_in_bounded_memory() {
     );
     let registry = services::registry(&bed.url, &bed.dir.path().join("registry"), &data);
     let client = client(&bed.url).await;
-    wait_for("the registry answers", LONG, || async {
-        client.request("ml.registry.models", "".into()).await.ok()
-    })
-    .await;
+    ml_tests::registry_answers(&client, LONG).await;
     let log = bed.dir.path().join("trainer.log");
     let started = std::time::Instant::now();
     let mut trainer = trainer_process(&bed.url, &data, &log, &[]);
@@ -149,10 +146,7 @@ async fn a_corrupt_row_in_the_middle_fails_the_run_with_its_line_and_promotes_no
     let registry = services::registry(&bed.url, &bed.dir.path().join("registry"), &bed.data);
     let trainer = services::trainer(&bed.url, &bed.data, "0");
     let client = client(&bed.url).await;
-    wait_for("the registry answers", LONG, || async {
-        client.request("ml.registry.models", "".into()).await.ok()
-    })
-    .await;
+    ml_tests::registry_answers(&client, LONG).await;
     let reply: Value = wait_for("the trainer answers", LONG, || async {
         let m = client.request("ml.train", "".into()).await.ok()?;
         serde_json::from_slice(&m.payload).ok()
@@ -261,10 +255,7 @@ async fn a_requested_run_reports_its_progress_before_its_reply() {
         ],
     );
     let (admin, _) = shipped.connect("admin").await;
-    wait_for("the registry answers", LONG, || async {
-        admin.request("ml.registry.models", "".into()).await.ok()
-    })
-    .await;
+    ml_tests::registry_answers(&admin, LONG).await;
 
     // The protocol itself: progress messages, then the reply, one inbox.
     let (progress, reply) = wait_for("a run with progress", LONG, || async {

@@ -305,23 +305,26 @@ fn failed_runs_are_logged_with_their_reason() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path());
     register(&mut store, submission(1.0)).unwrap();
-    store
-        .record_failure(&FailedRun {
-            run_id: "run-f".into(),
-            started_ms: 0,
-            duration_ms: 4,
-            params: TrainParams {
-                model: "linear".into(),
-                seed: 42,
-                validation_fraction: 0.2,
-            },
-            data_path: "d.csv".into(),
-            data_fingerprint: None,
-            reason: "d.csv:3: feature_2: \"oops\" is not a number".into(),
-        })
-        .unwrap();
+    let failed = FailedRun {
+        run_id: "run-f".into(),
+        started_ms: 0,
+        duration_ms: 4,
+        params: TrainParams {
+            model: "linear".into(),
+            seed: 42,
+            validation_fraction: 0.2,
+        },
+        data_path: "d.csv".into(),
+        data_fingerprint: None,
+        reason: "d.csv:3: feature_2: \"oops\" is not a number".into(),
+    };
+    store.record_failure(&failed).unwrap();
+    // A report sent again (its reply lost) is acknowledged, not logged twice,
+    // before and after a restart.
+    store.record_failure(&failed).unwrap();
     drop(store);
-    let store = open(dir.path());
+    let mut store = open(dir.path());
+    store.record_failure(&failed).unwrap();
     let runs = store.runs().unwrap();
     assert_eq!(runs.len(), 2);
     let failed = &runs[1];

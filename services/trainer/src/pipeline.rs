@@ -314,32 +314,9 @@ pub fn train_dataset(
     }
 
     let mut x = design_matrix(data, registry, &names, &train_rows)?;
-    let scaler = Scaler::fit(
-        names.len(),
-        x.rows().into_iter().map(|r| {
-            r.to_slice()
-                .expect("rows of a standard array are contiguous")
-        }),
-    );
-    for mut row in x.rows_mut() {
-        scaler.transform(row.as_slice_mut().expect("contiguous"));
-    }
+    let scaler = standardise(&mut x);
     let y: Array1<f64> = train_rows.iter().map(|&r| targets[r]).collect();
-    let (coefficients, intercept) = match kind {
-        ModelKind::Linear => {
-            let fitted = LinearRegression::new()
-                .fit(&LinfaDataset::new(x, y))
-                .map_err(|e| TrainError::Fit(e.to_string()))?;
-            (fitted.params().to_vec(), fitted.intercept())
-        }
-        ModelKind::Logistic => fit_logistic(x, &y, spec.max_iterations)?,
-        ModelKind::OnnxRegressor | ModelKind::OnnxClassifier => {
-            return Err(TrainError::Fit(format!(
-                "{} models are imported, not trained",
-                kind.as_str()
-            )))
-        }
-    };
+    let (coefficients, intercept) = fit_standardised(kind, x, y, spec)?;
     let mut artifact = ModelArtifact {
         kind,
         feature_names: names.clone(),
@@ -354,20 +331,10 @@ pub fn train_dataset(
     // before the artifact's scaler.
     let x_train = design_matrix(data, registry, &names, &train_rows)?;
     artifact.profile = Some(Box::new(reference_profile(&artifact, &x_train)));
-
     // Scored through the artifact on raw features, as the predictors do.
     let x_val = design_matrix(data, registry, &names, &val_rows)?;
-    let predicted: Vec<f64> = x_val
-        .rows()
-        .into_iter()
-        .map(|row| artifact.predict(row.as_slice().expect("contiguous")))
-        .collect();
     let truth: Vec<f64> = val_rows.iter().map(|&r| targets[r]).collect();
-    let metrics = if kind.is_classifier() {
-        classification_metrics(&truth, &predicted)
-    } else {
-        regression_metrics(&truth, &predicted)
-    };
+    let metrics = score(&artifact, &x_val, &truth);
     let run = run_record(RunParts {
         run_id,
         started_ms,
@@ -382,6 +349,58 @@ pub fn train_dataset(
         feature_names: names,
     })?;
     Ok((artifact, run))
+}
+
+/// Fits a scaler on the rows of `x` and standardises them with it.
+fn standardise(x: &mut Array2<f64>) -> Scaler {
+    let scaler = Scaler::fit(
+        x.ncols(),
+        x.rows().into_iter().map(|r| {
+            r.to_slice()
+                .expect("rows of a standard array are contiguous")
+        }),
+    );
+    for mut row in x.rows_mut() {
+        scaler.transform(row.as_slice_mut().expect("contiguous"));
+    }
+    scaler
+}
+
+/// Coefficients and intercept of a `kind` model fitted on standardised
+/// features `x` and targets `y`.
+fn fit_standardised(
+    kind: ModelKind,
+    x: Array2<f64>,
+    y: Array1<f64>,
+    spec: &TrainSpec,
+) -> Result<(Vec<f64>, f64), TrainError> {
+    match kind {
+        ModelKind::Linear => {
+            let fitted = LinearRegression::new()
+                .fit(&LinfaDataset::new(x, y))
+                .map_err(|e| TrainError::Fit(e.to_string()))?;
+            Ok((fitted.params().to_vec(), fitted.intercept()))
+        }
+        ModelKind::Logistic => fit_logistic(x, &y, spec.max_iterations),
+        ModelKind::OnnxRegressor | ModelKind::OnnxClassifier => Err(TrainError::Fit(format!(
+            "{} models are imported, not trained",
+            kind.as_str()
+        ))),
+    }
+}
+
+/// The artifact's validation metrics on raw rows `x` with targets `truth`.
+fn score(artifact: &ModelArtifact, x: &Array2<f64>, truth: &[f64]) -> Metrics {
+    let predicted: Vec<f64> = x
+        .rows()
+        .into_iter()
+        .map(|row| artifact.predict(row.as_slice().expect("contiguous")))
+        .collect();
+    if artifact.kind.is_classifier() {
+        classification_metrics(truth, &predicted)
+    } else {
+        regression_metrics(truth, &predicted)
+    }
 }
 
 /// What a run's record is made of, once its model is scored.

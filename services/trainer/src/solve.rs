@@ -155,6 +155,15 @@ impl Moments {
         if self.block_rows == 0 {
             return;
         }
+        self.block_moments();
+        self.merge_block();
+        self.n += self.block_rows as u64;
+        self.block_rows = 0;
+        self.block.clear();
+    }
+
+    /// The buffered block's mean and centred co-moments.
+    fn block_moments(&mut self) {
         let w = self.width;
         let m = self.block_rows as f64;
         self.block_mean.iter_mut().for_each(|v| *v = 0.0);
@@ -206,6 +215,11 @@ impl Moments {
                 }
             }
         }
+    }
+
+    /// Merges the block's moments into the running ones.
+    fn merge_block(&mut self) {
+        let (w, m) = (self.width, self.block_rows as f64);
         // Chan, Golub and LeVeque: merge (n, mean, C) with (m, mean_b, C_b).
         let n = self.n as f64;
         let total = n + m;
@@ -223,9 +237,6 @@ impl Moments {
         for (mu, dl) in self.mean.iter_mut().zip(&delta) {
             *mu += dl * m / total;
         }
-        self.n += self.block_rows as u64;
-        self.block_rows = 0;
-        self.block.clear();
     }
 
     /// The statistics of every row added.

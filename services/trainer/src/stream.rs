@@ -173,7 +173,30 @@ struct Source<'a> {
     passes: std::cell::Cell<u32>,
 }
 
-impl Source<'_> {
+impl<'a> Source<'a> {
+    /// The file at `path`, checked unchanged since its fingerprint when the
+    /// options carry one.
+    fn new(
+        path: &'a Path,
+        raw_names: &'a [String],
+        options: RunOptions<'a>,
+        started: Instant,
+    ) -> Result<Self, DataError> {
+        let source = Source {
+            path,
+            raw_names,
+            stamp: match &options.fingerprinted {
+                Some((_, stamp)) => *stamp,
+                None => FileStamp::of(path)?,
+            },
+            options,
+            started,
+            passes: std::cell::Cell::new(0),
+        };
+        source.check_unchanged()?;
+        Ok(source)
+    }
+
     fn open(&self) -> Result<std::fs::File, DataError> {
         std::fs::File::open(self.path).map_err(|source| DataError::Io {
             path: self.path.to_owned(),
@@ -497,18 +520,7 @@ pub fn train_file(
     let started = Instant::now();
     let started_ms = ml_shared::time::now_ms();
     pipeline::check_spec(spec)?;
-    let source = Source {
-        path,
-        raw_names: registry.raw_names(),
-        stamp: match &options.fingerprinted {
-            Some((_, stamp)) => *stamp,
-            None => FileStamp::of(path)?,
-        },
-        options,
-        started,
-        passes: std::cell::Cell::new(0),
-    };
-    source.check_unchanged()?;
+    let source = Source::new(path, registry.raw_names(), options, started)?;
     let names: Vec<String> = registry.names().map(str::to_owned).collect();
     let run = FileRun {
         plan: registry.plan(&names)?,

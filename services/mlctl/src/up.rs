@@ -8,7 +8,7 @@
 //! waiting up to `--stop-timeout` for each before killing it; if one exits by
 //! itself, the others are stopped too and `up` fails.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
@@ -51,61 +51,17 @@ pub async fn run(nats: &NatsSettings, args: UpArgs) -> anyhow::Result<ExitCode> 
             .to_owned(),
     };
     let mut processes = Vec::new();
-    let _store; // the local server's store lives as long as `up`
-    if crate::connect(nats).await.is_ok() {
-        eprintln!("mlctl up: using the NATS server at {}", nats.nats_url);
-    } else {
-        let port = port_of(&nats.nats_url);
-        let store = tempfile::tempdir()?;
-        eprintln!(
-            "mlctl up: no NATS server at {}; starting {} on port {port}",
-            nats.nats_url, args.nats_server
-        );
-        let child = Command::new(&args.nats_server)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(store.path())
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "starting {} (install nats-server, or set NATS_URL)",
-                    args.nats_server
-                )
-            })?;
-        _store = store;
-        processes.push(Process {
-            name: "nats-server".into(),
-            child,
-        });
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while crate::connect(nats).await.is_err() {
-            if tokio::time::Instant::now() > deadline {
-                stop_all(&mut processes, args.stop_timeout).await;
-                bail!("nats-server did not accept connections within 10 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    // The local server's store, if one is started, lives as long as `up`.
+    let _store = match ensure_server(nats, &args, &mut processes).await {
+        Ok(store) => store,
+        Err(e) => {
+            stop_all(&mut processes, args.stop_timeout).await;
+            return Err(e);
         }
-    }
+    };
     for name in SERVICES {
-        let path = bin_dir.join(name);
-        let child = Command::new(&path)
-            .env("NATS_URL", &nats.nats_url)
-            .env("ML_SUBJECT_PREFIX", &nats.subject_prefix)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "starting {} (build it with `cargo build --release`)",
-                    path.display()
-                )
-            });
-        match child {
-            Ok(child) => processes.push(Process {
-                name: name.into(),
-                child,
-            }),
+        match start_service(nats, &bin_dir, name) {
+            Ok(process) => processes.push(process),
             Err(e) => {
                 stop_all(&mut processes, args.stop_timeout).await;
                 return Err(e);
@@ -116,26 +72,95 @@ pub async fn run(nats: &NatsSettings, args: UpArgs) -> anyhow::Result<ExitCode> 
         "mlctl up: {} running; Ctrl-C stops them",
         SERVICES.join(", ")
     );
-
-    let signal = ml_shared::shutdown::shutdown_signal();
-    tokio::pin!(signal);
-    let mut ticker = tokio::time::interval(Duration::from_millis(200));
-    let failed = loop {
-        tokio::select! {
-            () = &mut signal => break None,
-            _ = ticker.tick() => {
-                if let Some(exited) = processes.iter_mut().find_map(|p| {
-                    p.child.try_wait().ok().flatten().map(|status| format!("{} exited ({status})", p.name))
-                }) {
-                    break Some(exited);
-                }
-            }
-        }
-    };
+    let failed = wait_for_exit(&mut processes).await;
     stop_all(&mut processes, args.stop_timeout).await;
     match failed {
         Some(reason) => bail!("{reason}; stopped the others"),
         None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// Uses the NATS server at `NATS_URL`, or starts one (JetStream on, a
+/// temporary store, returned) and waits until it accepts connections.
+async fn ensure_server(
+    nats: &NatsSettings,
+    args: &UpArgs,
+    processes: &mut Vec<Process>,
+) -> anyhow::Result<Option<tempfile::TempDir>> {
+    if crate::connect(nats).await.is_ok() {
+        eprintln!("mlctl up: using the NATS server at {}", nats.nats_url);
+        return Ok(None);
+    }
+    let port = port_of(&nats.nats_url);
+    let store = tempfile::tempdir()?;
+    eprintln!(
+        "mlctl up: no NATS server at {}; starting {} on port {port}",
+        nats.nats_url, args.nats_server
+    );
+    let child = Command::new(&args.nats_server)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(store.path())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| {
+            format!(
+                "starting {} (install nats-server, or set NATS_URL)",
+                args.nats_server
+            )
+        })?;
+    processes.push(Process {
+        name: "nats-server".into(),
+        child,
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while crate::connect(nats).await.is_err() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("nats-server did not accept connections within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(Some(store))
+}
+
+/// Starts one of the platform's binaries from `bin_dir`.
+fn start_service(nats: &NatsSettings, bin_dir: &Path, name: &str) -> anyhow::Result<Process> {
+    let path = bin_dir.join(name);
+    let child = Command::new(&path)
+        .env("NATS_URL", &nats.nats_url)
+        .env("ML_SUBJECT_PREFIX", &nats.subject_prefix)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| {
+            format!(
+                "starting {} (build it with `cargo build --release`)",
+                path.display()
+            )
+        })?;
+    Ok(Process {
+        name: name.into(),
+        child,
+    })
+}
+
+/// Waits for Ctrl-C or SIGTERM (`None`), or for a process to exit (what
+/// became of it).
+async fn wait_for_exit(processes: &mut [Process]) -> Option<String> {
+    let signal = ml_shared::shutdown::shutdown_signal();
+    tokio::pin!(signal);
+    let mut ticker = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            () = &mut signal => return None,
+            _ = ticker.tick() => {
+                if let Some(exited) = processes.iter_mut().find_map(|p| {
+                    p.child.try_wait().ok().flatten().map(|status| format!("{} exited ({status})", p.name))
+                }) {
+                    return Some(exited);
+                }
+            }
+        }
     }
 }
 

@@ -88,20 +88,7 @@ pub fn decide(
             ),
         );
     };
-    let worse_by = if higher_is_better {
-        base - value
-    } else {
-        value - base
-    };
-    let relative = if base == 0.0 {
-        if worse_by > 0.0 {
-            f64::INFINITY
-        } else {
-            0.0
-        }
-    } else {
-        worse_by / base.abs()
-    };
+    let relative = relative_shortfall(value, base, higher_is_better);
     // A hair of slack so that the same model retrained (equal metric, up to
     // rounding) always passes a zero tolerance.
     let passed = relative <= tolerance + 1e-12;
@@ -109,8 +96,31 @@ pub fn decide(
         "{metric} {value:.6} vs production v{}'s {base:.6}",
         prod.version
     );
+    let reason = verdict(&head, relative, passed, tolerance);
+    report(Some(base), passed, reason)
+}
+
+/// How much worse `value` is than `base`, relative to `base` (≤ 0: no
+/// worse; infinite when `base` is 0 and `value` is worse).
+fn relative_shortfall(value: f64, base: f64, higher_is_better: bool) -> f64 {
+    let worse_by = if higher_is_better {
+        base - value
+    } else {
+        value - base
+    };
+    if base != 0.0 {
+        worse_by / base.abs()
+    } else if worse_by > 0.0 {
+        f64::INFINITY
+    } else {
+        0.0
+    }
+}
+
+/// The gate's reason: the comparison `head`, then how it went.
+fn verdict(head: &str, relative: f64, passed: bool, tolerance: f64) -> String {
     let pct = |x: f64| format!("{:.2}%", 100.0 * x);
-    let reason = if relative <= 0.0 {
+    if relative <= 0.0 {
         format!("{head}: no worse; promoted")
     } else if passed {
         format!(
@@ -124,8 +134,7 @@ pub fn decide(
             pct(relative),
             pct(tolerance)
         )
-    };
-    report(Some(base), passed, reason)
+    }
 }
 
 #[cfg(test)]

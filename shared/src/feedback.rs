@@ -63,7 +63,9 @@ impl FeedbackReply {
 /// Reads and checks an `ml.feedback` payload; the error says what is wrong.
 pub fn parse(payload: &[u8]) -> Result<FeedbackRequest, String> {
     let request: FeedbackRequest = serde_json::from_slice(payload).map_err(|e| {
-        format!(r#"invalid feedback: {e}; send {{"feedback":[{{"request_id":"…","outcome":1.0}}]}}"#)
+        format!(
+            r#"invalid feedback: {e}; send {{"feedback":[{{"request_id":"…","outcome":1.0}}]}}"#
+        )
     })?;
     let n = request.feedback.len();
     if n == 0 || n > MAX_LABELS {

@@ -296,6 +296,10 @@ pub struct EventBatch {
     pub events: Vec<LatencyEvent>,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// Training parameters, recorded with each run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainParams {
@@ -892,8 +896,4 @@ mod tests {
         assert!(json.starts_with(r#"{"progress":{"event":"pass_done","pass":"statistics""#));
         assert_eq!(serde_json::from_str::<TrainProgress>(&json).unwrap(), p);
     }
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }

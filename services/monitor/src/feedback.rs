@@ -12,8 +12,8 @@
 //! that collide.
 //!
 //! [`Live`] accumulates, per version, the live accuracy and log-loss of a
-//! classifier (its served label and probability against the outcome, 0 or
-//! 1) or the RMSE and MAE of a regressor; [`Agreement`] the shadow's
+//! classifier (its served label and probability against the outcome, zero
+//! or one) or the RMSE and MAE of a regressor; [`Agreement`] the shadow's
 //! latency and its agreement with what was served.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -247,7 +247,11 @@ impl Live {
                 self.classifier = true;
                 self.correct += u64::from(f64::from(label) == outcome);
                 let p = guess.prediction.clamp(LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS);
-                self.log_loss -= if outcome == 1.0 { p.ln() } else { (1.0 - p).ln() };
+                self.log_loss -= if outcome == 1.0 {
+                    p.ln()
+                } else {
+                    (1.0 - p).ln()
+                };
             }
             None => {
                 let e = guess.prediction - outcome;
@@ -352,8 +356,7 @@ impl Agreement {
         ShadowReport {
             count: self.n,
             latency_ms: LatencyMs::of(&self.latency),
-            label_agreement: (self.labelled > 0)
-                .then(|| self.agreed as f64 / self.labelled as f64),
+            label_agreement: (self.labelled > 0).then(|| self.agreed as f64 / self.labelled as f64),
             mean_abs_diff: self.absolute / n,
             correlation: (self.n >= 2 && spread > 0.0).then(|| self.co / spread.sqrt()),
         }
@@ -439,7 +442,10 @@ mod tests {
         assert!((r.log_loss.unwrap() - want).abs() < 1e-12);
         agreement.add(&served, &shadow, 10);
         let s = agreement.report();
-        assert_eq!((s.count, s.label_agreement, s.correlation), (1, Some(0.0), None));
+        assert_eq!(
+            (s.count, s.label_agreement, s.correlation),
+            (1, Some(0.0), None)
+        );
         assert!((s.mean_abs_diff - 0.5).abs() < 1e-12);
     }
 

@@ -194,27 +194,73 @@ impl Routed {
             })),
             ..Self::default()
         };
-        registry.register("ml_predict_variant_requests", "Successful predictions under a routing table, by variant", r.variants.clone());
+        r.register_plain(registry);
+        registry.register(
+            "ml_predict_variant_requests",
+            "Successful predictions under a routing table, by variant",
+            r.variants.clone(),
+        );
         if let Some(h) = &r.shadow_latency {
-            registry.register_with_unit("ml_shadow_latency", "Time the shadow version took per shadowed request", Unit::Seconds, h.clone());
+            registry.register_with_unit(
+                "ml_shadow_latency",
+                "Time the shadow version took per shadowed request",
+                Unit::Seconds,
+                h.clone(),
+            );
         }
-        registry.register("ml_shadow_dropped", "Shadow runs skipped because a predictor's shadow queue was full", r.shadow_dropped.clone());
-        registry.register("ml_shadow_agreement", "Share of the last window's shadowed requests where the shadow's label equals the served one", r.agreement.clone());
-        registry.register("ml_shadow_mean_abs_diff", "Mean absolute difference of the shadow's and the served predictions, last window", r.mean_abs_diff.clone());
-        registry.register("ml_shadow_correlation", "Correlation of the shadow's and the served predictions, last window", r.correlation.clone());
-        registry.register("ml_feedback_labels", "Labels received on ml.feedback, by result", r.labels.clone());
+        registry.register(
+            "ml_feedback_labels",
+            "Labels received on ml.feedback, by result",
+            r.labels.clone(),
+        );
         for result in ["matched", "unknown", "expired", "invalid"] {
-            let _ = r.labels.get_or_create(&ResultLabels { result: result.into() });
+            let _ = r.labels.get_or_create(&ResultLabels {
+                result: result.into(),
+            });
         }
-        registry.register("ml_feedback_rejected", "ml.feedback messages refused whole", r.rejected.clone());
-        registry.register("ml_live_labelled", "Predictions of the version labelled since the monitor started", r.labelled.clone());
-        registry.register("ml_live_accuracy", "Live accuracy since start (classifiers)", r.accuracy.clone());
-        registry.register("ml_live_log_loss", "Live log-loss since start (classifiers)", r.log_loss.clone());
-        registry.register("ml_live_rmse", "Live RMSE since start (regressors)", r.rmse.clone());
-        registry.register("ml_live_mae", "Live mean absolute error since start (regressors)", r.mae.clone());
-        registry.register("ml_monitor_awaiting_predictions", "Predictions awaiting their outcome", r.awaiting.clone());
-        registry.register("ml_monitor_awaiting_expired", "Predictions forgotten unlabelled past MONITOR_FEEDBACK_HORIZON", r.expired.clone());
+        registry.register(
+            "ml_monitor_awaiting_predictions",
+            "Predictions awaiting their outcome",
+            r.awaiting.clone(),
+        );
         r
+    }
+
+    /// Registers the plain counters and the per-version gauges.
+    fn register_plain(&self, registry: &mut Registry) {
+        let counters = [
+            (
+                "ml_shadow_dropped",
+                "Shadow runs skipped because a predictor's shadow queue was full",
+                &self.shadow_dropped,
+            ),
+            (
+                "ml_feedback_rejected",
+                "ml.feedback messages refused whole",
+                &self.rejected,
+            ),
+            (
+                "ml_monitor_awaiting_expired",
+                "Predictions forgotten unlabelled past MONITOR_FEEDBACK_HORIZON",
+                &self.expired,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+        let gauges = [
+            ("ml_shadow_agreement", "Share of the last window's shadowed requests where the shadow's label equals the served one", &self.agreement),
+            ("ml_shadow_mean_abs_diff", "Mean absolute difference of the shadow's and the served predictions, last window", &self.mean_abs_diff),
+            ("ml_shadow_correlation", "Correlation of the shadow's and the served predictions, last window", &self.correlation),
+            ("ml_live_labelled", "Predictions of the version labelled since the monitor started", &self.labelled),
+            ("ml_live_accuracy", "Live accuracy since start (classifiers)", &self.accuracy),
+            ("ml_live_log_loss", "Live log-loss since start (classifiers)", &self.log_loss),
+            ("ml_live_rmse", "Live RMSE since start (regressors)", &self.rmse),
+            ("ml_live_mae", "Live mean absolute error since start (regressors)", &self.mae),
+        ];
+        for (name, help, gauge) in gauges {
+            registry.register(name, help, gauge.clone());
+        }
     }
 
     fn version_gauges(&self) -> [&VersionGauge; 8] {
@@ -238,7 +284,9 @@ fn set_by_version<'a>(family: &VersionGauge, values: impl Iterator<Item = (&'a u
     for (v, value) in values {
         if let Some(value) = value {
             family
-                .get_or_create(&VersionLabels { model_version: v.to_string() })
+                .get_or_create(&VersionLabels {
+                    model_version: v.to_string(),
+                })
                 .set(value);
         }
     }
@@ -423,13 +471,20 @@ impl Metrics {
                 };
                 self.routed
                     .variants
-                    .get_or_create(&VariantLabels { variant: name.into() })
+                    .get_or_create(&VariantLabels {
+                        variant: name.into(),
+                    })
                     .inc();
             }
             let shadow = event.answer.as_ref().and_then(|a| a.shadow);
-            if let (Some(s), Some(h)) = (shadow.filter(|s| kept(s.version)), &self.routed.shadow_latency) {
-                h.get_or_create(&VersionLabels { model_version: s.version.to_string() })
-                    .observe(s.duration_ns as f64 / 1e9);
+            if let (Some(s), Some(h)) = (
+                shadow.filter(|s| kept(s.version)),
+                &self.routed.shadow_latency,
+            ) {
+                h.get_or_create(&VersionLabels {
+                    model_version: s.version.to_string(),
+                })
+                .observe(s.duration_ns as f64 / 1e9);
             }
         }
     }
@@ -442,7 +497,12 @@ impl Metrics {
             ("expired", reply.expired),
             ("invalid", reply.invalid),
         ] {
-            inc_saturating(&self.routed.labels.get_or_create_owned(&ResultLabels { result: result.into() }), n);
+            inc_saturating(
+                &self.routed.labels.get_or_create_owned(&ResultLabels {
+                    result: result.into(),
+                }),
+                n,
+            );
         }
     }
 
@@ -462,10 +522,25 @@ impl Metrics {
     /// gauges from the totals since start.
     pub fn set_routed(&self, window: &crate::stats::Snapshot, total: &crate::stats::Snapshot) {
         let r = &self.routed;
-        set_by_version(&r.agreement, window.shadow.iter().map(|(v, s)| (v, s.label_agreement)));
-        set_by_version(&r.mean_abs_diff, window.shadow.iter().map(|(v, s)| (v, Some(s.mean_abs_diff))));
-        set_by_version(&r.correlation, window.shadow.iter().map(|(v, s)| (v, s.correlation)));
-        set_by_version(&r.labelled, total.live.iter().map(|(v, l)| (v, Some(l.labelled as f64))));
+        set_by_version(
+            &r.agreement,
+            window.shadow.iter().map(|(v, s)| (v, s.label_agreement)),
+        );
+        set_by_version(
+            &r.mean_abs_diff,
+            window
+                .shadow
+                .iter()
+                .map(|(v, s)| (v, Some(s.mean_abs_diff))),
+        );
+        set_by_version(
+            &r.correlation,
+            window.shadow.iter().map(|(v, s)| (v, s.correlation)),
+        );
+        set_by_version(
+            &r.labelled,
+            total.live.iter().map(|(v, l)| (v, Some(l.labelled as f64))),
+        );
         set_by_version(&r.accuracy, total.live.iter().map(|(v, l)| (v, l.accuracy)));
         set_by_version(&r.log_loss, total.live.iter().map(|(v, l)| (v, l.log_loss)));
         set_by_version(&r.rmse, total.live.iter().map(|(v, l)| (v, l.rmse)));

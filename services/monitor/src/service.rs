@@ -296,7 +296,13 @@ impl<W: Write> Monitor<'_, W> {
         }
         let sent = match self.state.feedback(&message.payload, &self.metrics) {
             Ok(reply) => {
-                tracing::debug!(matched = reply.matched, unknown = reply.unknown, expired = reply.expired, invalid = reply.invalid, "feedback joined");
+                tracing::debug!(
+                    matched = reply.matched,
+                    unknown = reply.unknown,
+                    expired = reply.expired,
+                    invalid = reply.invalid,
+                    "feedback joined"
+                );
                 let body = serde_json::to_vec(&reply).expect("replies serialise");
                 request.respond(Ok(body.into())).await
             }

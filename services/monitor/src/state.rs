@@ -12,13 +12,13 @@ use ml_shared::messages::{EventBatch, ModelRelease};
 
 use crate::drift::{DriftReference, DriftWindow};
 use crate::feedback::Awaiting;
-use ml_shared::feedback::FeedbackReply;
 use crate::identity::Identities;
 use crate::metrics::Metrics;
 use crate::stats::{Aggregate, Snapshot};
 use crate::tracked::{Predictors, Versions};
 use crate::validate::{self, RejectReason};
 use crate::{Config, Health};
+use ml_shared::feedback::FeedbackReply;
 
 /// What the monitor keeps between windows.
 pub struct State {
@@ -230,8 +230,10 @@ impl State {
         for label in &request.feedback {
             let joined = self.awaiting.join(&label.request_id, label.outcome, now);
             crate::feedback::count(&mut reply, &joined);
-            self.window.join(&joined, label.outcome, |v| versions.contains(v));
-            self.total.join(&joined, label.outcome, |v| versions.contains(v));
+            self.window
+                .join(&joined, label.outcome, |v| versions.contains(v));
+            self.total
+                .join(&joined, label.outcome, |v| versions.contains(v));
         }
         metrics.feedback(&reply);
         self.report_awaiting(metrics, evicted, expired);

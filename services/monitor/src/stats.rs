@@ -175,7 +175,11 @@ impl Aggregate {
     }
 
     /// Counts an event's variant and its shadow's agreement.
-    fn add_routed(&mut self, event: &ml_shared::messages::LatencyEvent, kept: impl Fn(u64) -> bool) {
+    fn add_routed(
+        &mut self,
+        event: &ml_shared::messages::LatencyEvent,
+        kept: impl Fn(u64) -> bool,
+    ) {
         if let (Some(variant), Outcome::Ok) = (event.variant, event.outcome) {
             let n = self.variants.entry(variant).or_default();
             *n = n.saturating_add(1);
@@ -209,7 +213,10 @@ impl Aggregate {
         if let Joined::Matched(served, shadow) = joined {
             for guess in std::iter::once(served).chain(shadow.as_ref()) {
                 if kept(guess.version) {
-                    self.live.entry(guess.version).or_default().add(guess, outcome);
+                    self.live
+                        .entry(guess.version)
+                        .or_default()
+                        .add(guess, outcome);
                 }
             }
         }
@@ -308,7 +315,9 @@ impl Snapshot {
         let mut out = String::new();
         if !self.variants.is_empty() {
             let items = self.variants.iter().map(|(v, n)| {
-                let name = serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_owned));
+                let name = serde_json::to_value(v)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned));
                 format!("{}:{n}", name.unwrap_or_default())
             });
             out.push_str(&format!(" variants={}", join(items.collect())));
@@ -318,7 +327,8 @@ impl Snapshot {
                 format!(
                     "v{v}:n={},p50={},agree={},mad={:.3},corr={}",
                     r.count,
-                    r.latency_ms.map_or("-".into(), |l| format!("{:.3}ms", l.p50)),
+                    r.latency_ms
+                        .map_or("-".into(), |l| format!("{:.3}ms", l.p50)),
                     f(r.label_agreement),
                     r.mean_abs_diff,
                     f(r.correlation)
@@ -333,7 +343,12 @@ impl Snapshot {
         let fb = &self.feedback;
         if !self.live.is_empty() || fb.matched + fb.unknown + fb.expired + fb.invalid > 0 {
             let items = self.live.iter().map(|(v, r)| match r.accuracy {
-                Some(_) => format!("v{v}:n={},acc={},logloss={}", r.labelled, f(r.accuracy), f(r.log_loss)),
+                Some(_) => format!(
+                    "v{v}:n={},acc={},logloss={}",
+                    r.labelled,
+                    f(r.accuracy),
+                    f(r.log_loss)
+                ),
                 None => format!("v{v}:n={},rmse={},mae={}", r.labelled, f(r.rmse), f(r.mae)),
             });
             out.push_str(&format!(

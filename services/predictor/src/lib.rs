@@ -38,8 +38,8 @@ use clap::Parser;
 use futures::StreamExt;
 use ml_shared::features::{FeatureRegistry, FeatureStore};
 use ml_shared::messages::{AnswerRecord, ErrorCode, ErrorReply, LatencyEvent, Outcome};
-use ml_shared::routing::{shadowed, Variant, Weighted};
 use ml_shared::profile::{FeatureSample, SAMPLE_WIDTH};
+use ml_shared::routing::{shadowed, Variant, Weighted};
 use ml_shared::settings::{parse_duration, NatsSettings};
 use tokio::sync::Semaphore;
 
@@ -422,7 +422,11 @@ fn answer(admission: &Admission, payload: &[u8], capture: Option<&mut FeatureSam
             version: Some(answer.model_version()),
             outcome: Outcome::Ok,
             variant: answer.variant(),
-            answer: admission.events.is_enabled().then(|| answer.record()).flatten(),
+            answer: admission
+                .events
+                .is_enabled()
+                .then(|| answer.record())
+                .flatten(),
             shadow: answer.shadow(),
         },
         Err((error, version)) => {
@@ -450,10 +454,7 @@ async fn handle(admission: &Admission, request: Request, via: Option<&async_nats
     // The raw features go to the event's sample, or to the shadow.
     let mut capture = admission.events.is_enabled().then(FeatureSample::default);
     let mut replied = answer(admission, &request.message.payload, capture.as_mut());
-    let (body, headers) = (
-        std::mem::take(&mut replied.body),
-        replied.headers.take(),
-    );
+    let (body, headers) = (std::mem::take(&mut replied.body), replied.headers.take());
     let sent = match (via, request.message.reply.clone(), headers) {
         (Some(client), Some(to), Some(headers)) => client
             .publish_with_headers(to, headers, body)

@@ -152,6 +152,29 @@ fn assert_near(got: &Value, want: f64, what: &str) {
     );
 }
 
+/// Checks the monitor's totals for shadow `key` against the test's
+/// (served, shadow) `pairs`, out of `answered` routed replies.
+fn check_shadow(total: &Value, key: &str, pairs: &[(f64, f64)], answered: usize) {
+    let (mad, correlation) = agreement(pairs);
+    let reported = &total["shadow"][key];
+    assert_near(&reported["mean_abs_diff"], mad, "mean absolute difference");
+    assert_near(&reported["correlation"], correlation, "correlation");
+    assert!(
+        reported["latency_ms"]["p50"].as_f64().unwrap() > 0.0,
+        "{reported}"
+    );
+    assert!(
+        reported.get("label_agreement").is_none(),
+        "a regressor: {reported}"
+    );
+    assert_eq!(total["shadow_dropped"], 0, "{total}");
+    assert_eq!(
+        total["variants"]["production"].as_u64(),
+        Some(answered as u64),
+        "{total}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shadow_never_changes_a_reply_and_its_agreement_is_reported() {
     ml_tests::init_logging();
@@ -207,7 +230,6 @@ async fn the_shadow_never_changes_a_reply_and_its_agreement_is_reported() {
         pairs.len(),
         answers.len()
     );
-    let (mad, correlation) = agreement(&pairs);
 
     let key = shadow.to_string();
     let stats = wait_for("the monitor reports every shadow run", WAIT, || async {
@@ -215,18 +237,7 @@ async fn the_shadow_never_changes_a_reply_and_its_agreement_is_reported() {
         (s["total"]["shadow"][&key]["count"].as_u64()? == pairs.len() as u64).then_some(s)
     })
     .await;
-    let total = &stats["total"];
-    let reported = &total["shadow"][&key];
-    assert_near(&reported["mean_abs_diff"], mad, "mean absolute difference");
-    assert_near(&reported["correlation"], correlation, "correlation");
-    assert!(reported["latency_ms"]["p50"].as_f64().unwrap() > 0.0, "{reported}");
-    assert!(reported.get("label_agreement").is_none(), "a regressor: {reported}");
-    assert_eq!(total["shadow_dropped"], 0, "{total}");
-    assert_eq!(
-        total["variants"]["production"].as_u64(),
-        Some(answers.len() as u64),
-        "{total}"
-    );
+    check_shadow(&stats["total"], &key, &pairs, answers.len());
     monitor.stop().await;
     r.stop().await;
 }
@@ -246,11 +257,158 @@ async fn feedback(client: &async_nats::Client, labels: &[(String, f64)]) -> [u64
             .map(|(id, outcome)| json!({"request_id": id, "outcome": outcome}))
             .collect::<Vec<_>>()});
         let reply = request_json(client, "ml.feedback", &body.to_string()).await;
-        for (i, key) in ["matched", "unknown", "expired", "invalid"].iter().enumerate() {
+        for (i, key) in ["matched", "unknown", "expired", "invalid"]
+            .iter()
+            .enumerate()
+        {
             sum[i] += reply[key].as_u64().unwrap_or_else(|| panic!("{reply}"));
         }
     }
     sum
+}
+
+/// Sends 3,000 requests in chunks of 250 (users 0 to 2,999), each chunk
+/// labelled (9 requests in 10) as soon as the monitor has counted it (it
+/// then holds them), well within the horizon. `sent`: the requests counted
+/// since `start`. Returns the labelled answers with their outcomes, and the
+/// unlabelled ones.
+async fn send_and_label(
+    r: &Rollout,
+    start: u64,
+    mut sent: u64,
+) -> (Vec<(Answered, f64)>, Vec<Answered>) {
+    let mut labelled: Vec<(Answered, f64)> = Vec::new();
+    let mut unlabelled = Vec::new();
+    let mut k = 0;
+    for chunk in 0..12 {
+        let answers = send(r, 5, 250, chunk * 250..(chunk + 1) * 250).await;
+        sent += answers.len() as u64;
+        wait_counted(&r.client, start + sent).await;
+        let mut labels = Vec::new();
+        for a in answers {
+            k += 1;
+            if k % 10 == 0 {
+                unlabelled.push(a);
+                continue;
+            }
+            let y = outcome(r.users[a.row].1, k);
+            labels.push((a.request_id.clone(), y));
+            labelled.push((a, y));
+        }
+        let n = labels.len() as u64;
+        assert_eq!(feedback(&r.client, &labels).await, [n, 0, 0, 0]);
+    }
+    (labelled, unlabelled)
+}
+
+/// Checks the monitor's live RMSE and MAE of v1 and v2 against the test's
+/// computation from `labelled`; returns each version's RMSE.
+fn check_live(total: &Value, labelled: &[(Answered, f64)]) -> Vec<(u64, f64)> {
+    let mut rmse_by_version = Vec::new();
+    for version in [1u64, 2] {
+        let errors: Vec<f64> = labelled
+            .iter()
+            .filter(|(a, _)| a.version == version)
+            .map(|(a, y)| a.prediction - y)
+            .collect();
+        let m = errors.len() as f64;
+        let rmse = (errors.iter().map(|e| e * e).sum::<f64>() / m).sqrt();
+        let mae = errors.iter().map(|e| e.abs()).sum::<f64>() / m;
+        let live = &total["live"][version.to_string()];
+        rmse_by_version.push((version, rmse));
+        assert_eq!(
+            live["labelled"].as_u64(),
+            Some(errors.len() as u64),
+            "{live}"
+        );
+        assert_near(&live["rmse"], rmse, &format!("v{version} RMSE"));
+        assert_near(&live["mae"], mae, &format!("v{version} MAE"));
+        assert!(live.get("accuracy").is_none(), "{live}");
+    }
+    rmse_by_version
+}
+
+/// Checks `/metrics` on `addr`: each version's `ml_live_rmse`, and the
+/// labels counted `unknown` (80) and `expired` (`expired`).
+async fn check_metrics(addr: &str, rmse_by_version: &[(u64, f64)], expired: u64) {
+    let unknown_line = "ml_feedback_labels_total{result=\"unknown\"} 80";
+    let text = wait_for("the live metrics in /metrics", WAIT, || async {
+        let (status, text) = ml_tests::prometheus::http_get(addr, "/metrics")
+            .await
+            .ok()?;
+        (status == 200 && text.contains(unknown_line) && text.contains("ml_live_rmse{"))
+            .then_some(text)
+    })
+    .await;
+    for (version, rmse) in rmse_by_version {
+        let prefix = format!("ml_live_rmse{{model_version=\"{version}\"}} ");
+        let line = text.lines().find_map(|l| l.strip_prefix(prefix.as_str()));
+        let got: f64 = line
+            .unwrap_or_else(|| panic!("{prefix} in {text}"))
+            .parse()
+            .unwrap();
+        assert!(
+            (got - rmse).abs() <= 1e-9 * rmse.max(1.0),
+            "v{version}: {got} vs {rmse}"
+        );
+    }
+    let expired_line = format!("ml_feedback_labels_total{{result=\"expired\"}} {expired}");
+    assert!(text.contains(&expired_line), "{text}");
+}
+
+/// Bad feedback is refused whole with `bad_request`, counted, and the
+/// monitor keeps serving.
+async fn check_bad_feedback(client: &async_nats::Client) {
+    for bad in [
+        "",
+        "{}",
+        r#"{"feedback":[]}"#,
+        r#"{"feedback":[{"request_id":"a","outcome":"NaN"}]}"#,
+    ] {
+        let reply = request_json(client, "ml.feedback", bad).await;
+        assert_eq!(reply["error"]["code"], "bad_request", "{bad}: {reply}");
+    }
+    let stats = try_stats(client).await.unwrap();
+    assert_eq!(stats["monitor"]["feedback_rejected"], 4);
+}
+
+/// Labels for ids never held and labels sent twice are `unknown`; once
+/// every prediction has expired, the labels of `late` and `unlabelled` are
+/// `expired`. Returns how many were.
+async fn unknown_and_expired(
+    r: &Rollout,
+    labelled: &[(Answered, f64)],
+    late: &[Answered],
+    unlabelled: &[Answered],
+) -> u64 {
+    // Ids never held, and labels sent a second time: unknown.
+    let mut unknown: Vec<(String, f64)> = (0..50).map(|i| (format!("nobody-{i}"), 1.0)).collect();
+    unknown.extend(
+        labelled[..30]
+            .iter()
+            .map(|(a, y)| (a.request_id.clone(), *y)),
+    );
+    assert_eq!(feedback(&r.client, &unknown).await, [0, 80, 0, 0]);
+
+    // Past the horizon: expired.
+    wait_for(
+        "every prediction expires",
+        Duration::from_secs(30),
+        || async {
+            let s = try_stats(&r.client).await?;
+            (s["monitor"]["awaiting"].as_u64()? == 0).then_some(())
+        },
+    )
+    .await;
+    let expired: Vec<(String, f64)> = late
+        .iter()
+        .chain(unlabelled)
+        .map(|a| (a.request_id.clone(), OFFSETS[0]))
+        .collect();
+    let n = expired.len() as u64;
+    assert_eq!(feedback(&r.client, &expired).await, [0, 0, n, 0]);
+
+    n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,73 +434,24 @@ async fn feedback_gives_live_rmse_and_mae_per_version_and_counts_unknown_and_exp
     // Late: labelled only once they are past the horizon.
     let late = send(&r, 4, 200, 0..200).await;
     sent += late.len() as u64;
-    // In chunks of 250, each labelled (9 in 10) as soon as the monitor
-    // holds it, well within the horizon.
-    let mut labelled: Vec<(Answered, f64)> = Vec::new();
-    let mut unlabelled = Vec::new();
-    let mut k = 0;
-    for chunk in 0..12 {
-        let answers = send(&r, 5, 250, chunk * 250..(chunk + 1) * 250).await;
-        sent += answers.len() as u64;
-        wait_counted(&r.client, start + sent).await;
-        let mut labels = Vec::new();
-        for a in answers {
-            k += 1;
-            if k % 10 == 0 {
-                unlabelled.push(a);
-                continue;
-            }
-            let y = outcome(r.users[a.row].1, k);
-            labels.push((a.request_id.clone(), y));
-            labelled.push((a, y));
-        }
-        let n = labels.len() as u64;
-        assert_eq!(feedback(&r.client, &labels).await, [n, 0, 0, 0]);
-    }
-    assert!(labelled.iter().any(|(a, _)| a.version == 1) && labelled.iter().any(|(a, _)| a.version == 2));
+    let (labelled, unlabelled) = send_and_label(&r, start, sent).await;
+    assert!(
+        labelled.iter().any(|(a, _)| a.version == 1)
+            && labelled.iter().any(|(a, _)| a.version == 2)
+    );
 
-    // Ids never held, and labels sent a second time: unknown.
-    let mut unknown: Vec<(String, f64)> = (0..50).map(|i| (format!("nobody-{i}"), 1.0)).collect();
-    unknown.extend(labelled[..30].iter().map(|(a, y)| (a.request_id.clone(), *y)));
-    assert_eq!(feedback(&r.client, &unknown).await, [0, 80, 0, 0]);
-
-    // Past the horizon: expired.
-    wait_for("every prediction expires", Duration::from_secs(30), || async {
-        let s = try_stats(&r.client).await?;
-        (s["monitor"]["awaiting"].as_u64()? == 0).then_some(())
-    })
-    .await;
-    let expired: Vec<(String, f64)> = late
-        .iter()
-        .chain(&unlabelled)
-        .map(|a| (a.request_id.clone(), OFFSETS[0]))
-        .collect();
-    let n = expired.len() as u64;
-    assert_eq!(feedback(&r.client, &expired).await, [0, 0, n, 0]);
-
+    let n = unknown_and_expired(&r, &labelled, &late, &unlabelled).await;
     // Live RMSE and MAE per version, as the test computes them.
-    let mut rmse_by_version = Vec::new();
     let stats = try_stats(&r.client).await.unwrap();
     let total = &stats["total"];
-    for version in [1u64, 2] {
-        let errors: Vec<f64> = labelled
-            .iter()
-            .filter(|(a, _)| a.version == version)
-            .map(|(a, y)| a.prediction - y)
-            .collect();
-        let m = errors.len() as f64;
-        let rmse = (errors.iter().map(|e| e * e).sum::<f64>() / m).sqrt();
-        let mae = errors.iter().map(|e| e.abs()).sum::<f64>() / m;
-        let live = &total["live"][version.to_string()];
-        rmse_by_version.push((version, rmse));
-        assert_eq!(live["labelled"].as_u64(), Some(errors.len() as u64), "{live}");
-        assert_near(&live["rmse"], rmse, &format!("v{version} RMSE"));
-        assert_near(&live["mae"], mae, &format!("v{version} MAE"));
-        assert!(live.get("accuracy").is_none(), "{live}");
-    }
+    let rmse_by_version = check_live(total, &labelled);
     let counts = &total["feedback"];
     assert_eq!(
-        (counts["matched"].as_u64(), counts["unknown"].as_u64(), counts["expired"].as_u64()),
+        (
+            counts["matched"].as_u64(),
+            counts["unknown"].as_u64(),
+            counts["expired"].as_u64()
+        ),
         (Some(labelled.len() as u64), Some(80), Some(n)),
         "{counts}"
     );
@@ -361,27 +470,13 @@ async fn feedback_gives_live_rmse_and_mae_per_version_and_counts_unknown_and_exp
     })
     .await;
     // And in /metrics, once a window has ended after the last label.
-    let unknown_line = "ml_feedback_labels_total{result=\"unknown\"} 80";
-    let text = wait_for("the live metrics in /metrics", WAIT, || async {
-        let (status, text) = ml_tests::prometheus::http_get(&metrics_addr, "/metrics").await.ok()?;
-        (status == 200 && text.contains(unknown_line) && text.contains("ml_live_rmse{")).then_some(text)
-    })
-    .await;
-    for (version, rmse) in rmse_by_version {
-        let prefix = format!("ml_live_rmse{{model_version=\"{version}\"}} ");
-        let line = text.lines().find_map(|l| l.strip_prefix(prefix.as_str()));
-        let got: f64 = line.unwrap_or_else(|| panic!("{prefix} in {text}")).parse().unwrap();
-        assert!((got - rmse).abs() <= 1e-9 * rmse.max(1.0), "v{version}: {got} vs {rmse}");
-    }
-    assert!(text.contains(&format!("ml_feedback_labels_total{{result=\"expired\"}} {n}")), "{text}");
-    // Bad feedback is refused whole, counted, and the monitor keeps serving.
-    for bad in ["", "{}", r#"{"feedback":[]}"#, r#"{"feedback":[{"request_id":"a","outcome":"NaN"}]}"#] {
-        let reply = request_json(&r.client, "ml.feedback", bad).await;
-        assert_eq!(reply["error"]["code"], "bad_request", "{bad}: {reply}");
-    }
+    check_metrics(&metrics_addr, &rmse_by_version, n).await;
+    check_bad_feedback(&r.client).await;
     let stats = try_stats(&r.client).await.unwrap();
-    assert_eq!(stats["monitor"]["feedback_rejected"], 4);
-    assert_eq!(stats["total"]["feedback"]["matched"].as_u64(), Some(labelled.len() as u64));
+    assert_eq!(
+        stats["total"]["feedback"]["matched"].as_u64(),
+        Some(labelled.len() as u64)
+    );
     monitor.stop().await;
     r.stop().await;
 }
@@ -401,7 +496,10 @@ async fn a_small_cap_on_awaiting_predictions_evicts_and_counts() {
     let health = &stats["monitor"];
     assert_eq!(health["awaiting"], 100, "{health}");
     assert_eq!(health["feedback_max"], 100, "{health}");
-    assert!(health["evicted_awaiting"].as_u64().unwrap() >= 200, "{health}");
+    assert!(
+        health["evicted_awaiting"].as_u64().unwrap() >= 200,
+        "{health}"
+    );
     let label = |a: &Answered| (a.request_id.clone(), r.users[a.row].1);
     // The newest 100 are held; of the 200 evicted, the ids of the newest
     // 100 are remembered (expired), the older ones no longer (unknown).

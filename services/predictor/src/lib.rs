@@ -37,14 +37,14 @@ use async_nats::HeaderMap;
 use clap::Parser;
 use futures::StreamExt;
 use ml_shared::features::{FeatureRegistry, FeatureStore};
-use ml_shared::messages::{AnswerRecord, ErrorCode, ErrorReply, LatencyEvent, Outcome};
+use ml_shared::messages::{ErrorCode, ErrorReply, LatencyEvent, Outcome};
 use ml_shared::profile::{FeatureSample, SAMPLE_WIDTH};
 use ml_shared::routing::{shadowed, Variant, Weighted};
 use ml_shared::settings::{parse_duration, NatsSettings};
 use tokio::sync::Semaphore;
 
 use crate::events::{EventSettings, EventSink};
-use crate::serving::ServingState;
+use crate::serving::{PendingRecord, ServingState};
 use crate::shadow::{ShadowJob, ShadowSink};
 
 /// Queue group of the predict endpoint.
@@ -394,7 +394,7 @@ struct Replied {
     version: Option<u64>,
     outcome: Outcome,
     variant: Option<Variant>,
-    answer: Option<AnswerRecord>,
+    answer: Option<PendingRecord>,
     shadow: Option<Weighted>,
 }
 
@@ -496,7 +496,7 @@ fn record(
         outcome: replied.outcome,
         sample: sample.filter(|s| ok && !s.is_empty()),
         variant: replied.variant,
-        answer: replied.answer,
+        answer: replied.answer.map(PendingRecord::into_record),
     };
     let job = match (replied.shadow, raw, &event.answer, &admission.shadow) {
         (Some(shadow), Some(raw), Some(answer), Some(sink))

@@ -205,22 +205,42 @@ impl Answer<'_> {
         }
     }
 
-    /// For a single prediction, what the monitor joins with feedback (no
-    /// shadow yet); `None` for a batch.
-    pub fn record(&self) -> Option<AnswerRecord> {
+    /// For a single prediction, what the monitor joins with feedback
+    /// (cheap to take: the id's string is built later, off the reply
+    /// path); `None` for a batch.
+    pub fn record(&self) -> Option<PendingRecord> {
         match self {
             Answer::One {
                 prediction,
                 label,
                 request_id,
                 ..
-            } => Some(AnswerRecord {
-                request_id: request_id.to_string(),
+            } => Some(PendingRecord {
+                request_id: request_id.clone(),
                 prediction: *prediction,
                 label: *label,
-                shadow: None,
             }),
             Answer::Many { .. } => None,
+        }
+    }
+}
+
+/// A single prediction's answer, kept for its event until the reply is sent.
+#[derive(Debug, Clone)]
+pub struct PendingRecord {
+    request_id: RequestId,
+    prediction: f64,
+    label: Option<u8>,
+}
+
+impl PendingRecord {
+    /// The answer record of the event (the shadow's answer not yet known).
+    pub fn into_record(self) -> AnswerRecord {
+        AnswerRecord {
+            request_id: self.request_id.to_string(),
+            prediction: self.prediction,
+            label: self.label,
+            shadow: None,
         }
     }
 }

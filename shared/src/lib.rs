@@ -10,6 +10,7 @@ pub mod codec;
 pub mod data;
 pub mod evaluation;
 pub mod features;
+pub mod feedback;
 pub mod gen;
 pub mod holdout;
 pub mod lifecycle;

@@ -227,6 +227,48 @@ pub struct LatencyEvent {
     /// [`EventBatch::raw_features`]) and the prediction, for drift.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample: Option<FeatureSample>,
+    /// Which side of the routing table answered (only with a table).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<Variant>,
+    /// For a successful single prediction (`user_id` or `features`): what
+    /// the monitor joins with later feedback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<AnswerRecord>,
+}
+
+/// What a predictor answered to one request, and what the shadow computed
+/// for it, for the monitor to join with feedback (`ml.feedback`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnswerRecord {
+    /// The reply's `request_id` (at most [`MAX_REQUEST_ID_BYTES`]).
+    pub request_id: String,
+    /// The served prediction (a classifier's: the probability of class 1).
+    pub prediction: f64,
+    /// A classifier's served label; absent for a regressor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<u8>,
+    /// The shadow's answer, when this request was shadowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowRun>,
+}
+
+/// Longest `request_id` an event may carry, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 200;
+
+/// What the shadow version computed for a request, after its reply was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowRun {
+    /// The shadow version.
+    pub version: u64,
+    /// Time the shadow's computation took, in nanoseconds.
+    pub duration_ns: u64,
+    /// Its prediction (a classifier's: the probability of class 1).
+    pub prediction: f64,
+    /// A classifier's label; absent for a regressor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<u8>,
 }
 
 /// A batch of latency events from one predictor.
@@ -242,12 +284,20 @@ pub struct EventBatch {
     /// Events this predictor dropped (monitor path full) since the last batch.
     #[serde(default)]
     pub dropped: u64,
+    /// Shadow runs this predictor skipped (its shadow queue full) since the
+    /// last batch.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shadow_dropped: u64,
     /// Names of the raw features in the events' samples, in order (empty
     /// when no event is sampled).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub raw_features: Vec<String>,
     /// The events.
     pub events: Vec<LatencyEvent>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Training parameters, recorded with each run.

@@ -41,8 +41,8 @@ pub struct RouteTable {
     /// Versions served beside production, each with its share.
     #[serde(default)]
     pub candidates: Vec<Weighted>,
-    /// A version to run on a share of requests without answering from it
-    /// (stored and published; executed in a later phase).
+    /// A version run on a share of requests, after their reply is sent,
+    /// without answering from it (see [`shadowed`]).
     #[serde(default)]
     pub shadow: Option<Weighted>,
     /// Route by a stable hash of the user (or `routing_key`) instead of at
@@ -126,7 +126,7 @@ impl RouteError {
 }
 
 /// Which side of the split answered a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Variant {
     /// The production version.
@@ -259,6 +259,14 @@ pub fn bucket_of(random: u64) -> u32 {
 #[inline]
 pub fn sticky_bucket(key: &[u8]) -> u32 {
     bucket_of(mix64(fnv1a64(key)))
+}
+
+/// Whether the shadow at `percent` runs for the request whose reply has id
+/// `request_id`: its sticky bucket is below `percent`. Deterministic, so
+/// anyone holding the replies can tell which requests were shadowed.
+#[inline]
+pub fn shadowed(request_id: &str, percent: u32) -> bool {
+    sticky_bucket(request_id.as_bytes()) < percent
 }
 
 #[cfg(test)]

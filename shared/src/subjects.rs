@@ -39,6 +39,8 @@ pub struct Subjects {
     pub monitor_stats: String,
     /// Publish (JSON): the monitor's alerts as they fire and resolve.
     pub alerts: String,
+    /// Request-reply (JSON): true outcomes of earlier predictions, to the monitor.
+    pub feedback: String,
 }
 
 impl Subjects {
@@ -66,6 +68,7 @@ impl Subjects {
             monitor_events: format!("{p}.monitor.events"),
             monitor_stats: format!("{p}.monitor.stats"),
             alerts: format!("{p}.alerts"),
+            feedback: format!("{p}.feedback"),
         }
     }
 }

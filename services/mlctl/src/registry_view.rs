@@ -357,7 +357,7 @@ pub fn route_lines(r: &RouteReply) -> String {
     }
     if let Some(s) = t.shadow {
         out.push_str(&format!(
-            "{:<10}  {:>7}  {:>6}%  (stored; not run yet)\n",
+            "{:<10}  {:>7}  {:>6}%  (after the reply; never answers)\n",
             "shadow",
             format!("v{}", s.version),
             s.percent
@@ -498,7 +498,7 @@ mod tests {
              production       v6      85%\n\
              candidate        v7      10%\n\
              candidate        v9       5%\n\
-             shadow           v8      20%  (stored; not run yet)\n\
+             shadow           v8      20%  (after the reply; never answers)\n\
              sticky: yes (by user_id or routing_key); epoch 12; unchanged\n"
         );
         let none = RouteReply {

@@ -72,6 +72,22 @@ pub enum Metric {
     LostEvents,
     /// The window's largest PSI (features and predictions).
     DriftPsi,
+    /// The window's lowest label agreement of a shadow with what was served.
+    ShadowAgreement,
+    /// The window's largest mean absolute difference of a shadow's predictions.
+    ShadowMeanAbsDiff,
+    /// The window's lowest live accuracy of a version (classifiers).
+    LiveAccuracy,
+    /// The window's largest live log-loss of a version (classifiers).
+    LiveLogLoss,
+    /// The window's largest live RMSE of a version (regressors).
+    LiveRmse,
+    /// The window's largest live MAE of a version (regressors).
+    LiveMae,
+    /// Labels of the window for predictions forgotten (past the horizon or cap).
+    FeedbackExpired,
+    /// Labels of the window for ids never held.
+    FeedbackUnknown,
 }
 
 impl Metric {
@@ -92,6 +108,14 @@ impl Metric {
             Metric::DroppedEvents => "dropped_events",
             Metric::LostEvents => "lost_events",
             Metric::DriftPsi => "drift_psi",
+            Metric::ShadowAgreement => "shadow_agreement",
+            Metric::ShadowMeanAbsDiff => "shadow_mean_abs_diff",
+            Metric::LiveAccuracy => "live_accuracy",
+            Metric::LiveLogLoss => "live_log_loss",
+            Metric::LiveRmse => "live_rmse",
+            Metric::LiveMae => "live_mae",
+            Metric::FeedbackExpired => "feedback_expired",
+            Metric::FeedbackUnknown => "feedback_unknown",
         }
     }
 
@@ -114,8 +138,26 @@ impl Metric {
             Metric::DroppedEvents => Some(s.dropped as f64),
             Metric::LostEvents => Some(s.lost as f64),
             Metric::DriftPsi => s.drift.as_ref().map(|d| d.max),
+            Metric::ShadowAgreement => lowest(s.shadow.values().map(|r| r.label_agreement)),
+            Metric::ShadowMeanAbsDiff => highest(s.shadow.values().map(|r| Some(r.mean_abs_diff))),
+            Metric::LiveAccuracy => lowest(s.live.values().map(|r| r.accuracy)),
+            Metric::LiveLogLoss => highest(s.live.values().map(|r| r.log_loss)),
+            Metric::LiveRmse => highest(s.live.values().map(|r| r.rmse)),
+            Metric::LiveMae => highest(s.live.values().map(|r| r.mae)),
+            Metric::FeedbackExpired => Some(s.feedback.expired as f64),
+            Metric::FeedbackUnknown => Some(s.feedback.unknown as f64),
         }
     }
+}
+
+/// The smallest of the present values (`None` when none is).
+fn lowest(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    values.flatten().reduce(f64::min)
+}
+
+/// The largest of the present values (`None` when none is).
+fn highest(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    values.flatten().reduce(f64::max)
 }
 
 /// Which side of the bound fires.

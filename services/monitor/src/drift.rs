@@ -273,8 +273,11 @@ mod tests {
                     model_version: Some(version),
                     outcome: Outcome::Ok,
                     sample: FeatureSample::new(r, release.artifact.predict(&plan.compute(r))),
+                    variant: None,
+                    answer: None,
                 })
                 .collect(),
+            shadow_dropped: 0,
         }
     }
 

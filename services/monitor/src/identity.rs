@@ -191,9 +191,12 @@ mod tests {
                     model_version: None,
                     outcome: ml_shared::messages::Outcome::Ok,
                     sample: None,
+                    variant: None,
+                    answer: None,
                 };
                 events
             ],
+            shadow_dropped: 0,
         }
     }
 

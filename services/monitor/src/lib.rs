@@ -24,6 +24,12 @@
 //!   per-version state is capped (`MONITOR_MAX_PREDICTORS`,
 //!   `MONITOR_MAX_VERSIONS`). Rejected batches and evictions are counted.
 //!
+//! * [`feedback`]: ground truth on `ml.feedback`, joined by `request_id`
+//!   to what each version predicted (served and shadow), held in bounded
+//!   memory (`MONITOR_FEEDBACK_MAX`, `MONITOR_FEEDBACK_HORIZON`); live
+//!   accuracy and log-loss, or RMSE and MAE, per version; the shadow's
+//!   latency and agreement with what was served.
+//!
 //! `ml.monitor.stats` answers a request with the current window, the totals
 //! since start, the active alerts and the monitor's own health (rejections,
 //! evictions, quarantine), as JSON; the reply is bounded by the caps, and
@@ -33,6 +39,7 @@
 
 pub mod alerts;
 pub mod drift;
+pub mod feedback;
 pub mod identity;
 pub mod metrics;
 mod service;
@@ -141,6 +148,17 @@ pub struct Config {
     #[arg(long, env = "MONITOR_QUARANTINE", default_value_t = 65_536)]
     pub quarantine: usize,
 
+    /// Most predictions held awaiting their outcome (`ml.feedback`); past
+    /// it the oldest is evicted and counted.
+    #[arg(long, env = "MONITOR_FEEDBACK_MAX", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub feedback_max: u32,
+
+    /// How long a prediction awaits its outcome; later labels are answered
+    /// `expired`.
+    #[arg(long, env = "MONITOR_FEEDBACK_HORIZON", default_value = "1h", value_parser = parse_duration)]
+    pub feedback_horizon: Duration,
+
     /// How often to ask `$SRV.INFO.predictor` which predictors run (also at
     /// start, and when an unknown id sends events, at most once a second).
     #[arg(long, env = "MONITOR_DISCOVERY", default_value = "30s", value_parser = parse_duration)]
@@ -193,6 +211,18 @@ pub struct Health {
     pub quarantined_batches: usize,
     /// Their events.
     pub quarantined_events: usize,
+    /// Predictions awaiting their outcome, at most `feedback_max`.
+    pub awaiting: usize,
+    /// `MONITOR_FEEDBACK_MAX`.
+    pub feedback_max: usize,
+    /// `MONITOR_FEEDBACK_HORIZON`, seconds.
+    pub feedback_horizon_s: f64,
+    /// Predictions forgotten unlabelled at `feedback_max`.
+    pub evicted_awaiting: u64,
+    /// Predictions forgotten unlabelled past the horizon.
+    pub expired_awaiting: u64,
+    /// `ml.feedback` messages refused (unreadable, too many labels, …).
+    pub feedback_rejected: u64,
 }
 
 /// Runs the monitor until `shutdown` completes, printing to stdout.

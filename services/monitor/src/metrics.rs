@@ -10,13 +10,29 @@
 //! | `ml_monitor_events_lost_total` | counter | |
 //! | `ml_monitor_predictors` | gauge: predictors heard from in the last window | |
 //! | `ml_monitor_batches_rejected_total` | counter: event batches refused | `reason` |
-//! | `ml_monitor_evictions_total` | counter: state forgotten at a cap | `kind` (`predictor`, `version`) |
+//! | `ml_monitor_evictions_total` | counter: state forgotten at a cap | `kind` (`predictor`, `version`, `awaiting`) |
 //! | `ml_monitor_quarantined_events` | gauge: events from unknown ids awaiting discovery | |
 //! | `ml_monitor_known_predictors` | gauge: predictors found running by discovery | |
 //! | `ml_drift_psi` | gauge: PSI of the last window with enough samples | `feature` (`prediction` for predictions) |
 //! | `ml_drift_samples` | gauge: samples behind `ml_drift_psi` | |
 //! | `ml_drift_model_version` | gauge: the model `ml_drift_psi` compares with | |
 //! | `ml_alert_firing` | gauge: 1 while the rule fires | `alertname`, `severity` |
+//! | `ml_predict_variant_requests_total` | counter: successful predictions under a routing table | `variant` |
+//! | `ml_shadow_latency_seconds` | histogram: the shadow's time per request | `model_version` |
+//! | `ml_shadow_dropped_total` | counter: shadow runs skipped (predictor's `SHADOW_QUEUE` full) | |
+//! | `ml_shadow_agreement` | gauge: last window's label agreement with what was served | `model_version` |
+//! | `ml_shadow_mean_abs_diff` | gauge: last window's mean absolute difference | `model_version` |
+//! | `ml_shadow_correlation` | gauge: last window's correlation | `model_version` |
+//! | `ml_feedback_labels_total` | counter: labels received on `ml.feedback` | `result` (`matched`, `unknown`, `expired`, `invalid`) |
+//! | `ml_feedback_rejected_total` | counter: `ml.feedback` messages refused | |
+//! | `ml_live_labelled` | gauge: predictions labelled since start | `model_version` |
+//! | `ml_live_accuracy`, `ml_live_log_loss` | gauge: since start (classifiers) | `model_version` |
+//! | `ml_live_rmse`, `ml_live_mae` | gauge: since start (regressors) | `model_version` |
+//! | `ml_monitor_awaiting_predictions` | gauge: predictions awaiting their outcome | |
+//! | `ml_monitor_awaiting_expired_total` | counter: predictions forgotten unlabelled past the horizon | |
+//!
+//! Predictions forgotten unlabelled at `MONITOR_FEEDBACK_MAX` count in
+//! `ml_monitor_evictions_total{kind="awaiting"}`.
 //!
 //! `model_version` is `none` for requests answered before any model, and
 //! `other` for versions past `MONITOR_MAX_VERSIONS` (an evicted version's
@@ -135,6 +151,145 @@ pub struct Metrics {
     drift_samples: Gauge,
     drift_version: Gauge,
     alerts: Family<AlertLabels, Gauge>,
+    routed: Routed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VariantLabels {
+    variant: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+type VersionGauge = Family<VersionLabels, Gauge<f64, AtomicU64>>;
+
+/// The metrics of rollouts: variants, the shadow, feedback, live metrics.
+#[derive(Debug, Default)]
+struct Routed {
+    variants: Family<VariantLabels, Counter>,
+    shadow_latency: Option<Family<VersionLabels, Histogram, HistogramMaker>>,
+    shadow_dropped: Counter,
+    agreement: VersionGauge,
+    mean_abs_diff: VersionGauge,
+    correlation: VersionGauge,
+    labels: Family<ResultLabels, Counter>,
+    rejected: Counter,
+    labelled: VersionGauge,
+    accuracy: VersionGauge,
+    log_loss: VersionGauge,
+    rmse: VersionGauge,
+    mae: VersionGauge,
+    awaiting: Gauge,
+    expired: Counter,
+}
+
+impl Routed {
+    fn register(registry: &mut Registry) -> Self {
+        let r = Self {
+            shadow_latency: Some(Family::new_with_constructor(|| {
+                Histogram::new(latency_buckets())
+            })),
+            ..Self::default()
+        };
+        r.register_plain(registry);
+        registry.register(
+            "ml_predict_variant_requests",
+            "Successful predictions under a routing table, by variant",
+            r.variants.clone(),
+        );
+        if let Some(h) = &r.shadow_latency {
+            registry.register_with_unit(
+                "ml_shadow_latency",
+                "Time the shadow version took per shadowed request",
+                Unit::Seconds,
+                h.clone(),
+            );
+        }
+        registry.register(
+            "ml_feedback_labels",
+            "Labels received on ml.feedback, by result",
+            r.labels.clone(),
+        );
+        for result in ["matched", "unknown", "expired", "invalid"] {
+            let _ = r.labels.get_or_create(&ResultLabels {
+                result: result.into(),
+            });
+        }
+        registry.register(
+            "ml_monitor_awaiting_predictions",
+            "Predictions awaiting their outcome",
+            r.awaiting.clone(),
+        );
+        r
+    }
+
+    /// Registers the plain counters and the per-version gauges.
+    fn register_plain(&self, registry: &mut Registry) {
+        let counters = [
+            (
+                "ml_shadow_dropped",
+                "Shadow runs skipped because a predictor's shadow queue was full",
+                &self.shadow_dropped,
+            ),
+            (
+                "ml_feedback_rejected",
+                "ml.feedback messages refused whole",
+                &self.rejected,
+            ),
+            (
+                "ml_monitor_awaiting_expired",
+                "Predictions forgotten unlabelled past MONITOR_FEEDBACK_HORIZON",
+                &self.expired,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+        let gauges = [
+            ("ml_shadow_agreement", "Share of the last window's shadowed requests where the shadow's label equals the served one", &self.agreement),
+            ("ml_shadow_mean_abs_diff", "Mean absolute difference of the shadow's and the served predictions, last window", &self.mean_abs_diff),
+            ("ml_shadow_correlation", "Correlation of the shadow's and the served predictions, last window", &self.correlation),
+            ("ml_live_labelled", "Predictions of the version labelled since the monitor started", &self.labelled),
+            ("ml_live_accuracy", "Live accuracy since start (classifiers)", &self.accuracy),
+            ("ml_live_log_loss", "Live log-loss since start (classifiers)", &self.log_loss),
+            ("ml_live_rmse", "Live RMSE since start (regressors)", &self.rmse),
+            ("ml_live_mae", "Live mean absolute error since start (regressors)", &self.mae),
+        ];
+        for (name, help, gauge) in gauges {
+            registry.register(name, help, gauge.clone());
+        }
+    }
+
+    fn version_gauges(&self) -> [&VersionGauge; 8] {
+        [
+            &self.agreement,
+            &self.mean_abs_diff,
+            &self.correlation,
+            &self.labelled,
+            &self.accuracy,
+            &self.log_loss,
+            &self.rmse,
+            &self.mae,
+        ]
+    }
+}
+
+/// Sets `family{model_version=v}` to each present value, and removes the
+/// series of the versions without one.
+fn set_by_version<'a>(family: &VersionGauge, values: impl Iterator<Item = (&'a u64, Option<f64>)>) {
+    family.clear();
+    for (v, value) in values {
+        if let Some(value) = value {
+            family
+                .get_or_create(&VersionLabels {
+                    model_version: v.to_string(),
+                })
+                .set(value);
+        }
+    }
 }
 
 impl Metrics {
@@ -196,7 +351,7 @@ impl Metrics {
             "Predictors or model versions whose state was forgotten at the monitor's caps",
             evictions.clone(),
         );
-        for kind in ["predictor", "version"] {
+        for kind in ["predictor", "version", "awaiting"] {
             let _ = evictions.get_or_create(&KindLabels {
                 kind: kind.to_owned(),
             });
@@ -245,6 +400,7 @@ impl Metrics {
                 })
                 .set(0);
         }
+        let routed = Routed::register(&mut registry);
         Self {
             registry,
             latency,
@@ -261,6 +417,7 @@ impl Metrics {
             drift_samples,
             drift_version,
             alerts,
+            routed,
         }
     }
 
@@ -269,6 +426,8 @@ impl Metrics {
     pub fn record(&self, batch: &EventBatch, lost: u64, kept: impl Fn(u64) -> bool) {
         inc_saturating(&self.dropped, batch.dropped);
         inc_saturating(&self.lost, lost);
+        inc_saturating(&self.routed.shadow_dropped, batch.shadow_dropped);
+        self.record_routed(batch, &kept);
         let label = |version: Option<u64>| match version {
             Some(v) if !kept(v) => "other".to_owned(),
             v => version_label(v),
@@ -302,6 +461,92 @@ impl Metrics {
         }
     }
 
+    /// Counts the variants and the shadow's latency of a batch.
+    fn record_routed(&self, batch: &EventBatch, kept: impl Fn(u64) -> bool) {
+        for event in batch.events.iter().filter(|e| e.outcome == Outcome::Ok) {
+            if let Some(variant) = event.variant {
+                let name = match variant {
+                    ml_shared::routing::Variant::Production => "production",
+                    ml_shared::routing::Variant::Candidate => "candidate",
+                };
+                self.routed
+                    .variants
+                    .get_or_create(&VariantLabels {
+                        variant: name.into(),
+                    })
+                    .inc();
+            }
+            let shadow = event.answer.as_ref().and_then(|a| a.shadow);
+            if let (Some(s), Some(h)) = (
+                shadow.filter(|s| kept(s.version)),
+                &self.routed.shadow_latency,
+            ) {
+                h.get_or_create(&VersionLabels {
+                    model_version: s.version.to_string(),
+                })
+                .observe(s.duration_ns as f64 / 1e9);
+            }
+        }
+    }
+
+    /// Counts the labels of an `ml.feedback` message by result.
+    pub fn feedback(&self, reply: &ml_shared::feedback::FeedbackReply) {
+        for (result, n) in [
+            ("matched", reply.matched),
+            ("unknown", reply.unknown),
+            ("expired", reply.expired),
+            ("invalid", reply.invalid),
+        ] {
+            inc_saturating(
+                &self.routed.labels.get_or_create_owned(&ResultLabels {
+                    result: result.into(),
+                }),
+                n,
+            );
+        }
+    }
+
+    /// Counts an `ml.feedback` message refused.
+    pub fn feedback_rejected(&self) {
+        self.routed.rejected.inc();
+    }
+
+    /// Sets the awaiting gauge; counts `evicted` and `expired` predictions.
+    pub fn awaiting(&self, held: usize, evicted: u64, expired: u64) {
+        self.routed.awaiting.set(held as i64);
+        self.evicted("awaiting", evicted);
+        inc_saturating(&self.routed.expired, expired);
+    }
+
+    /// Sets the shadow gauges from the window that just ended and the live
+    /// gauges from the totals since start.
+    pub fn set_routed(&self, window: &crate::stats::Snapshot, total: &crate::stats::Snapshot) {
+        let r = &self.routed;
+        set_by_version(
+            &r.agreement,
+            window.shadow.iter().map(|(v, s)| (v, s.label_agreement)),
+        );
+        set_by_version(
+            &r.mean_abs_diff,
+            window
+                .shadow
+                .iter()
+                .map(|(v, s)| (v, Some(s.mean_abs_diff))),
+        );
+        set_by_version(
+            &r.correlation,
+            window.shadow.iter().map(|(v, s)| (v, s.correlation)),
+        );
+        set_by_version(
+            &r.labelled,
+            total.live.iter().map(|(v, l)| (v, Some(l.labelled as f64))),
+        );
+        set_by_version(&r.accuracy, total.live.iter().map(|(v, l)| (v, l.accuracy)));
+        set_by_version(&r.log_loss, total.live.iter().map(|(v, l)| (v, l.log_loss)));
+        set_by_version(&r.rmse, total.live.iter().map(|(v, l)| (v, l.rmse)));
+        set_by_version(&r.mae, total.live.iter().map(|(v, l)| (v, l.mae)));
+    }
+
     /// Removes the series of an evicted model version.
     pub fn forget_version(&self, version: u64) {
         let model_version = version.to_string();
@@ -310,6 +555,12 @@ impl Metrics {
         };
         self.latency.remove(&labels);
         self.requests.remove(&labels);
+        if let Some(h) = &self.routed.shadow_latency {
+            h.remove(&labels);
+        }
+        for gauge in self.routed.version_gauges() {
+            gauge.remove(&labels);
+        }
         for code in ERROR_CODES {
             self.errors.remove(&ErrorLabels {
                 code: code.as_str().to_owned(),
@@ -460,6 +711,8 @@ mod tests {
             model_version: version,
             outcome,
             sample: None,
+            variant: None,
+            answer: None,
         }
     }
 
@@ -489,6 +742,7 @@ mod tests {
                     event(2_000, Some(3), Outcome::Error(ErrorCode::UnknownUser)),
                     event(2_000, Some(4), Outcome::Error(ErrorCode::UnknownUser)),
                 ],
+                shadow_dropped: 0,
             },
             5,
             |v| v == 3,
@@ -535,6 +789,7 @@ mod tests {
             dropped,
             raw_features: Vec::new(),
             events: Vec::new(),
+            shadow_dropped: 0,
         };
         metrics.record(&batch(u64::MAX - 1), 0, |_| true);
         metrics.record(&batch(5), 0, |_| true);

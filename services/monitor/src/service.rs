@@ -30,6 +30,7 @@ pub struct Inputs {
     /// Kept: dropping it stops the micro service.
     _service: Service,
     stats: Endpoint,
+    feedback: Endpoint,
     events: Subscriber,
     releases: mpsc::UnboundedReceiver<ModelRelease>,
     follower: tokio::task::JoinHandle<()>,
@@ -47,7 +48,7 @@ pub async fn start(
     // that discovery (`$SRV.PING.monitor`) finds it.
     let service = client
         .service_builder()
-        .description("Latency, errors, drift and alerts of the predictors")
+        .description("Latency, errors, drift, alerts, shadow and live metrics of the predictors")
         .start("monitor", env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| anyhow::anyhow!("starting the micro-service: {e}"))?;
@@ -57,10 +58,17 @@ pub async fn start(
         .add(subjects.monitor_stats.clone())
         .await
         .map_err(|e| anyhow::anyhow!("adding the stats endpoint: {e}"))?;
+    let feedback = service
+        .endpoint_builder()
+        .name("feedback")
+        .add(subjects.feedback.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("adding the feedback endpoint: {e}"))?;
     let (releases, follower) = follow_production(client, subjects, config);
     Ok(Inputs {
         _service: service,
         stats,
+        feedback,
         events,
         releases,
         follower,
@@ -215,6 +223,7 @@ impl<W: Write> Monitor<'_, W> {
                 _ = discovery.ticker.tick() => discovery.wanted = true,
                 Some(release) = inputs.releases.recv() => self.state.new_release(&release),
                 Some(request) = inputs.stats.next() => self.answer_stats(request).await,
+                Some(request) = inputs.feedback.next() => self.answer_feedback(request).await,
                 _ = ticker.tick() => self.end_window().await?,
             }
         }
@@ -275,6 +284,40 @@ impl<W: Write> Monitor<'_, W> {
         }
     }
 
+    /// Answers `ml.feedback`: the labels joined, and how many matched,
+    /// were unknown, expired or invalid; a refused message gets
+    /// `bad_request` and nothing in it is counted.
+    async fn answer_feedback(&mut self, request: Request) {
+        let message = &request.message;
+        if ml_shared::nats::accept_reply("monitor", &message.subject, message.reply.as_ref())
+            .is_none()
+        {
+            return;
+        }
+        let sent = match self.state.feedback(&message.payload, &self.metrics) {
+            Ok(reply) => {
+                tracing::debug!(
+                    matched = reply.matched,
+                    unknown = reply.unknown,
+                    expired = reply.expired,
+                    invalid = reply.invalid,
+                    "feedback joined"
+                );
+                let body = serde_json::to_vec(&reply).expect("replies serialise");
+                request.respond(Ok(body.into())).await
+            }
+            Err(why) => {
+                tracing::debug!(%why, "feedback refused");
+                let (body, headers) =
+                    ml_shared::nats::error_parts(&ErrorReply::new(ErrorCode::BadRequest, why));
+                request.respond_with_headers(Ok(body), headers).await
+            }
+        };
+        if let Err(error) = sent {
+            tracing::warn!(%error, "cannot answer a feedback request");
+        }
+    }
+
     /// The end of a window: alerts evaluated, metrics set, the line and
     /// the alert notices written (and published on `ml.alerts`).
     async fn end_window(&mut self) -> anyhow::Result<()> {
@@ -283,6 +326,9 @@ impl<W: Write> Monitor<'_, W> {
         snapshot.alerts = self.alerts.firing();
         self.metrics
             .end_window(snapshot.predictors, snapshot.drift.as_ref());
+        self.metrics
+            .set_routed(&snapshot, &self.state.total_snapshot());
+        self.state.expire_awaiting(&self.metrics);
         self.state.report_identity(&self.metrics);
         for rule in self.alerts.rules() {
             self.metrics

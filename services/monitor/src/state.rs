@@ -11,12 +11,14 @@ use ml_shared::features::FeatureRegistry;
 use ml_shared::messages::{EventBatch, ModelRelease};
 
 use crate::drift::{DriftReference, DriftWindow};
+use crate::feedback::Awaiting;
 use crate::identity::Identities;
 use crate::metrics::Metrics;
 use crate::stats::{Aggregate, Snapshot};
 use crate::tracked::{Predictors, Versions};
 use crate::validate::{self, RejectReason};
 use crate::{Config, Health};
+use ml_shared::feedback::FeedbackReply;
 
 /// What the monitor keeps between windows.
 pub struct State {
@@ -35,6 +37,8 @@ pub struct State {
     drift: Option<DriftWindow>,
     drift_min_samples: u64,
     registry: FeatureRegistry,
+    awaiting: Awaiting,
+    feedback_rejected: u64,
 }
 
 /// What became of a message on `ml.monitor.events`.
@@ -67,6 +71,8 @@ impl State {
             drift: None,
             drift_min_samples: config.drift_min_samples,
             registry: FeatureRegistry::default(),
+            awaiting: Awaiting::new(config.feedback_max as usize, config.feedback_horizon),
+            feedback_rejected: 0,
         }
     }
 
@@ -159,7 +165,16 @@ impl State {
             tracing::warn!(predictor = %batch.predictor, lost, "latency events lost in transit");
         }
         let mut last = None;
-        for version in batch.events.iter().filter_map(|e| e.model_version) {
+        let shadows = batch
+            .events
+            .iter()
+            .filter_map(|e| Some(e.answer.as_ref()?.shadow?.version));
+        for version in batch
+            .events
+            .iter()
+            .filter_map(|e| e.model_version)
+            .chain(shadows)
+        {
             if last == Some(version) {
                 continue;
             }
@@ -181,6 +196,48 @@ impl State {
         if let Some(drift) = &mut self.drift {
             drift.add(&batch);
         }
+        let now = Instant::now();
+        let (evicted, expired) = (self.awaiting.evicted, self.awaiting.expired);
+        for event in &batch.events {
+            if let (Some(answer), Some(version)) = (&event.answer, event.model_version) {
+                self.awaiting.insert(version, answer, now);
+            }
+        }
+        self.report_awaiting(metrics, evicted, expired);
+    }
+
+    /// Sets the awaiting gauge and counts what was forgotten since the
+    /// counts were `evicted` and `expired`.
+    fn report_awaiting(&self, metrics: &Metrics, evicted: u64, expired: u64) {
+        metrics.awaiting(
+            self.awaiting.len(),
+            self.awaiting.evicted - evicted,
+            self.awaiting.expired - expired,
+        );
+    }
+
+    /// Joins a message of `ml.feedback` to the predictions held; the
+    /// error says why the message is refused (nothing in it is counted).
+    pub fn feedback(&mut self, payload: &[u8], metrics: &Metrics) -> Result<FeedbackReply, String> {
+        let request = ml_shared::feedback::parse(payload).inspect_err(|_| {
+            self.feedback_rejected += 1;
+            metrics.feedback_rejected();
+        })?;
+        let now = Instant::now();
+        let (evicted, expired) = (self.awaiting.evicted, self.awaiting.expired);
+        let mut reply = FeedbackReply::default();
+        let versions = &self.versions;
+        for label in &request.feedback {
+            let joined = self.awaiting.join(&label.request_id, label.outcome, now);
+            crate::feedback::count(&mut reply, &joined);
+            self.window
+                .join(&joined, label.outcome, |v| versions.contains(v));
+            self.total
+                .join(&joined, label.outcome, |v| versions.contains(v));
+        }
+        metrics.feedback(&reply);
+        self.report_awaiting(metrics, evicted, expired);
+        Ok(reply)
     }
 
     pub fn health(&self) -> Health {
@@ -202,6 +259,12 @@ impl State {
             discoveries: self.identities.discoveries,
             quarantined_batches,
             quarantined_events,
+            awaiting: self.awaiting.len(),
+            feedback_max: self.awaiting.max(),
+            feedback_horizon_s: self.awaiting.horizon().as_secs_f64(),
+            evicted_awaiting: self.awaiting.evicted,
+            expired_awaiting: self.awaiting.expired,
+            feedback_rejected: self.feedback_rejected,
         }
     }
 
@@ -248,6 +311,14 @@ impl State {
                 self.drift = None;
             }
         }
+    }
+
+    /// Forgets the predictions past the horizon (at each window's end,
+    /// so that they go even when nothing arrives).
+    pub fn expire_awaiting(&mut self, metrics: &Metrics) {
+        let (evicted, expired) = (self.awaiting.evicted, self.awaiting.expired);
+        self.awaiting.expire(Instant::now());
+        self.report_awaiting(metrics, evicted, expired);
     }
 
     pub fn next_window(&mut self) {

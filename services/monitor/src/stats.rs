@@ -12,11 +12,14 @@ use ml_shared::messages::{EventBatch, Outcome};
 use serde::{Deserialize, Serialize};
 
 use crate::drift::DriftReport;
+use crate::feedback::{self, Agreement, Guess, Joined, Live, LiveReport, ShadowReport};
+use ml_shared::feedback::FeedbackReply;
+use ml_shared::routing::Variant;
 
 /// Highest latency the histograms resolve (longer ones are clamped): 60 s.
-const MAX_NS: u64 = 60_000_000_000;
+pub(crate) const MAX_NS: u64 = 60_000_000_000;
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_NS, 3).expect("valid histogram bounds")
 }
 
@@ -29,6 +32,11 @@ pub struct Aggregate {
     versions: BTreeMap<u64, u64>,
     dropped: u64,
     lost: u64,
+    variants: BTreeMap<Variant, u64>,
+    shadow: BTreeMap<u64, Agreement>,
+    shadow_dropped: u64,
+    live: BTreeMap<u64, Live>,
+    feedback: FeedbackReply,
 }
 
 impl Default for Aggregate {
@@ -40,6 +48,11 @@ impl Default for Aggregate {
             versions: BTreeMap::new(),
             dropped: 0,
             lost: 0,
+            variants: BTreeMap::new(),
+            shadow: BTreeMap::new(),
+            shadow_dropped: 0,
+            live: BTreeMap::new(),
+            feedback: FeedbackReply::default(),
         }
     }
 }
@@ -64,7 +77,7 @@ pub struct LatencyMs {
 }
 
 impl LatencyMs {
-    fn of(h: &Histogram<u64>) -> Option<Self> {
+    pub(crate) fn of(h: &Histogram<u64>) -> Option<Self> {
         let ms = |ns: u64| ns as f64 / 1e6;
         (!h.is_empty()).then(|| LatencyMs {
             mean: h.mean() / 1e6,
@@ -115,6 +128,21 @@ pub struct Snapshot {
     /// Names of the alerts firing at the end of the span.
     #[serde(default)]
     pub alerts: Vec<String>,
+    /// Successful predictions by routing variant (only under a table).
+    #[serde(default)]
+    pub variants: BTreeMap<Variant, u64>,
+    /// By shadow version: its latency and agreement with what was served.
+    #[serde(default)]
+    pub shadow: BTreeMap<u64, ShadowReport>,
+    /// Shadow runs the predictors skipped (their `SHADOW_QUEUE` full).
+    #[serde(default)]
+    pub shadow_dropped: u64,
+    /// By version (served or shadow): live metrics from `ml.feedback`.
+    #[serde(default)]
+    pub live: BTreeMap<u64, LiveReport>,
+    /// What became of the labels received on `ml.feedback`.
+    #[serde(default)]
+    pub feedback: FeedbackReply,
 }
 
 impl Aggregate {
@@ -123,8 +151,10 @@ impl Aggregate {
     /// count.
     pub fn add(&mut self, batch: &EventBatch, lost: u64, kept: impl Fn(u64) -> bool) {
         self.dropped = self.dropped.saturating_add(batch.dropped);
+        self.shadow_dropped = self.shadow_dropped.saturating_add(batch.shadow_dropped);
         self.lost = self.lost.saturating_add(lost);
         for event in &batch.events {
+            self.add_routed(event, &kept);
             let ns = event.duration_ns.clamp(1, MAX_NS);
             self.latency.saturating_record(ns);
             if let Some(v) = event.model_version.filter(|v| kept(*v)) {
@@ -144,10 +174,60 @@ impl Aggregate {
         }
     }
 
+    /// Counts an event's variant and its shadow's agreement.
+    fn add_routed(
+        &mut self,
+        event: &ml_shared::messages::LatencyEvent,
+        kept: impl Fn(u64) -> bool,
+    ) {
+        if let (Some(variant), Outcome::Ok) = (event.variant, event.outcome) {
+            let n = self.variants.entry(variant).or_default();
+            *n = n.saturating_add(1);
+        }
+        let (Some(answer), Some(version)) = (&event.answer, event.model_version) else {
+            return;
+        };
+        let Some(shadow) = answer.shadow.filter(|s| kept(s.version)) else {
+            return;
+        };
+        let served = Guess {
+            version,
+            prediction: answer.prediction,
+            label: answer.label,
+        };
+        let guess = Guess {
+            version: shadow.version,
+            prediction: shadow.prediction,
+            label: shadow.label,
+        };
+        self.shadow
+            .entry(shadow.version)
+            .or_default()
+            .add(&served, &guess, shadow.duration_ns);
+    }
+
+    /// Counts one label's fate and, for a match, adds the outcome to the
+    /// live metrics of the served version and the shadow's (when kept).
+    pub fn join(&mut self, joined: &Joined, outcome: f64, kept: impl Fn(u64) -> bool) {
+        feedback::count(&mut self.feedback, joined);
+        if let Joined::Matched(served, shadow) = joined {
+            for guess in std::iter::once(served).chain(shadow.as_ref()) {
+                if kept(guess.version) {
+                    self.live
+                        .entry(guess.version)
+                        .or_default()
+                        .add(guess, outcome);
+                }
+            }
+        }
+    }
+
     /// Forgets what was kept apart for `version`.
     pub fn forget_version(&mut self, version: u64) {
         self.by_version.remove(&version);
         self.versions.remove(&version);
+        self.shadow.remove(&version);
+        self.live.remove(&version);
     }
 
     /// Summarises the aggregate over `span`, heard from `predictors`
@@ -175,6 +255,11 @@ impl Aggregate {
             lost: self.lost,
             drift: None,
             alerts: Vec::new(),
+            variants: self.variants.clone(),
+            shadow: self.shadow.iter().map(|(v, a)| (*v, a.report())).collect(),
+            shadow_dropped: self.shadow_dropped,
+            live: self.live.iter().map(|(v, l)| (*v, l.report())).collect(),
+            feedback: self.feedback,
         }
     }
 }
@@ -215,10 +300,67 @@ impl Snapshot {
             None => "-".into(),
         };
         let alerts = join(self.alerts.clone());
+        let routed = self.routed_text(join);
         format!(
-            "{} window={:.1}s count={} rps={:.1} {latency} errors={errors} versions={versions} predictors={} dropped={} lost={} drift={drift} alerts={alerts}",
+            "{} window={:.1}s count={} rps={:.1} {latency} errors={errors} versions={versions} predictors={} dropped={} lost={} drift={drift}{routed} alerts={alerts}",
             self.ts, self.window_s, self.count, self.rps, self.predictors, self.dropped, self.lost
         )
+    }
+
+    /// The variants, shadow and live metrics, when there are any:
+    /// ` variants=production:90,candidate:10 shadow=v8:n=20,p50=0.004ms,agree=0.950,mad=0.031,corr=0.990
+    /// live=v6:n=80,acc=0.912,logloss=0.231 feedback=matched:80,unknown:2,expired:1,invalid:0`
+    fn routed_text(&self, join: impl Fn(Vec<String>) -> String) -> String {
+        let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}"));
+        let mut out = String::new();
+        if !self.variants.is_empty() {
+            let items = self.variants.iter().map(|(v, n)| {
+                let name = serde_json::to_value(v)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned));
+                format!("{}:{n}", name.unwrap_or_default())
+            });
+            out.push_str(&format!(" variants={}", join(items.collect())));
+        }
+        if !self.shadow.is_empty() || self.shadow_dropped > 0 {
+            let items = self.shadow.iter().map(|(v, r)| {
+                format!(
+                    "v{v}:n={},p50={},agree={},mad={:.3},corr={}",
+                    r.count,
+                    r.latency_ms
+                        .map_or("-".into(), |l| format!("{:.3}ms", l.p50)),
+                    f(r.label_agreement),
+                    r.mean_abs_diff,
+                    f(r.correlation)
+                )
+            });
+            out.push_str(&format!(
+                " shadow={} shadow_dropped={}",
+                join(items.collect()),
+                self.shadow_dropped
+            ));
+        }
+        let fb = &self.feedback;
+        if !self.live.is_empty() || fb.matched + fb.unknown + fb.expired + fb.invalid > 0 {
+            let items = self.live.iter().map(|(v, r)| match r.accuracy {
+                Some(_) => format!(
+                    "v{v}:n={},acc={},logloss={}",
+                    r.labelled,
+                    f(r.accuracy),
+                    f(r.log_loss)
+                ),
+                None => format!("v{v}:n={},rmse={},mae={}", r.labelled, f(r.rmse), f(r.mae)),
+            });
+            out.push_str(&format!(
+                " live={} feedback=matched:{},unknown:{},expired:{},invalid:{}",
+                join(items.collect()),
+                fb.matched,
+                fb.unknown,
+                fb.expired,
+                fb.invalid
+            ));
+        }
+        out
     }
 }
 
@@ -234,6 +376,8 @@ mod tests {
             model_version: version,
             outcome,
             sample: None,
+            variant: None,
+            answer: None,
         }
     }
 
@@ -242,6 +386,7 @@ mod tests {
             predictor: predictor.into(),
             seq,
             dropped: 0,
+            shadow_dropped: 0,
             raw_features: Vec::new(),
             events,
         }

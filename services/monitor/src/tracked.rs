@@ -82,7 +82,7 @@ impl Predictors {
         let previous = self.states.get(&batch.predictor).copied();
         let since = previous.map_or(self.started, |p| p.last);
         let allowed = allowance(now.saturating_duration_since(since).as_secs_f64());
-        if batch.dropped > allowed {
+        if batch.dropped > allowed || batch.shadow_dropped > allowed {
             return Err(RejectReason::BadDropped);
         }
         let lost = match previous {
@@ -229,6 +229,7 @@ mod tests {
             predictor: predictor.into(),
             seq,
             dropped: 0,
+            shadow_dropped: 0,
             raw_features: Vec::new(),
             events: vec![
                 LatencyEvent {
@@ -237,6 +238,8 @@ mod tests {
                     model_version: None,
                     outcome: Outcome::Ok,
                     sample: None,
+                    variant: None,
+                    answer: None,
                 };
                 n
             ],

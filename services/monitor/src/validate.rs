@@ -10,7 +10,7 @@
 //! `dropped` count against the time elapsed) are in [`crate::tracked`], and
 //! the sender's identity (a running predictor) in [`crate::identity`].
 
-use ml_shared::messages::EventBatch;
+use ml_shared::messages::{AnswerRecord, EventBatch, LatencyEvent, Outcome, MAX_REQUEST_ID_BYTES};
 use ml_shared::profile::SAMPLE_WIDTH;
 use serde::Serialize;
 
@@ -54,6 +54,10 @@ pub enum RejectReason {
     BadVersion,
     /// A sample with a non-finite value or prediction.
     BadSample,
+    /// An answer record (for feedback and the shadow) out of bounds: on an
+    /// error, an empty or over-long `request_id`, a non-finite prediction,
+    /// a label other than 0 or 1, a bad shadow version or duration.
+    BadAnswer,
     /// More raw feature names than a sample holds, or an empty or over-long one.
     BadRawFeatures,
     /// A numbering that overflows, or a gap larger than the predictor could
@@ -70,7 +74,7 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason, in label order.
-    pub const ALL: [RejectReason; 12] = [
+    pub const ALL: [RejectReason; 13] = [
         RejectReason::Unreadable,
         RejectReason::BadPredictorId,
         RejectReason::TooManyEvents,
@@ -78,6 +82,7 @@ impl RejectReason {
         RejectReason::BadTimestamp,
         RejectReason::BadVersion,
         RejectReason::BadSample,
+        RejectReason::BadAnswer,
         RejectReason::BadRawFeatures,
         RejectReason::BadSeq,
         RejectReason::BadDropped,
@@ -95,6 +100,7 @@ impl RejectReason {
             RejectReason::BadTimestamp => "bad_timestamp",
             RejectReason::BadVersion => "bad_version",
             RejectReason::BadSample => "bad_sample",
+            RejectReason::BadAnswer => "bad_answer",
             RejectReason::BadRawFeatures => "bad_raw_features",
             RejectReason::BadSeq => "bad_seq",
             RejectReason::BadDropped => "bad_dropped",
@@ -153,8 +159,33 @@ pub fn check(batch: &EventBatch, now_ms: u64) -> Result<(), RejectReason> {
                 return Err(RejectReason::BadSample);
             }
         }
+        if let Some(answer) = &event.answer {
+            if !valid_answer(answer, event) {
+                return Err(RejectReason::BadAnswer);
+            }
+        }
     }
     Ok(())
+}
+
+/// An answer record: on a success with a version, an id of 1 to
+/// [`MAX_REQUEST_ID_BYTES`] bytes, finite predictions, labels 0 or 1, a
+/// valid shadow version and duration.
+fn valid_answer(answer: &AnswerRecord, event: &LatencyEvent) -> bool {
+    let label_ok = |l: Option<u8>| l.is_none_or(|l| l <= 1);
+    let shadow_ok = answer.shadow.is_none_or(|s| {
+        (1..=MAX_VERSION).contains(&s.version)
+            && s.prediction.is_finite()
+            && label_ok(s.label)
+            && s.duration_ns <= MAX_DURATION_NS
+    });
+    event.outcome == Outcome::Ok
+        && event.model_version.is_some()
+        && !answer.request_id.is_empty()
+        && answer.request_id.len() <= MAX_REQUEST_ID_BYTES
+        && answer.prediction.is_finite()
+        && label_ok(answer.label)
+        && shadow_ok
 }
 
 #[cfg(test)]
@@ -172,6 +203,8 @@ mod tests {
             model_version: Some(2),
             outcome: Outcome::Ok,
             sample: FeatureSample::new(&[0.3, 1.5], 1.94),
+            variant: None,
+            answer: None,
         }
     }
 
@@ -182,6 +215,7 @@ mod tests {
             dropped: 0,
             raw_features: vec!["feature_1".into(), "feature_2".into()],
             events: vec![event(); 3],
+            shadow_dropped: 0,
         }
     }
 

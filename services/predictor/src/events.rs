@@ -31,6 +31,10 @@ use ml_shared::messages::LatencyEvent;
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// 2⁶⁴/φ: multiplying a counter by it spreads consecutive values evenly
 /// over the `u64` range.
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -78,6 +82,7 @@ struct Shared {
     queue: Mutex<Vec<LatencyEvent>>,
     capacity: usize,
     dropped: AtomicU64,
+    shadow_dropped: AtomicU64,
     sampler: Sampler,
 }
 
@@ -103,6 +108,14 @@ impl EventSink {
     #[inline]
     pub fn sample_next(&self) -> bool {
         self.shared.as_ref().is_some_and(|s| s.sampler.next())
+    }
+
+    /// Counts a shadow run skipped (the shadow queue full); the count goes
+    /// with the next batch.
+    pub fn shadow_dropped(&self) {
+        if let Some(shared) = &self.shared {
+            shared.shadow_dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Queues an event, or counts it as dropped. Never waits for the monitor.
@@ -151,6 +164,8 @@ struct BatchRef<'a> {
     predictor: &'a str,
     seq: u64,
     dropped: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    shadow_dropped: u64,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     raw_features: &'a [String],
     events: &'a [LatencyEvent],
@@ -173,6 +188,7 @@ impl Publisher {
             predictor: &self.predictor,
             seq: self.seq,
             dropped: self.shared.dropped.swap(0, Ordering::Relaxed),
+            shadow_dropped: self.shared.shadow_dropped.swap(0, Ordering::Relaxed),
             raw_features: &self.raw_features,
             events,
         };
@@ -199,6 +215,7 @@ pub fn spawn(client: Client, settings: EventSettings) -> (EventSink, JoinHandle<
         queue: Mutex::new(Vec::new()),
         capacity,
         dropped: AtomicU64::new(0),
+        shadow_dropped: AtomicU64::new(0),
         sampler: Sampler::new(settings.sample_rate),
     });
     let sink = EventSink {
@@ -309,6 +326,8 @@ mod tests {
             model_version: Some(2),
             outcome: ml_shared::messages::Outcome::Ok,
             sample,
+            variant: None,
+            answer: None,
         }
     }
 
@@ -318,6 +337,7 @@ mod tests {
             queue: Mutex::new(Vec::new()),
             capacity: 3,
             dropped: AtomicU64::new(0),
+            shadow_dropped: AtomicU64::new(0),
             sampler: Sampler::new(1.0),
         });
         let sink = EventSink {
@@ -340,6 +360,7 @@ mod tests {
                 predictor: "host-42",
                 seq: 1024,
                 dropped: 3,
+                shadow_dropped: 2,
                 raw_features,
                 events: &events,
             })
@@ -348,6 +369,7 @@ mod tests {
                 predictor: "host-42".into(),
                 seq: 1024,
                 dropped: 3,
+                shadow_dropped: 2,
                 raw_features: raw_features.to_vec(),
                 events: events.clone(),
             })

@@ -23,6 +23,7 @@
 pub mod events;
 pub mod scoring;
 pub mod serving;
+pub mod shadow;
 pub mod updates;
 
 use std::future::Future;
@@ -38,11 +39,13 @@ use futures::StreamExt;
 use ml_shared::features::{FeatureRegistry, FeatureStore};
 use ml_shared::messages::{ErrorCode, ErrorReply, LatencyEvent, Outcome};
 use ml_shared::profile::{FeatureSample, SAMPLE_WIDTH};
+use ml_shared::routing::{shadowed, Variant, Weighted};
 use ml_shared::settings::{parse_duration, NatsSettings};
 use tokio::sync::Semaphore;
 
 use crate::events::{EventSettings, EventSink};
-use crate::serving::ServingState;
+use crate::serving::{PendingRecord, ServingState};
+use crate::shadow::{ShadowJob, ShadowSink};
 
 /// Queue group of the predict endpoint.
 pub const QUEUE_GROUP: &str = "predictor";
@@ -133,6 +136,11 @@ pub struct Config {
     /// drops them (slow consumer) and their senders time out.
     #[arg(long, env = "PREDICT_BUFFER", default_value_t = 16_384)]
     pub predict_buffer: usize,
+
+    /// Shadowed requests waiting for the shadow model; past it a request's
+    /// shadow run is skipped and counted (`shadow_dropped`).
+    #[arg(long, env = "SHADOW_QUEUE", default_value_t = 1024)]
+    pub shadow_queue: usize,
 
     /// Largest request payload answered, in bytes; larger ones get `bad_request`.
     #[arg(long, env = "PREDICT_MAX_BYTES", default_value_t = 64 * 1024)]
@@ -232,6 +240,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             (EventSink::disabled(), None)
         }
     };
+    // The shadow's results go to the monitor only: without events, no shadow.
+    let (shadow, shadow_task) = match events.is_enabled() {
+        true => {
+            let (sink, task) = shadow::spawn(state.clone(), events.clone(), config.shadow_queue);
+            (Some(sink), Some(task))
+        }
+        false => (None, None),
+    };
     let follower = tokio::spawn(updates::follow_models(
         aux.clone(),
         subjects.clone(),
@@ -250,6 +266,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let admission = Admission {
         state: state.clone(),
         events: events.clone(),
+        shadow,
         permits: Arc::new(Semaphore::new(config.max_in_flight as usize)),
         max_bytes: config.predict_max_bytes,
         busy: Arc::new(error_reply(&ErrorReply::new(
@@ -300,8 +317,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tracing::info!(received_after_stop = ?drained.ok(), "in-flight requests answered");
     follower.abort();
     refresher.abort();
-    drop(events);
     drop(admission);
+    if let Some(task) = shadow_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
+    drop(events);
     drop(service);
     if let Some(task) = events_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
@@ -315,6 +335,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 struct Admission {
     state: Arc<ServingState>,
     events: EventSink,
+    /// The shadow queue (with events on).
+    shadow: Option<ShadowSink>,
     permits: Arc<Semaphore>,
     max_bytes: usize,
     /// The `busy` reply, encoded once: refusing must cost less than answering.
@@ -357,50 +379,82 @@ async fn admit(admission: &Admission, request: Request) {
                     model_version: admission.state.model().map(|m| m.version()),
                     outcome: Outcome::Error(ErrorCode::Busy),
                     sample: None,
+                    variant: None,
+                    answer: None,
                 });
             }
         }
     }
 }
 
-/// Answers one request and records its latency.
+/// What answering a request produced: the reply, and what its event needs.
+struct Replied {
+    body: bytes::Bytes,
+    headers: Option<HeaderMap>,
+    version: Option<u64>,
+    outcome: Outcome,
+    variant: Option<Variant>,
+    answer: Option<PendingRecord>,
+    shadow: Option<Weighted>,
+}
+
+/// Answers a payload; `capture`, when given, gets the raw features used.
+fn answer(admission: &Admission, payload: &[u8], capture: Option<&mut FeatureSample>) -> Replied {
+    let result = if payload.len() > admission.max_bytes {
+        let error = ErrorReply::new(
+            ErrorCode::BadRequest,
+            format!(
+                "request of {} bytes exceeds the limit of {} bytes",
+                payload.len(),
+                admission.max_bytes
+            ),
+        );
+        Err((error, admission.state.model().map(|m| m.version())))
+    } else {
+        admission.state.predict_sampled(payload, capture)
+    };
+    match result {
+        Ok(answer) => Replied {
+            body: serde_json::to_vec(&answer)
+                .expect("replies serialise")
+                .into(),
+            headers: None,
+            version: Some(answer.model_version()),
+            outcome: Outcome::Ok,
+            variant: answer.variant(),
+            answer: admission
+                .events
+                .is_enabled()
+                .then(|| answer.record())
+                .flatten(),
+            shadow: answer.shadow(),
+        },
+        Err((error, version)) => {
+            let (body, headers) = error_reply(&error);
+            Replied {
+                body,
+                headers: Some(headers),
+                version,
+                outcome: Outcome::Error(error.error.code),
+                variant: None,
+                answer: None,
+                shadow: None,
+            }
+        }
+    }
+}
+
+/// Answers one request and records its latency; a shadowed request goes
+/// to the shadow queue after its reply is sent.
 /// With `via`, the reply goes through that connection instead of the
 /// service's own (which is closing during shutdown).
 async fn handle(admission: &Admission, request: Request, via: Option<&async_nats::Client>) {
     let started = Instant::now();
-    let mut sample = admission.events.sample_next().then(FeatureSample::default);
-    // The answer borrows the payload: encode it before the request is consumed.
-    let (body, headers, version, outcome) = {
-        let payload = &request.message.payload;
-        let result = if payload.len() > admission.max_bytes {
-            let error = ErrorReply::new(
-                ErrorCode::BadRequest,
-                format!(
-                    "request of {} bytes exceeds the limit of {} bytes",
-                    payload.len(),
-                    admission.max_bytes
-                ),
-            );
-            Err((error, admission.state.model().map(|m| m.version())))
-        } else {
-            admission.state.predict_sampled(payload, sample.as_mut())
-        };
-        match result {
-            Ok(answer) => {
-                let body = serde_json::to_vec(&answer).expect("replies serialise");
-                (body.into(), None, Some(answer.model_version()), Outcome::Ok)
-            }
-            Err((error, version)) => {
-                let (body, headers) = error_reply(&error);
-                (
-                    body,
-                    Some(headers),
-                    version,
-                    Outcome::Error(error.error.code),
-                )
-            }
-        }
-    };
+    let sampled = admission.events.sample_next();
+    // The raw features go to the event's sample, or to the shadow.
+    let mut capture = admission.events.is_enabled().then(FeatureSample::default);
+    let mut replied = answer(admission, &request.message.payload, capture.as_mut());
+    let (body, headers) = (std::mem::take(&mut replied.body), replied.headers.take());
     let sent = match (via, request.message.reply.clone(), headers) {
         (Some(client), Some(to), Some(headers)) => client
             .publish_with_headers(to, headers, body)
@@ -418,13 +472,47 @@ async fn handle(admission: &Admission, request: Request, via: Option<&async_nats
         tracing::debug!(%error, "reply not sent");
     }
     if admission.events.is_enabled() {
-        admission.events.record(LatencyEvent {
-            ts_ms: ml_shared::time::now_ms(),
-            duration_ns: started.elapsed().as_nanos() as u64,
-            model_version: version,
-            outcome,
-            sample: sample.filter(|s| outcome == Outcome::Ok && !s.is_empty()),
-        });
+        let duration_ns = started.elapsed().as_nanos() as u64;
+        let sample = capture.filter(|_| sampled);
+        record(admission, replied, duration_ns, sample, capture);
+    }
+}
+
+/// Records a request's event, or hands it to the shadow queue when its
+/// table has a shadow and its `request_id` falls in the shadow's percent;
+/// `raw`: the request's raw features.
+fn record(
+    admission: &Admission,
+    replied: Replied,
+    duration_ns: u64,
+    sample: Option<FeatureSample>,
+    raw: Option<FeatureSample>,
+) {
+    let ok = replied.outcome == Outcome::Ok;
+    let event = LatencyEvent {
+        ts_ms: ml_shared::time::now_ms(),
+        duration_ns,
+        model_version: replied.version,
+        outcome: replied.outcome,
+        sample: sample.filter(|s| ok && !s.is_empty()),
+        variant: replied.variant,
+        answer: replied.answer.map(PendingRecord::into_record),
+    };
+    let job = match (replied.shadow, raw, &event.answer, &admission.shadow) {
+        (Some(shadow), Some(raw), Some(answer), Some(sink))
+            if !raw.is_empty() && shadowed(&answer.request_id, shadow.percent) =>
+        {
+            Some((shadow.version, raw, sink))
+        }
+        _ => None,
+    };
+    match job {
+        Some((version, raw, sink)) => sink.offer(ShadowJob {
+            event,
+            version,
+            raw,
+        }),
+        None => admission.events.record(event),
     }
 }
 

@@ -21,10 +21,10 @@ use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use ml_shared::features::{FeaturePlan, FeatureRegistry, FeatureStore};
-use ml_shared::messages::{ErrorCode, ErrorReply, ModelRelease, RoutingRelease};
+use ml_shared::messages::{AnswerRecord, ErrorCode, ErrorReply, ModelRelease, RoutingRelease};
 use ml_shared::model::ModelArtifact;
 use ml_shared::profile::FeatureSample;
-use ml_shared::routing::{bucket_of, sticky_bucket, RouteTable, Variant};
+use ml_shared::routing::{bucket_of, sticky_bucket, RouteTable, Variant, Weighted};
 use serde::{Deserialize, Serialize, Serializer};
 
 /// Most features a model may take (the per-request buffer lives on the stack).
@@ -148,6 +148,9 @@ pub enum Answer<'a> {
         variant: Option<Variant>,
         /// This reply's unique id.
         request_id: RequestId,
+        /// The shadow of the table that answered (never serialised).
+        #[serde(skip)]
+        shadow: Option<Weighted>,
     },
     /// A batch: one prediction per requested user, `null` for unknown ones.
     Many {
@@ -192,6 +195,54 @@ impl Answer<'_> {
             Answer::One { request_id, .. } | Answer::Many { request_id, .. } => request_id,
         }
     }
+
+    /// For a single prediction under a table with a shadow: that shadow
+    /// (its version and percent).
+    pub fn shadow(&self) -> Option<Weighted> {
+        match self {
+            Answer::One { shadow, .. } => *shadow,
+            Answer::Many { .. } => None,
+        }
+    }
+
+    /// For a single prediction, what the monitor joins with feedback
+    /// (cheap to take: the id's string is built later, off the reply
+    /// path); `None` for a batch.
+    pub fn record(&self) -> Option<PendingRecord> {
+        match self {
+            Answer::One {
+                prediction,
+                label,
+                request_id,
+                ..
+            } => Some(PendingRecord {
+                request_id: request_id.clone(),
+                prediction: *prediction,
+                label: *label,
+            }),
+            Answer::Many { .. } => None,
+        }
+    }
+}
+
+/// A single prediction's answer, kept for its event until the reply is sent.
+#[derive(Debug, Clone)]
+pub struct PendingRecord {
+    request_id: RequestId,
+    prediction: f64,
+    label: Option<u8>,
+}
+
+impl PendingRecord {
+    /// The answer record of the event (the shadow's answer not yet known).
+    pub fn into_record(self) -> AnswerRecord {
+        AnswerRecord {
+            request_id: self.request_id.to_string(),
+            prediction: self.prediction,
+            label: self.label,
+            shadow: None,
+        }
+    }
 }
 
 /// A model ready to serve.
@@ -228,7 +279,8 @@ pub struct Routing {
     pub table: RouteTable,
     /// One model per candidate, in the table's order.
     pub candidates: Vec<LoadedModel>,
-    /// The shadow's model (loaded; not run in this phase).
+    /// The shadow's model, run after the reply on the table's share of
+    /// requests (see [`crate::shadow`]).
     pub shadow: Option<LoadedModel>,
 }
 
@@ -439,6 +491,22 @@ impl ServingState {
         })
     }
 
+    /// The prediction and label of shadow `version` for the raw features
+    /// `raw`; `None` when that version is no longer the shadow, or its
+    /// prediction is not finite.
+    pub fn shadow_predict(&self, version: u64, raw: &[f64]) -> Option<(f64, Option<u8>)> {
+        let deployment = self.model.load();
+        let model = deployment.as_ref()?.routing.as_ref()?.shadow.as_ref()?;
+        if model.version != version || raw.len() != self.registry.raw_names().len() {
+            return None;
+        }
+        let mut x = [0.0; MAX_FEATURES];
+        let x = &mut x[..model.plan.len()];
+        model.plan.compute_into(raw, x);
+        let p = model.scorer.predict_one(x).filter(|p| p.is_finite())?;
+        Some((p, model.scorer.label(p)))
+    }
+
     /// Serves `deployment` from the next request on. The caller serialises
     /// calls and checks epochs.
     pub fn install(&self, deployment: Deployment) {
@@ -491,6 +559,7 @@ impl ServingState {
             );
         };
         let (model, variant) = deployment.choose(request.key());
+        let shadow = deployment.routing.as_ref().and_then(|r| r.table.shadow);
         let version = Some(model.version);
         let fail = |code, message: String| Err((ErrorReply::new(code, message), version));
         let mut x = [0.0; MAX_FEATURES];
@@ -528,6 +597,7 @@ impl ServingState {
                     model_version: model.version,
                     variant,
                     request_id: self.ids.next(),
+                    shadow,
                 })
             }
             RequestRef {
@@ -588,6 +658,7 @@ impl ServingState {
                     model_version: model.version,
                     variant,
                     request_id: self.ids.next(),
+                    shadow,
                 })
             }
             _ => fail(
@@ -678,6 +749,7 @@ mod tests {
             model_version,
             variant,
             request_id,
+            ..
         } = &r
         else {
             panic!("one answer")

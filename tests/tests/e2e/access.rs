@@ -141,6 +141,11 @@ const RULES: &[Rule] = &[
         subscribe: &["monitor"],
     },
     Rule {
+        subject: "ml.feedback",
+        publish: &["client", "admin"],
+        subscribe: &["monitor"],
+    },
+    Rule {
         subject: "ml.alerts",
         publish: &["monitor"],
         subscribe: &["admin", "gateway"],

@@ -390,6 +390,8 @@ async fn latency_events_past_the_buffer_are_dropped_and_counted() {
             model_version: Some(1),
             outcome: ml_shared::messages::Outcome::Ok,
             sample: None,
+            variant: None,
+            answer: None,
         });
     }
     drop(sink);

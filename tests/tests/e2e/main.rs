@@ -7,6 +7,7 @@ mod bad_input;
 mod bounded;
 mod common;
 mod faults;
+mod feedback;
 mod gateway;
 mod load;
 mod model_registry;

@@ -47,6 +47,8 @@ fn event(duration_ns: u64, version: u64, outcome: Outcome) -> LatencyEvent {
         model_version: Some(version),
         outcome,
         sample: None,
+        variant: None,
+        answer: None,
     }
 }
 
@@ -57,6 +59,7 @@ fn batch(predictor: &str, seq: u64, events: Vec<LatencyEvent>) -> EventBatch {
         dropped: 0,
         raw_features: Vec::new(),
         events,
+        shadow_dropped: 0,
     }
 }
 

@@ -378,6 +378,8 @@ fn event(outcome: Outcome) -> LatencyEvent {
         model_version: Some(1),
         outcome,
         sample: None,
+        variant: None,
+        answer: None,
     }
 }
 
@@ -388,6 +390,7 @@ async fn publish(client: &Client, seq: u64, events: Vec<LatencyEvent>) {
         dropped: 0,
         raw_features: Vec::new(),
         events,
+        shadow_dropped: 0,
     };
     client
         .publish(

@@ -22,23 +22,23 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-const WAIT: Duration = Duration::from_secs(20);
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
 /// Users in the data (the registry's holdout is a fifth of them).
 const ROWS: usize = 5000;
 /// The intercept offset (and so the RMSE) of v1, v2, …: v1 is production,
 /// the gate holds the others as candidates.
-const OFFSETS: [f64; 5] = [0.1, 1.0, 2.0, 3.0, 4.0];
+pub(crate) const OFFSETS: [f64; 5] = [0.1, 1.0, 2.0, 3.0, 4.0];
 
 /// A registry process, predictors, and the users with their exact targets.
-struct Rollout {
-    nats: NatsServer,
+pub(crate) struct Rollout {
+    pub(crate) nats: NatsServer,
     dir: tempfile::TempDir,
-    data: PathBuf,
+    pub(crate) data: PathBuf,
     registry: Process,
     predictors: Vec<Service>,
-    client: async_nats::Client,
+    pub(crate) client: async_nats::Client,
     /// (user_id, exact target) per row.
-    users: Arc<Vec<(String, f64)>>,
+    pub(crate) users: Arc<Vec<(String, f64)>>,
 }
 
 fn start_registry(url: &str, dir: &Path, data: &Path, log: &Path) -> Process {
@@ -56,7 +56,7 @@ fn start_registry(url: &str, dir: &Path, data: &Path, log: &Path) -> Process {
 
 impl Rollout {
     /// Registers v1 (production) to v5 (candidates) and starts `predictors`.
-    async fn start(predictors: usize) -> Self {
+    pub(crate) async fn start(predictors: usize) -> Self {
         let nats = NatsServer::start();
         let url = nats.url();
         let dir = ml_tests::temp_dir();
@@ -136,11 +136,11 @@ impl Rollout {
         .await;
     }
 
-    async fn route(&self, body: Value) -> Value {
+    pub(crate) async fn route(&self, body: Value) -> Value {
         request_json(&self.client, "ml.registry.route", &body.to_string()).await
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         for p in self.predictors {
             p.stop().await;
         }
@@ -148,20 +148,22 @@ impl Rollout {
     }
 }
 
-fn user_request(user: &str) -> String {
+pub(crate) fn user_request(user: &str) -> String {
     json!({ "user_id": user }).to_string()
 }
 
 /// One answered request.
 #[derive(Debug, Clone)]
-struct Answered {
+pub(crate) struct Answered {
     sent: Instant,
     received: Instant,
     /// The row of the user it was for.
-    row: usize,
-    version: u64,
-    variant: Option<String>,
-    request_id: String,
+    pub(crate) row: usize,
+    pub(crate) version: u64,
+    pub(crate) variant: Option<String>,
+    pub(crate) request_id: String,
+    /// The prediction.
+    pub(crate) prediction: f64,
 }
 
 /// The version whose offset a prediction for `target` shows.
@@ -174,7 +176,7 @@ fn version_by_prediction(prediction: f64, target: f64) -> Option<u64> {
 
 /// Reads a reply: the version that answered, checked against the version
 /// its prediction shows, or why it is not a good reply.
-fn read_reply(payload: &[u8], row: usize, target: f64) -> Result<Answered, String> {
+pub(crate) fn read_reply(payload: &[u8], row: usize, target: f64) -> Result<Answered, String> {
     let v: Value = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
     let version = v["model_version"]
         .as_u64()
@@ -198,15 +200,16 @@ fn read_reply(payload: &[u8], row: usize, target: f64) -> Result<Answered, Strin
         version,
         variant: v["variant"].as_str().map(str::to_owned),
         request_id,
+        prediction,
     })
 }
 
 /// What a lane sends for its `k`-th request: the user's row and the body.
-type Body = dyn Fn(usize) -> (usize, String) + Send + Sync;
+pub(crate) type Body = dyn Fn(usize) -> (usize, String) + Send + Sync;
 
 /// Sends requests in `lanes` concurrent lanes (each waits for its reply
 /// before the next) until `per_lane` each are answered or `stop` is set.
-async fn load(
+pub(crate) async fn load(
     client: &async_nats::Client,
     users: &Arc<Vec<(String, f64)>>,
     lanes: usize,
@@ -250,7 +253,7 @@ async fn load(
 }
 
 /// The answers, or a failure naming the first failed request.
-fn all_answered(results: Vec<Result<Answered, String>>) -> Vec<Answered> {
+pub(crate) fn all_answered(results: Vec<Result<Answered, String>>) -> Vec<Answered> {
     let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(
         failed.is_empty(),
@@ -263,7 +266,7 @@ fn all_answered(results: Vec<Result<Answered, String>>) -> Vec<Answered> {
 }
 
 /// Every request id is unique.
-fn assert_unique_ids(answers: &[Answered]) {
+pub(crate) fn assert_unique_ids(answers: &[Answered]) {
     let ids: HashSet<&str> = answers.iter().map(|a| a.request_id.as_str()).collect();
     assert_eq!(ids.len(), answers.len(), "request ids repeat");
 }

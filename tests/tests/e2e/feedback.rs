@@ -329,9 +329,9 @@ fn check_live(total: &Value, labelled: &[(Answered, f64)]) -> Vec<(u64, f64)> {
 }
 
 /// Checks `/metrics` on `addr`: each version's `ml_live_rmse`, and the
-/// labels counted `unknown` (80) and `expired` (`expired`).
+/// labels counted `unknown` (81) and `expired` (`expired`).
 async fn check_metrics(addr: &str, rmse_by_version: &[(u64, f64)], expired: u64) {
-    let unknown_line = "ml_feedback_labels_total{result=\"unknown\"} 80";
+    let unknown_line = "ml_feedback_labels_total{result=\"unknown\"} 81";
     let text = wait_for("the live metrics in /metrics", WAIT, || async {
         let (status, text) = ml_tests::prometheus::http_get(addr, "/metrics")
             .await
@@ -372,9 +372,9 @@ async fn check_bad_feedback(client: &async_nats::Client) {
     assert_eq!(stats["monitor"]["feedback_rejected"], 4);
 }
 
-/// Labels for ids never held and labels sent twice are `unknown`; once
-/// every prediction has expired, the labels of `late` and `unlabelled` are
-/// `expired`. Returns how many were.
+/// Labels for ids never held, for a batch's id and labels sent twice are
+/// `unknown`; once every prediction has expired, the labels of `late` and
+/// `unlabelled` are `expired`. Returns how many were.
 async fn unknown_and_expired(
     r: &Rollout,
     labelled: &[(Answered, f64)],
@@ -388,7 +388,17 @@ async fn unknown_and_expired(
             .iter()
             .map(|(a, y)| (a.request_id.clone(), *y)),
     );
-    assert_eq!(feedback(&r.client, &unknown).await, [0, 80, 0, 0]);
+    // A batch's reply has a request_id, but no single prediction to join.
+    let ids: Vec<&str> = r.users[..3].iter().map(|(id, _)| id.as_str()).collect();
+    let batch = request_json(
+        &r.client,
+        "ml.predict",
+        &json!({ "user_ids": ids }).to_string(),
+    )
+    .await;
+    let batch_id = batch["request_id"].as_str().expect("a batch's request_id");
+    unknown.push((batch_id.to_owned(), 1.0));
+    assert_eq!(feedback(&r.client, &unknown).await, [0, 81, 0, 0]);
 
     // Past the horizon: expired.
     wait_for(
@@ -452,7 +462,7 @@ async fn feedback_gives_live_rmse_and_mae_per_version_and_counts_unknown_and_exp
             counts["unknown"].as_u64(),
             counts["expired"].as_u64()
         ),
-        (Some(labelled.len() as u64), Some(80), Some(n)),
+        (Some(labelled.len() as u64), Some(81), Some(n)),
         "{counts}"
     );
     let health = &stats["monitor"];

@@ -433,7 +433,11 @@ fn rows(
 }
 
 /// The `user_id` input: `[N]` or `[N, 1]` BYTES.
-fn user_id_rows(input: &InputTensor, values: &Values, max_rows: usize) -> Result<Rows, TensorError> {
+fn user_id_rows(
+    input: &InputTensor,
+    values: &Values,
+    max_rows: usize,
+) -> Result<Rows, TensorError> {
     let n = column_rows(input)?;
     check_rows(n, max_rows)?;
     match values {

@@ -517,14 +517,17 @@ fn per_feature_rows(
     ))
 }
 
+/// A per-feature input: its name and values.
+type Column<'a> = (&'a str, &'a [f64]);
+
 /// The batch size and the named columns of per-feature inputs; refuses an
 /// unknown input, a non-numeric one and unequal batch sizes.
 fn feature_columns<'a>(
     tensors: &'a [(InputTensor, Values)],
     raw_features: &[String],
-) -> Result<(usize, Vec<(&'a str, &'a [f64])>), TensorError> {
+) -> Result<(usize, Vec<Column<'a>>), TensorError> {
     let mut n_rows = None;
-    let mut columns: Vec<(&str, &[f64])> = Vec::with_capacity(tensors.len());
+    let mut columns: Vec<Column<'_>> = Vec::with_capacity(tensors.len());
     for (input, values) in tensors {
         if !raw_features.contains(&input.name) {
             return Err(bad(format!(

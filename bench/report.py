@@ -114,3 +114,9 @@ if os.path.isdir(trainer):
     print()
     sys.stdout.flush()
     subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "trainer_report.py"), trainer], check=True)
+
+gateway = os.path.join(out, "gateway")
+if os.path.isdir(gateway):
+    print()
+    sys.stdout.flush()
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "gateway_report.py"), gateway], check=True)

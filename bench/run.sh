@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates BENCHMARKS.md: every figure in it comes from this script.
 #
-#   bench/run.sh            # about 20 minutes; needs nats-server and python3
+#   bench/run.sh            # about 30 minutes; needs nats-server, wrk and python3
 #
 # It builds the release binaries, starts a private platform (bench/stack.sh),
 # measures the echo floor and the predictor with `mlctl bench`, batches, an
@@ -9,7 +9,8 @@
 # under 2,000 req/s, scale-out over 1-3 replicas, runs the criterion benches,
 # times scikit-learn's LinearRegression.fit on the same data (installed,
 # pinned, into a throwaway virtualenv from PyPI), and runs bench/trainer.sh
-# (the trainer on 10^6 and 10^7 rows against pandas and scikit-learn).
+# (the trainer on 10^6 and 10^7 rows against pandas and scikit-learn) and
+# bench/gateway.sh (the HTTP gateway against NATS and MLServer 1.7).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PATH="${PATH}:/usr/sbin"
@@ -103,6 +104,9 @@ fi
 
 log "the trainer at scale (bench/trainer.sh)"
 BENCH_DIR="${BENCH_DIR}" bench/trainer.sh >/dev/null
+
+log "the HTTP gateway against NATS and MLServer (bench/gateway.sh)"
+BENCH_DIR="${BENCH_DIR}" bench/gateway.sh >/dev/null
 
 log "writing BENCHMARKS.md"
 python3 bench/report.py "${OUT}" >BENCHMARKS.md

@@ -37,6 +37,7 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use clap::Parser;
 use ml_shared::features::FeatureRegistry;
@@ -275,6 +276,13 @@ pub async fn serve(
     );
     let app = router(state.clone());
     let mut until_stopped = state.shutdown.clone();
+    // Responses go out at once: without TCP_NODELAY a reply written in two
+    // segments can wait for the client's delayed ACK (tens of ms).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::warn!(%error, "could not set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = until_stopped.wait_for(|stop| *stop).await;

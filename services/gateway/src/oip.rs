@@ -7,6 +7,7 @@
 //! refused (400) rather than answered by a different model; an unknown
 //! model or version is 404. Errors are `{"error": "..."}`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
@@ -319,130 +320,134 @@ fn unusable(e: impl std::fmt::Display) -> OipError {
     )
 }
 
-async fn predict_one(state: &AppState, request: PredictRequest) -> Result<PredictReply, OipError> {
-    let body = serde_json::to_vec(&request).expect("requests serialise");
+/// Sends one `ml.predict` request and reads its reply as `T`, or as the
+/// predictor's structured error.
+async fn ask<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    request: &PredictRequest,
+) -> Result<T, OipError> {
+    let body = serde_json::to_vec(request).expect("requests serialise");
     let reply = state.platform.predict(body.into()).await?;
     if let Some(e) = predictor_error(&reply.payload, reply.error_status) {
         return Err(e);
     }
-    serde_json::from_slice::<ApiReply<PredictReply>>(&reply.payload)
+    serde_json::from_slice::<ApiReply<T>>(&reply.payload)
         .map_err(unusable)?
         .into_result()
         .map_err(unusable)
 }
 
+/// A `PredictRequest` with every field empty, to fill one of.
+fn empty_request() -> PredictRequest {
+    PredictRequest {
+        user_id: None,
+        user_ids: None,
+        features: None,
+        routing_key: None,
+    }
+}
+
 async fn predict_rows(state: &AppState, rows: &Rows) -> Result<Predictions, OipError> {
     match rows {
-        Rows::UserIds(ids) if ids.len() == 1 => {
-            let r = predict_one(
-                state,
-                PredictRequest {
-                    user_id: Some(ids[0].clone()),
-                    user_ids: None,
-                    features: None,
-                    routing_key: None,
-                },
-            )
-            .await?;
-            Ok(Predictions {
-                values: vec![r.prediction],
-                labels: r.label.map(|l| vec![i64::from(l)]),
-                model_version: r.model_version,
-            })
-        }
-        Rows::UserIds(ids) => {
-            let body = serde_json::to_vec(&PredictRequest {
-                user_id: None,
-                user_ids: Some(ids.clone()),
-                features: None,
-                routing_key: None,
-            })
-            .expect("requests serialise");
-            let reply = state.platform.predict(body.into()).await?;
-            if let Some(e) = predictor_error(&reply.payload, reply.error_status) {
-                return Err(e);
-            }
-            let batch: BatchPredictReply = serde_json::from_slice::<ApiReply<_>>(&reply.payload)
-                .map_err(unusable)?
-                .into_result()
-                .map_err(unusable)?;
-            if !batch.unknown_user_ids.is_empty() {
-                let shown: Vec<&str> = batch
-                    .unknown_user_ids
-                    .iter()
-                    .take(5)
-                    .map(String::as_str)
-                    .collect();
-                return Err(OipError::new(
-                    StatusCode::NOT_FOUND,
-                    format!(
-                        "{} user_id(s) not in the feature store: {}{}",
-                        batch.unknown_user_ids.len(),
-                        shown.join(", "),
-                        if batch.unknown_user_ids.len() > 5 {
-                            ", …"
-                        } else {
-                            ""
-                        }
-                    ),
-                ));
-            }
-            let values = batch
-                .predictions
-                .iter()
-                .map(|p| p.ok_or_else(|| unusable("a null prediction for a known user")))
-                .collect::<Result<Vec<_>, _>>()?;
-            let labels = batch
-                .labels
-                .map(|ls| {
-                    ls.iter()
-                        .map(|l| l.map(i64::from).ok_or_else(|| unusable("a null label")))
-                        .collect::<Result<Vec<_>, _>>()
-                })
-                .transpose()?;
-            Ok(Predictions {
-                values,
-                labels,
-                model_version: batch.model_version,
-            })
-        }
-        Rows::Features(rows) => {
-            // ml.predict takes one row of features per request: the rows go
-            // out concurrently, at most GATEWAY_ROW_CONCURRENCY at a time,
-            // and come back in order.
-            let replies: Vec<PredictReply> = futures::stream::iter(rows.iter().cloned())
-                .map(|row| {
-                    predict_one(
-                        state,
-                        PredictRequest {
-                            user_id: None,
-                            user_ids: None,
-                            features: Some(row),
-                            routing_key: None,
-                        },
-                    )
-                })
-                .buffered(state.config.row_concurrency.max(1))
-                .try_collect()
-                .await?;
-            let model_version = replies[0].model_version;
-            if replies.iter().any(|r| r.model_version != model_version) {
-                return Err(OipError::new(
-                    StatusCode::CONFLICT,
-                    "the production model changed while the batch was answered; send it again",
-                ));
-            }
-            let labels = replies
-                .iter()
-                .map(|r| r.label.map(i64::from))
-                .collect::<Option<Vec<_>>>();
-            Ok(Predictions {
-                values: replies.iter().map(|r| r.prediction).collect(),
-                labels,
-                model_version,
-            })
-        }
+        Rows::UserIds(ids) if ids.len() == 1 => predict_user(state, &ids[0]).await,
+        Rows::UserIds(ids) => predict_users(state, ids).await,
+        Rows::Features(rows) => predict_features(state, rows).await,
     }
+}
+
+/// One user: one `ml.predict` request by `user_id`.
+async fn predict_user(state: &AppState, id: &str) -> Result<Predictions, OipError> {
+    let request = PredictRequest {
+        user_id: Some(id.to_owned()),
+        ..empty_request()
+    };
+    let r: PredictReply = ask(state, &request).await?;
+    Ok(Predictions {
+        values: vec![r.prediction],
+        labels: r.label.map(|l| vec![i64::from(l)]),
+        model_version: r.model_version,
+    })
+}
+
+/// Several users: one batch `ml.predict` request by `user_ids`; every user
+/// must be known.
+async fn predict_users(state: &AppState, ids: &[String]) -> Result<Predictions, OipError> {
+    let request = PredictRequest {
+        user_ids: Some(ids.to_vec()),
+        ..empty_request()
+    };
+    let batch: BatchPredictReply = ask(state, &request).await?;
+    if !batch.unknown_user_ids.is_empty() {
+        return Err(unknown_users(&batch.unknown_user_ids));
+    }
+    let values = batch
+        .predictions
+        .iter()
+        .map(|p| p.ok_or_else(|| unusable("a null prediction for a known user")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let labels = batch
+        .labels
+        .map(|ls| {
+            ls.iter()
+                .map(|l| l.map(i64::from).ok_or_else(|| unusable("a null label")))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    Ok(Predictions {
+        values,
+        labels,
+        model_version: batch.model_version,
+    })
+}
+
+/// 404 naming (the first five of) the users the feature store lacks.
+fn unknown_users(unknown: &[String]) -> OipError {
+    let shown: Vec<&str> = unknown.iter().take(5).map(String::as_str).collect();
+    OipError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "{} user_id(s) not in the feature store: {}{}",
+            unknown.len(),
+            shown.join(", "),
+            if unknown.len() > 5 { ", …" } else { "" }
+        ),
+    )
+}
+
+/// Rows of features: `ml.predict` takes one row per request, so the rows go
+/// out concurrently, at most `GATEWAY_ROW_CONCURRENCY` at a time, and come
+/// back in order, all from one model version (409 otherwise).
+async fn predict_features(
+    state: &AppState,
+    rows: &[BTreeMap<String, f64>],
+) -> Result<Predictions, OipError> {
+    let replies: Vec<PredictReply> = futures::stream::iter(rows.iter().cloned())
+        .map(|row| async move {
+            let request = PredictRequest {
+                features: Some(row),
+                ..empty_request()
+            };
+            ask::<PredictReply>(state, &request).await
+        })
+        .buffered(state.config.row_concurrency.max(1))
+        .try_collect()
+        .await?;
+    let model_version = replies[0].model_version;
+    if replies.iter().any(|r| r.model_version != model_version) {
+        return Err(OipError::new(
+            StatusCode::CONFLICT,
+            "the production model changed while the batch was answered; send it again",
+        ));
+    }
+    let labels = replies
+        .iter()
+        .map(|r| r.label.map(i64::from))
+        .collect::<Option<Vec<_>>>();
+    Ok(Predictions {
+        values: replies.iter().map(|r| r.prediction).collect(),
+        labels,
+        model_version,
+    })
 }
 
 async fn infer_version(

@@ -394,81 +394,146 @@ fn check_rows(n: usize, max_rows: usize) -> Result<(), TensorError> {
     Ok(())
 }
 
+/// What a request may send, for the error messages.
+fn expected(raw_features: &[String]) -> String {
+    format!(
+        "send either a BYTES input '{USER_ID_INPUT}', one FP32/FP64 input per raw feature ({}), or one input '{FEATURES_INPUT}' of shape [N, {}]",
+        raw_features.join(", "),
+        raw_features.len()
+    )
+}
+
+/// The rows the inputs ask for: a `user_id` input alone, a `features`
+/// matrix alone, or one column per raw feature.
 fn rows(
     tensors: Vec<(InputTensor, Values)>,
     raw_features: &[String],
     max_rows: usize,
 ) -> Result<Rows, TensorError> {
-    let expected = || {
-        format!(
-            "send either a BYTES input '{USER_ID_INPUT}', one FP32/FP64 input per raw feature ({}), or one input '{FEATURES_INPUT}' of shape [N, {}]",
-            raw_features.join(", "),
-            raw_features.len()
-        )
-    };
-    if let Some((input, values)) = tensors.iter().find(|(t, _)| t.name == USER_ID_INPUT) {
+    let named = |name: &str| tensors.iter().find(|(t, _)| t.name == name);
+    if let Some((input, values)) = named(USER_ID_INPUT) {
         if tensors.len() > 1 {
             return Err(bad(format!(
                 "'{USER_ID_INPUT}' goes alone, without feature inputs; {}",
-                expected()
+                expected(raw_features)
             )));
         }
-        let n = column_rows(input)?;
-        check_rows(n, max_rows)?;
-        return match values {
-            Values::Text(ids) => Ok(Rows::UserIds(ids.clone())),
-            Values::Numbers(_) => Err(bad(format!(
-                "input '{USER_ID_INPUT}' has datatype {}; it takes BYTES",
-                input.datatype
-            ))),
-        };
+        return user_id_rows(input, values, max_rows);
     }
-    if let Some((input, values)) = tensors.iter().find(|(t, _)| t.name == FEATURES_INPUT) {
+    if let Some((input, values)) = named(FEATURES_INPUT) {
         if tensors.len() > 1 {
             return Err(bad(format!(
                 "'{FEATURES_INPUT}' goes alone; {}",
-                expected()
+                expected(raw_features)
             )));
         }
-        let width = raw_features.len();
-        let n = match input.shape.as_slice() {
-            [n, f] if *f as usize == width => *n as usize,
-            other => {
-                return Err(bad(format!(
+        return matrix_rows(input, values, raw_features, max_rows);
+    }
+    per_feature_rows(&tensors, raw_features, max_rows)
+}
+
+/// The `user_id` input: `[N]` or `[N, 1]` BYTES.
+fn user_id_rows(
+    input: &InputTensor,
+    values: &Values,
+    max_rows: usize,
+) -> Result<Rows, TensorError> {
+    let n = column_rows(input)?;
+    check_rows(n, max_rows)?;
+    match values {
+        Values::Text(ids) => Ok(Rows::UserIds(ids.clone())),
+        Values::Numbers(_) => Err(bad(format!(
+            "input '{USER_ID_INPUT}' has datatype {}; it takes BYTES",
+            input.datatype
+        ))),
+    }
+}
+
+/// The `features` input: `[N, F]` numbers, columns in metadata order.
+fn matrix_rows(
+    input: &InputTensor,
+    values: &Values,
+    raw_features: &[String],
+    max_rows: usize,
+) -> Result<Rows, TensorError> {
+    let width = raw_features.len();
+    let n = match input.shape.as_slice() {
+        [n, f] if *f as usize == width => *n as usize,
+        other => {
+            return Err(bad(format!(
                 "input '{FEATURES_INPUT}' has shape {other:?}; expected [N, {width}] (columns {})",
                 raw_features.join(", ")
             )))
-            }
-        };
-        check_rows(n, max_rows)?;
-        let Values::Numbers(numbers) = values else {
-            return Err(bad(format!(
-                "input '{FEATURES_INPUT}' has datatype {}; it takes FP32 or FP64",
-                input.datatype
-            )));
-        };
-        return Ok(Rows::Features(
-            numbers
-                .chunks_exact(width)
-                .map(|row| {
-                    raw_features
-                        .iter()
-                        .cloned()
-                        .zip(row.iter().copied())
-                        .collect()
-                })
-                .collect(),
-        ));
+        }
+    };
+    check_rows(n, max_rows)?;
+    let Values::Numbers(numbers) = values else {
+        return Err(bad(format!(
+            "input '{FEATURES_INPUT}' has datatype {}; it takes FP32 or FP64",
+            input.datatype
+        )));
+    };
+    Ok(Rows::Features(
+        numbers
+            .chunks_exact(width)
+            .map(|row| {
+                raw_features
+                    .iter()
+                    .cloned()
+                    .zip(row.iter().copied())
+                    .collect()
+            })
+            .collect(),
+    ))
+}
+
+/// One `[N]` or `[N, 1]` numeric input per raw feature, all present, all of
+/// the same batch size.
+fn per_feature_rows(
+    tensors: &[(InputTensor, Values)],
+    raw_features: &[String],
+    max_rows: usize,
+) -> Result<Rows, TensorError> {
+    let (n, columns) = feature_columns(tensors, raw_features)?;
+    if let Some(missing) = raw_features
+        .iter()
+        .find(|f| !columns.iter().any(|(name, _)| name == f))
+    {
+        return Err(bad(format!(
+            "missing input '{missing}'; {}",
+            expected(raw_features)
+        )));
     }
-    // One input per raw feature.
+    check_rows(n, max_rows)?;
+    Ok(Rows::Features(
+        (0..n)
+            .map(|i| {
+                columns
+                    .iter()
+                    .map(|(name, values)| ((*name).to_owned(), values[i]))
+                    .collect()
+            })
+            .collect(),
+    ))
+}
+
+/// A per-feature input: its name and values.
+type Column<'a> = (&'a str, &'a [f64]);
+
+/// The batch size and the named columns of per-feature inputs; refuses an
+/// unknown input, a non-numeric one and unequal batch sizes.
+fn feature_columns<'a>(
+    tensors: &'a [(InputTensor, Values)],
+    raw_features: &[String],
+) -> Result<(usize, Vec<Column<'a>>), TensorError> {
     let mut n_rows = None;
-    let mut columns: Vec<(&str, &[f64])> = Vec::with_capacity(tensors.len());
-    for (input, values) in &tensors {
+    let mut columns: Vec<Column<'_>> = Vec::with_capacity(tensors.len());
+    for (input, values) in tensors {
         if !raw_features.contains(&input.name) {
             return Err(bad(format!(
                 "unknown input '{}'; {}",
                 input.name,
-                expected()
+                expected(raw_features)
             )));
         }
         let n = column_rows(input)?;
@@ -486,24 +551,7 @@ fn rows(
         };
         columns.push((input.name.as_str(), numbers));
     }
-    if let Some(missing) = raw_features
-        .iter()
-        .find(|f| !columns.iter().any(|(name, _)| name == f))
-    {
-        return Err(bad(format!("missing input '{missing}'; {}", expected())));
-    }
-    let n = n_rows.unwrap_or(0);
-    check_rows(n, max_rows)?;
-    Ok(Rows::Features(
-        (0..n)
-            .map(|i| {
-                columns
-                    .iter()
-                    .map(|(name, values)| ((*name).to_owned(), values[i]))
-                    .collect()
-            })
-            .collect(),
-    ))
+    Ok((n_rows.unwrap_or(0), columns))
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ mod model_registry;
 mod monitor_bounds;
 mod monitoring;
 mod onnx;
+mod onnx_ops;
 mod pipeline;
 mod processes;
 mod rollouts;

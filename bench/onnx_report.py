@@ -43,7 +43,8 @@ def ort_us(text, file, rows):
 
 def section():
     machine = open(os.path.join(out, "machine.txt")).read().split("\n")
-    latency = open(os.path.join(out, "latency.txt")).read()
+    path = os.path.join(out, "latency.txt")
+    latency = open(path).read() if os.path.exists(path) else ""
     base = load("native-first-c32")["throughput_rps"]
     lines = [HEADING, ""]
     lines.append(
@@ -78,6 +79,9 @@ def section():
         "crate's evaluator) timed by criterion (median), and onnxruntime (Python, `InferenceSession.run` on "
         "the CPU provider, median of 2,000 calls for one row, 200 for a batch) on the same ONNX files "
         "(`scripts/onnx-fixtures.py`, 3 features), same machine, one after the other.\n")
+    if "onnx_predict/" not in latency:
+        lines.append("Not measured in this run (the bench did not complete).\n")
+        return "\n".join(lines)
     lines.append("| model | rows per call | engine µs | onnxruntime µs | engine / onnxruntime |")
     lines.append("|---|---|---|---|---|")
     for name in ("gradient_boosting", "random_forest"):

@@ -3,7 +3,7 @@
 # stack; writes the figures to $BENCH_DIR/results/onnx/ and replaces the
 # "Imported ONNX models" section of BENCHMARKS.md (bench/onnx_report.py).
 #
-#   bench/onnx.sh            # about 10 minutes on 2 cores; needs nats-server,
+#   bench/onnx.sh            # 5 minutes of measurement after the release builds; needs nats-server,
 #                            # python3 with scripts/ci-python-deps.sh's packages
 #
 # Steps: release build; a private platform (bench/stack.sh, one predictor,

@@ -4,6 +4,7 @@
 #
 #   bench/stack.sh start [PREDICTORS]   # default 1 predictor replica
 #   bench/stack.sh predictors N         # change the number of replicas
+#   bench/stack.sh registry [VAR=VALUE...]  # restart the registry with this environment
 #   bench/stack.sh stop
 #
 # NATS listens on $BENCH_PORT (default 14300); export
@@ -80,6 +81,17 @@ start)
 predictors)
     predictors "$2"
     ;;
+registry)
+    shift
+    stop_proc "${BENCH_DIR}/registry.pid"
+    start_proc registry REGISTRY_DIR="${BENCH_DIR}/registry" "$@"
+    for _ in $(seq 100); do
+        "${BIN}/mlctl" models >/dev/null 2>&1 && exit 0
+        sleep 0.1
+    done
+    echo "the registry did not answer within 10 s" >&2
+    exit 1
+    ;;
 stop)
     for pidfile in "${BENCH_DIR}"/predictor-*.pid "${BENCH_DIR}"/trainer.pid "${BENCH_DIR}"/monitor.pid \
         "${BENCH_DIR}"/registry.pid "${BENCH_DIR}"/nats.pid; do
@@ -87,7 +99,7 @@ stop)
     done
     ;;
 *)
-    echo "usage: $0 start [N] | predictors N | stop" >&2
+    echo "usage: $0 start [N] | predictors N | registry [VAR=VALUE...] | stop" >&2
     exit 2
     ;;
 esac

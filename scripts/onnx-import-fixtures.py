@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""ONNX models trained on the platform's own data file, for the import tests.
+"""ONNX models trained on the platform's own data file, for the import tests
+and the benchmark (bench/onnx.sh).
 
 Usage: onnx-import-fixtures.py DATA_CSV OUT_DIR
 
@@ -8,15 +9,18 @@ feature_1, feature_2, target) and trains on the raw features feature_1 and
 feature_2, in that order (the features the import declares):
 - a regression target: a linear regression (double input), the same on the
   derived feature_3 = feature_1² too (features feature_1, feature_2,
-  feature_3: the feature store computes feature_3 for it) and a
-  gradient-boosted regressor (float input);
+  feature_3: the feature store computes feature_3 for it), a
+  gradient-boosted regressor and a small MLP (one hidden layer of 8, behind
+  a standard scaler) (float input);
 - a binary target: a pipeline of a standard scaler and a logistic regression
-  (float input, probabilities as a tensor).
-Each is exported with skl2onnx as NAME.onnx with NAME.json: the kind and
-onnxruntime's outputs for every user of the file (a value, or the
-probability of class 1 and the label). Also writes the files an import must
-refuse: unsupported_operator.onnx (a Binarizer), wrong_width.onnx (3 inputs),
-truncated.onnx and empty.onnx. manifest.json lists the good models.
+  (float input, probabilities as a tensor) and a random forest (float
+  input, skl2onnx's default ZipMap).
+Each is exported with skl2onnx as NAME.onnx with NAME.json: the kind, the
+features and onnxruntime's outputs for every user of the file (a value, or
+the probability of class 1 and the label). For a regression target, also
+writes the files an import must refuse: unsupported_operator.onnx (a
+Binarizer), wrong_width.onnx (3 inputs), truncated.onnx and empty.onnx.
+manifest.json lists the users, the good models and the packages' versions.
 
 Needs scikit-learn, skl2onnx, onnxruntime and onnx (scripts/ci-python-deps.sh).
 Exits with status 3 when one is missing.
@@ -27,22 +31,17 @@ import json
 import os
 import sys
 
-try:
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-    from skl2onnx import to_onnx
-    from sklearn.ensemble import GradientBoostingRegressor
-    from sklearn.linear_model import LinearRegression, LogisticRegression
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-except ImportError as err:  # pragma: no cover - environment check
-    print(f"onnx-import-fixtures.py: missing Python package ({err})", file=sys.stderr)
-    sys.exit(3)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from onnx_common import expected_outputs, export, versions, write_model, write_refused  # noqa: E402
+
+import numpy as np  # noqa: E402
+from sklearn.ensemble import GradientBoostingRegressor, RandomForestClassifier  # noqa: E402
+from sklearn.linear_model import LinearRegression, LogisticRegression  # noqa: E402
+from sklearn.neural_network import MLPRegressor  # noqa: E402
+from sklearn.pipeline import Pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 FEATURES = ["feature_1", "feature_2"]
-TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
 SEED = 7
 
 
@@ -56,39 +55,39 @@ def read(path):
     return ids, np.array(rows), np.array(target)
 
 
-def export(out, name, kind, model, x, dtype, options=None, features=FEATURES):
-    xs = x.astype(dtype)
-    raw = to_onnx(model, xs[:1], target_opset=TARGET_OPSET, options=options).SerializeToString()
-    with open(os.path.join(out, name + ".onnx"), "wb") as f:
-        f.write(raw)
-    sess = ort.InferenceSession(raw, providers=["CPUExecutionProvider"])
-    outputs = sess.run(None, {sess.get_inputs()[0].name: xs})
-    if kind == "regressor":
-        expected = [{"value": float(v)} for v in np.asarray(outputs[0]).reshape(-1)]
-    else:
-        labels, probs = outputs[0], np.asarray(outputs[1])
-        expected = [
-            {"probability": float(p[1]), "label": int(l)} for l, p in zip(labels, probs)
-        ]
-    with open(os.path.join(out, name + ".json"), "w") as f:
-        json.dump({"name": name, "kind": kind, "features": features, "expected": expected}, f)
+def write(out, name, kind, model, x, dtype, options=None, features=FEATURES):
+    """Exports `model` as NAME.onnx with onnxruntime's outputs on `x`."""
+    _, raw, _, outputs = export(model, x, dtype, options)
+    doc = {"name": name, "kind": kind, "features": features,
+           "expected": expected_outputs(kind, outputs)}
+    write_model(out, name, raw, doc)
     return raw
 
 
-def unsupported_operator_model():
-    """A valid graph whose Binarizer (ONNX-ML) operator the engine does not run."""
-    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, len(FEATURES)])
-    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None])
-    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
-    nodes = [
-        helper.make_node("Binarizer", ["X"], ["B"], name="binarize", domain="ai.onnx.ml", threshold=0.5),
-        helper.make_node("ReduceSum", ["B", "axes"], ["Y"], name="sum", keepdims=0),
-    ]
-    graph = helper.make_graph(nodes, "unsupported", [x], [y], initializer=[axes])
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="onnx-import-fixtures")
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+def classifiers(out, x, y):
+    labels = y.astype(np.int64)
+    pipe = Pipeline([("scale", StandardScaler()), ("logistic", LogisticRegression())]).fit(x, labels)
+    write(out, "classifier", "classifier", pipe, x, np.float32,
+          options={LogisticRegression: {"zipmap": False}})
+    forest = RandomForestClassifier(n_estimators=20, max_depth=6, random_state=SEED).fit(x, labels)
+    write(out, "random_forest", "classifier", forest, x, np.float32)
+    return ["classifier", "random_forest"]
+
+
+def regressors(out, x, y):
+    linear = write(out, "linear", "regressor", LinearRegression().fit(x, y), x, np.float64)
+    gbr = GradientBoostingRegressor(n_estimators=40, max_depth=3, random_state=SEED).fit(x, y)
+    write(out, "gbr", "regressor", gbr, x, np.float32)
+    mlp = Pipeline([
+        ("scale", StandardScaler()),
+        ("mlp", MLPRegressor(hidden_layer_sizes=(8,), max_iter=3000, random_state=SEED)),
+    ]).fit(x, y)
+    write(out, "mlp", "regressor", mlp, x, np.float32)
+    derived = np.hstack([x, x[:, :1] ** 2])
+    write(out, "linear_derived", "regressor", LinearRegression().fit(derived, y), derived,
+          np.float64, features=FEATURES + ["feature_3"])
+    write_refused(out, x, y, linear, "onnx-import-fixtures")
+    return ["linear", "gbr", "mlp", "linear_derived"]
 
 
 def main():
@@ -98,32 +97,12 @@ def main():
     ids, x, y = read(sys.argv[1])
     out = sys.argv[2]
     os.makedirs(out, exist_ok=True)
-    good = []
     if set(np.unique(y)) <= {0.0, 1.0}:
-        pipe = Pipeline([("scale", StandardScaler()), ("logistic", LogisticRegression())])
-        pipe.fit(x, y.astype(np.int64))
-        export(out, "classifier", "classifier", pipe, x, np.float32,
-               options={LogisticRegression: {"zipmap": False}})
-        good.append("classifier")
+        good = classifiers(out, x, y)
     else:
-        linear = export(out, "linear", "regressor", LinearRegression().fit(x, y), x, np.float64)
-        gbr = GradientBoostingRegressor(n_estimators=40, max_depth=3, random_state=SEED).fit(x, y)
-        export(out, "gbr", "regressor", gbr, x, np.float32)
-        derived = np.hstack([x, x[:, :1] ** 2])
-        export(out, "linear_derived", "regressor", LinearRegression().fit(derived, y), derived,
-               np.float64, features=FEATURES + ["feature_3"])
-        good += ["linear", "gbr", "linear_derived"]
-        with open(os.path.join(out, "truncated.onnx"), "wb") as f:
-            f.write(linear[: len(linear) // 2])
-        wide = np.hstack([x, x[:, :1]])
-        wrong = to_onnx(LinearRegression().fit(wide, y), wide[:1], target_opset=TARGET_OPSET)
-        with open(os.path.join(out, "wrong_width.onnx"), "wb") as f:
-            f.write(wrong.SerializeToString())
-        with open(os.path.join(out, "unsupported_operator.onnx"), "wb") as f:
-            f.write(unsupported_operator_model())
-        open(os.path.join(out, "empty.onnx"), "wb").close()
+        good = regressors(out, x, y)
     with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump({"user_ids": ids, "good": good}, f)
+        json.dump({"user_ids": ids, "good": good, "versions": versions()}, f)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 use crate::features::{FeatureError, FeatureRegistry};
 use crate::messages::Metrics;
 use crate::model::ModelArtifact;
+use crate::profile::ReferenceProfile;
 
 /// Why a model could not be evaluated.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -137,6 +138,61 @@ pub fn evaluate_batch<'a>(
     rows: impl IntoIterator<Item = LabelledRow<'a>>,
     predict: impl FnOnce(&[f64], usize) -> Result<Vec<f64>, String>,
 ) -> Result<Metrics, EvaluationError> {
+    Ok(score_batch(feature_names, classifier, registry, rows, predict)?.metrics())
+}
+
+/// A model's finite predictions on labelled rows, with the model features
+/// it was given: what its metrics and a reference profile are computed from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    /// The model's features, in its order.
+    pub feature_names: Vec<String>,
+    /// The model features of every row, row-major.
+    pub matrix: Vec<f64>,
+    /// One prediction per row (a classifier's: the probability of class 1).
+    pub predictions: Vec<f64>,
+    /// One target per row.
+    pub truth: Vec<f64>,
+    /// Whether the predictions are a classifier's.
+    pub classifier: bool,
+}
+
+impl Scored {
+    /// The metrics of the predictions against the truth.
+    pub fn metrics(&self) -> Metrics {
+        if self.classifier {
+            classification_metrics(&self.truth, &self.predictions)
+        } else {
+            regression_metrics(&self.truth, &self.predictions)
+        }
+    }
+
+    /// The reference profile of these rows: `bins` quantile bins of each
+    /// model feature and of the predictions (`None` when a feature value is
+    /// not finite).
+    pub fn profile(&self, bins: usize) -> Option<ReferenceProfile> {
+        let width = self.feature_names.len();
+        let columns: Vec<Vec<f64>> = (0..width)
+            .map(|j| {
+                self.matrix
+                    .chunks_exact(width.max(1))
+                    .map(|row| row[j])
+                    .collect()
+            })
+            .collect();
+        ReferenceProfile::from_columns(&self.feature_names, &columns, &self.predictions, bins)
+    }
+}
+
+/// [`evaluate_batch`]'s predictions, before the metrics: the rows' model
+/// features and the model's predictions on them, checked to be finite.
+pub fn score_batch<'a>(
+    feature_names: &[String],
+    classifier: bool,
+    registry: &FeatureRegistry,
+    rows: impl IntoIterator<Item = LabelledRow<'a>>,
+    predict: impl FnOnce(&[f64], usize) -> Result<Vec<f64>, String>,
+) -> Result<Scored, EvaluationError> {
     let plan = registry.plan(feature_names)?;
     let mut features = vec![0.0; plan.len()];
     let (mut matrix, mut entities, mut truth) = (Vec::new(), Vec::new(), Vec::new());
@@ -149,25 +205,27 @@ pub fn evaluate_batch<'a>(
     if truth.is_empty() {
         return Err(EvaluationError::NoRows);
     }
-    let predicted = predict(&matrix, truth.len()).map_err(EvaluationError::Model)?;
-    if predicted.len() != truth.len() {
+    let predictions = predict(&matrix, truth.len()).map_err(EvaluationError::Model)?;
+    if predictions.len() != truth.len() {
         return Err(EvaluationError::Model(format!(
             "{} predictions for {} rows",
-            predicted.len(),
+            predictions.len(),
             truth.len()
         )));
     }
-    if let Some(row) = predicted.iter().position(|p| !p.is_finite()) {
+    if let Some(row) = predictions.iter().position(|p| !p.is_finite()) {
         return Err(EvaluationError::NonFinite {
             row,
             entity: entities[row].to_owned(),
-            value: predicted[row],
+            value: predictions[row],
         });
     }
-    Ok(if classifier {
-        classification_metrics(&truth, &predicted)
-    } else {
-        regression_metrics(&truth, &predicted)
+    Ok(Scored {
+        feature_names: feature_names.to_vec(),
+        matrix,
+        predictions,
+        truth,
+        classifier,
     })
 }
 
@@ -224,6 +282,35 @@ mod tests {
         assert_eq!(
             evaluate(&linear(vec![1.0, 1.0]), &registry, []).unwrap_err(),
             EvaluationError::NoRows
+        );
+    }
+
+    #[test]
+    fn scored_rows_give_the_profile_of_the_model_features_and_predictions() {
+        let registry = FeatureRegistry::default();
+        let names: Vec<String> = ["feature_1", "feature_3"].map(String::from).to_vec();
+        let rows: Vec<(String, [f64; 2])> = (0..100)
+            .map(|i| (format!("u{i}"), [i as f64, 0.0]))
+            .collect();
+        let scored = score_batch(
+            &names,
+            false,
+            &registry,
+            rows.iter().map(|(u, r)| (u.as_str(), &r[..], 0.0)),
+            |m, n| Ok(m.chunks_exact(2).take(n).map(|x| x[0] + x[1]).collect()),
+        )
+        .unwrap();
+        let profile = scored.profile(crate::profile::DEFAULT_BINS).unwrap();
+        profile.validate(&names).unwrap();
+        assert_eq!(profile.rows, 100);
+        // feature_3 = feature_1²: the profile bins the model's features.
+        let squares: Vec<f64> = (0..100).map(|i| (i * i) as f64).collect();
+        let want = crate::profile::Bins::from_values(&squares, 10).unwrap();
+        assert_eq!(profile.features[1].bins, want);
+        let sums: Vec<f64> = (0..100).map(|i| (i + i * i) as f64).collect();
+        assert_eq!(
+            profile.prediction,
+            crate::profile::Bins::from_values(&sums, 10).unwrap()
         );
     }
 }

@@ -19,10 +19,9 @@ use std::time::SystemTime;
 
 use ml_onnx::Scorer;
 use ml_shared::data::{DataError, HashingReader, RowReader, TARGET};
-use ml_shared::evaluation::EvaluationError;
+use ml_shared::evaluation::{EvaluationError, Scored};
 use ml_shared::features::FeatureRegistry;
 use ml_shared::holdout::is_holdout;
-use ml_shared::messages::Metrics;
 
 /// The labelled holdout rows of one version of the data file.
 #[derive(Debug)]
@@ -50,12 +49,13 @@ impl HoldoutRows {
         self.entities.is_empty()
     }
 
-    /// The metrics of a model (native or ONNX) on these rows.
-    pub fn evaluate(
+    /// The features and predictions of a model (native or ONNX) on these
+    /// rows: its metrics, and the reference profile of an imported model.
+    pub fn score(
         &self,
         scorer: &Scorer,
         registry: &FeatureRegistry,
-    ) -> Result<Metrics, EvaluationError> {
+    ) -> Result<Scored, EvaluationError> {
         let rows = (0..self.len()).map(|i| {
             (
                 self.entities[i].as_str(),
@@ -63,7 +63,7 @@ impl HoldoutRows {
                 self.targets[i],
             )
         });
-        scorer.evaluate(registry, rows)
+        scorer.score(registry, rows)
     }
 }
 

@@ -9,14 +9,17 @@
 //! into the run record (model family `onnx`): `run_id` names the importer
 //! and the time, `data_path` the file and the reason, `data_fingerprint` its
 //! SHA-256. The metrics are the registry's own on its holdout (computed by
-//! [`crate::service`] before the submission goes through the store's gate).
+//! [`crate::service`] before the submission goes through the store's gate),
+//! and so is the model's reference profile for drift ([`add_holdout_figures`]).
 
 use std::time::Duration;
 
 use ml_onnx::{onnx_kind, Limits, OnnxModel};
+use ml_shared::evaluation::Scored;
 use ml_shared::features::FeatureRegistry;
 use ml_shared::messages::{ImportRequest, Metrics, RunRecord, Submission, TrainParams};
 use ml_shared::model::{sha256_hex, ModelArtifact};
+use ml_shared::profile::DEFAULT_BINS;
 
 use crate::store::StoreError;
 
@@ -132,6 +135,26 @@ pub fn submission(
         onnx: Some(Box::new(graph)),
     };
     Ok(Submission { run, artifact })
+}
+
+/// The registry's own figures for an imported model, from its features
+/// and predictions on the holdout: the run's metrics and the artifact's
+/// reference profile (quantile bins of each feature and of the predictions,
+/// as a trainer computes on its training split), so that the monitor checks
+/// drift for it as for a native model.
+pub fn add_holdout_figures(submission: &mut Submission, scored: &Scored) -> Result<(), StoreError> {
+    submission.run.metrics = scored.metrics();
+    submission.run.rows_validation = scored.truth.len();
+    let profile = scored.profile(DEFAULT_BINS).ok_or_else(|| {
+        StoreError::Invalid("a model feature is not a finite number on the holdout".into())
+    })?;
+    tracing::info!(
+        rows = profile.rows,
+        features = profile.features.len(),
+        "reference profile computed on the holdout"
+    );
+    submission.artifact.profile = Some(Box::new(profile));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use async_nats::Client;
 use bytes::Bytes;
 use futures::stream::{select_all, StreamExt};
 use ml_shared::codec;
+use ml_shared::evaluation::Scored;
 use ml_shared::features::FeatureRegistry;
 use ml_shared::lifecycle::{
     FailedRun, HistoryReply, HistoryRequest, MoveReply, PromoteRequest, RecordedReply,
@@ -136,6 +137,13 @@ impl Registry {
     /// engine with the registry's limit (a model the engine refuses is
     /// invalid, the holdout unreadable makes it unverifiable).
     fn evaluator(&self) -> impl FnMut(&ModelArtifact) -> Result<Metrics, StoreError> + Send {
+        let mut score = self.holdout_scorer();
+        move |artifact: &ModelArtifact| Ok(score(artifact)?.metrics())
+    }
+
+    /// A model's features and predictions on the holdout, as
+    /// [`Registry::evaluator`] loads and scores it.
+    fn holdout_scorer(&self) -> impl FnMut(&ModelArtifact) -> Result<Scored, StoreError> + Send {
         let (holdout, features) = (self.holdout.clone(), self.features.clone());
         let max = self.onnx.max_bytes;
         move |artifact: &ModelArtifact| {
@@ -146,7 +154,7 @@ impl Registry {
                 .unwrap_or_else(|p| p.into_inner())
                 .rows(&features)
                 .map_err(|e| StoreError::Unverifiable(e.to_string()))?;
-            rows.evaluate(&scorer, &features)
+            rows.score(&scorer, &features)
                 .map_err(|e| StoreError::Invalid(format!("on the registry's holdout: {e}")))
         }
     }
@@ -309,11 +317,12 @@ impl Registry {
         let (actor, file) = (import.actor.clone(), import.file_name.clone());
         let run_id = format!("import-{actor}-{}", import.read_ms);
         let (limits, features) = (self.onnx, self.features.clone());
-        let mut evaluate = self.evaluator();
+        let (mut score, mut evaluate) = (self.holdout_scorer(), self.evaluator());
         let outcome = self
             .with_store(move |s| {
                 let mut submission = crate::import::submission(import, &limits, &features)?;
-                submission.run.metrics = evaluate(&submission.artifact)?;
+                let scored = score(&submission.artifact)?;
+                crate::import::add_holdout_figures(&mut submission, &scored)?;
                 s.register(submission, &mut evaluate)
             })
             .await;

@@ -8,7 +8,7 @@
 //! compute the model's input rows with the feature plan of
 //! `ml_shared::features` first, whatever the engine.
 
-use ml_shared::evaluation::{self, EvaluationError, LabelledRow};
+use ml_shared::evaluation::{self, EvaluationError, LabelledRow, Scored};
 use ml_shared::features::FeatureRegistry;
 use ml_shared::messages::Metrics;
 use ml_shared::model::{ModelArtifact, ModelError, ModelKind, DECISION_THRESHOLD};
@@ -155,7 +155,18 @@ impl Scorer {
         registry: &FeatureRegistry,
         rows: impl IntoIterator<Item = LabelledRow<'a>>,
     ) -> Result<Metrics, EvaluationError> {
-        evaluation::evaluate_batch(
+        Ok(self.score(registry, rows)?.metrics())
+    }
+
+    /// The model's features and predictions on labelled `rows` (one batch
+    /// call of the engine), from which its metrics and a reference profile
+    /// follow.
+    pub fn score<'a>(
+        &self,
+        registry: &FeatureRegistry,
+        rows: impl IntoIterator<Item = LabelledRow<'a>>,
+    ) -> Result<Scored, EvaluationError> {
+        evaluation::score_batch(
             &self.feature_names,
             self.kind.is_classifier(),
             registry,

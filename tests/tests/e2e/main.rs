@@ -14,6 +14,7 @@ mod model_registry;
 mod monitor_bounds;
 mod monitoring;
 mod onnx;
+mod onnx_ops;
 mod pipeline;
 mod processes;
 mod rollouts;

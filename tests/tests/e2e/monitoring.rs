@@ -21,7 +21,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// Sends `bodies` to the predictors, 32 at a time; returns how many were
 /// answered.
-async fn send_all(client: &Client, bodies: Vec<String>) -> usize {
+pub(crate) async fn send_all(client: &Client, bodies: Vec<String>) -> usize {
     futures::stream::iter(bodies)
         .map(|body| {
             let client = client.clone();
@@ -42,7 +42,7 @@ async fn send_all(client: &Client, bodies: Vec<String>) -> usize {
 
 /// `n` raw-feature requests with feature_1 uniform in `[f1, f1 + 4)` and
 /// feature_2 in `[f2, f2 + 10)` (the training data has f1 = -2, f2 = 0).
-fn feature_requests(rng: &mut impl Rng, n: usize, f1: f64, f2: f64) -> Vec<String> {
+pub(crate) fn feature_requests(rng: &mut impl Rng, n: usize, f1: f64, f2: f64) -> Vec<String> {
     (0..n)
         .map(|_| {
             format!(
@@ -56,7 +56,7 @@ fn feature_requests(rng: &mut impl Rng, n: usize, f1: f64, f2: f64) -> Vec<Strin
 
 /// Sends rounds of 300 requests drawn as [`feature_requests`] does until an
 /// alert notice arrives on `alerts` (bounded by [`WAIT`]); returns it.
-async fn traffic_until_alert(
+pub(crate) async fn traffic_until_alert(
     client: &Client,
     alerts: &mut async_nats::Subscriber,
     rng: &mut impl Rng,
@@ -265,6 +265,83 @@ async fn prometheus_scrapes_the_monitor_and_agrees_on_p99() {
     }
 }
 
+/// A monitor with 0.5 s windows, drift from 200 samples, and one alert
+/// rule (written into `dir`): `DataDrift` when the PSI is above 0.2; its
+/// text lines go to the returned output.
+pub(crate) fn drift_monitor(url: &str, dir: &std::path::Path) -> (services::Service, Output) {
+    let rules = dir.join("alerts.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"DataDrift\"\nmetric = \"drift_psi\"\nabove = 0.2\nfor = \"0s\"\n",
+    )
+    .unwrap();
+    let out = Output::default();
+    let monitor = services::monitor_with(
+        url,
+        &[
+            "--monitor-interval",
+            "500ms",
+            "--drift-min-samples",
+            "200",
+            "--alerts",
+            rules.to_str().unwrap(),
+        ],
+        out.clone(),
+    );
+    (monitor, out)
+}
+
+/// The drift of each window measured so far: the monitor's text lines whose
+/// drift is not "-".
+fn drift_values(out: &Output) -> Vec<f64> {
+    out.lines()
+        .iter()
+        .filter_map(|l| l.split(" drift=").nth(1))
+        .filter_map(|d| d.split('(').next()?.parse().ok())
+        .collect()
+}
+
+/// With a monitor writing text lines to `out` (drift alert rule: PSI above
+/// 0.2) and a production model profiled on the generated data: four
+/// windows of unshifted traffic measure drift below 0.2 and raise no alert,
+/// then shifted traffic (feature_1 in [0, 4) instead of [-2, 2), feature_2
+/// in [4, 14) instead of [0, 10)) fires `DataDrift`, whose notice is
+/// returned.
+pub(crate) async fn drift_fires_on_shifted_traffic_only(
+    client: &Client,
+    alerts: &mut async_nats::Subscriber,
+    rng: &mut impl Rng,
+    out: &Output,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while drift_values(out).len() < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no drift measured:\n{}",
+            out.text()
+        );
+        send_all(client, feature_requests(rng, 300, -2.0, 0.0)).await;
+    }
+    let unshifted = drift_values(out);
+    assert!(
+        unshifted.iter().all(|psi| *psi < 0.2),
+        "{unshifted:?}\n{}",
+        out.text()
+    );
+    assert!(!out.text().contains("ALERT"), "{}", out.text());
+    let early = tokio::time::timeout(Duration::from_millis(100), alerts.next()).await;
+    assert!(early.is_err(), "no alert expected: {early:?}");
+
+    let notice = traffic_until_alert(client, alerts, rng, (0.0, 4.0), out).await;
+    assert_eq!(notice["alert"], "DataDrift", "{notice}");
+    assert_eq!(notice["state"], "firing", "{notice}");
+    assert_eq!(notice["metric"], "drift_psi", "{notice}");
+    assert!(notice["value"].as_f64().unwrap() > 0.2, "{notice}");
+    let detail = notice["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("feature_1="), "{notice}");
+    notice
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shifted_traffic_fires_the_drift_alert_and_unshifted_does_not() {
     ml_tests::init_logging();
@@ -276,72 +353,18 @@ async fn shifted_traffic_fires_the_drift_alert_and_unshifted_does_not() {
         dir,
         data,
     } = Bed::new(3000, 7);
-    let rules = dir.path().join("alerts.toml");
-    std::fs::write(
-        &rules,
-        "[[rule]]\nname = \"DataDrift\"\nmetric = \"drift_psi\"\nabove = 0.2\nfor = \"0s\"\n",
-    )
-    .unwrap();
-
     let registry = services::registry(&url, &dir.path().join("registry"), &data);
     let trainer = services::trainer(&url, &data, "1h");
     let predictor = services::predictor(&url, &data);
-    let out = Output::default();
-    let monitor = services::monitor_with(
-        &url,
-        &[
-            "--monitor-interval",
-            "500ms",
-            "--drift-min-samples",
-            "200",
-            "--alerts",
-            rules.to_str().unwrap(),
-        ],
-        out.clone(),
-    );
+    let (monitor, out) = drift_monitor(&url, dir.path());
     let client = client(&url).await;
     let mut alerts = client.subscribe("ml.alerts").await.unwrap();
     client.flush().await.unwrap();
     wait_served(&client).await;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
 
-    // Windows with drift measured on unshifted traffic: the text lines
-    // whose drift is not "-".
-    let drift_values = |out: &Output| -> Vec<f64> {
-        out.lines()
-            .iter()
-            .filter_map(|l| l.split(" drift=").nth(1))
-            .filter_map(|d| d.split('(').next()?.parse().ok())
-            .collect()
-    };
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while drift_values(&out).len() < 4 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no drift measured:\n{}",
-            out.text()
-        );
-        send_all(&client, feature_requests(&mut rng, 300, -2.0, 0.0)).await;
-    }
-    let unshifted = drift_values(&out);
-    assert!(
-        unshifted.iter().all(|psi| *psi < 0.2),
-        "{unshifted:?}\n{}",
-        out.text()
-    );
-    assert!(!out.text().contains("ALERT"), "{}", out.text());
-    let early = tokio::time::timeout(Duration::from_millis(100), alerts.next()).await;
-    assert!(early.is_err(), "no alert expected: {early:?}");
-
-    // Shifted traffic: feature_1 in [0, 4) instead of [-2, 2), feature_2 in
-    // [4, 14) instead of [0, 10).
-    let notice = traffic_until_alert(&client, &mut alerts, &mut rng, (0.0, 4.0), &out).await;
-    assert_eq!(notice["alert"], "DataDrift", "{notice}");
-    assert_eq!(notice["state"], "firing", "{notice}");
-    assert_eq!(notice["metric"], "drift_psi", "{notice}");
-    assert!(notice["value"].as_f64().unwrap() > 0.2, "{notice}");
+    let notice = drift_fires_on_shifted_traffic_only(&client, &mut alerts, &mut rng, &out).await;
     let detail = notice["detail"].as_str().unwrap_or_default();
-    assert!(detail.contains("feature_1="), "{notice}");
     // The predictor sends at most EVENT_SAMPLE_MAX (1,000) samples a
     // second, however many requests it serves: about 500 in a 0.5 s window.
     let samples: u64 = detail

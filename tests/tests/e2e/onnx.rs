@@ -4,9 +4,13 @@
 //! on the raw features `feature_1,feature_2` and exported with skl2onnx,
 //! with onnxruntime's outputs for every user of the file.
 //!
-//! Checked: each import is registered with the registry's own holdout
-//! metrics (recomputed here from onnxruntime's outputs), promoted, and
-//! served: single and batch predictions equal onnxruntime's; bad files are
+//! Checked: each of the five families (a linear regression, a scaler and
+//! logistic regression pipeline, a gradient-boosted regressor, a random
+//! forest classifier, a small MLP) and a linear regression on a derived
+//! feature is registered with the registry's own holdout metrics
+//! (recomputed here from onnxruntime's outputs), promoted, and served:
+//! single and batch predictions equal onnxruntime's (1e-6 for the linear
+//! ones, 1e-5 for the others); bad files are
 //! refused (by `mlctl` and by the registry itself) naming the problem, with
 //! production untouched; promotions native → ONNX → native under load fail
 //! no request.
@@ -40,19 +44,27 @@ struct Manifest {
     user_ids: Vec<String>,
 }
 
+/// onnxruntime's output for one user.
 #[derive(Deserialize)]
-struct Expected {
-    value: Option<f64>,
-    probability: Option<f64>,
-    label: Option<u8>,
+pub(crate) struct Expected {
+    pub(crate) value: Option<f64>,
+    pub(crate) probability: Option<f64>,
+    pub(crate) label: Option<u8>,
+}
+
+impl Expected {
+    /// A regressor's value or a classifier's probability of class 1.
+    pub(crate) fn output(&self) -> f64 {
+        self.value.or(self.probability).expect("an output")
+    }
 }
 
 /// The data file, the fixtures made from it, the services and a client.
-struct Stack {
-    bed: Bed,
-    fixtures: PathBuf,
-    user_ids: Vec<String>,
-    client: Client,
+pub(crate) struct Stack {
+    pub(crate) bed: Bed,
+    pub(crate) fixtures: PathBuf,
+    pub(crate) user_ids: Vec<String>,
+    pub(crate) client: Client,
     _processes: Vec<Process>,
 }
 
@@ -60,7 +72,7 @@ impl Stack {
     /// `rows` users of a `target` data file, fixtures trained on it, a
     /// registry and a predictor (with `predictor_env` too), and a trainer
     /// when `trainer`; `None` when `ONNX_TESTS=0`.
-    async fn start(
+    pub(crate) async fn start(
         rows: usize,
         target: Target,
         trainer: bool,
@@ -114,18 +126,18 @@ impl Stack {
         })
     }
 
-    fn file(&self, name: &str) -> PathBuf {
+    pub(crate) fn file(&self, name: &str) -> PathBuf {
         self.fixtures.join(format!("{name}.onnx"))
     }
 
-    fn expected(&self, name: &str) -> Vec<Expected> {
+    pub(crate) fn expected(&self, name: &str) -> Vec<Expected> {
         let v: Value = read_json(&self.fixtures.join(format!("{name}.json")));
         serde_json::from_value(v["expected"].clone()).expect("expected outputs")
     }
 
     /// `mlctl import` of fixture `name` with `extra` flags, declaring the
     /// features it was trained on (`feature_1,feature_2` for the bad files).
-    fn import(&self, name: &str, extra: &[&str]) -> Output {
+    pub(crate) fn import(&self, name: &str, extra: &[&str]) -> Output {
         let file = self.file(name);
         let features = std::fs::read_to_string(self.fixtures.join(format!("{name}.json")))
             .ok()
@@ -148,7 +160,7 @@ impl Stack {
     }
 
     /// Imports fixture `name` and returns the registry's reply.
-    fn import_ok(&self, name: &str, extra: &[&str]) -> Value {
+    pub(crate) fn import_ok(&self, name: &str, extra: &[&str]) -> Value {
         let out = self.import(name, extra);
         assert!(
             out.status.success(),
@@ -158,18 +170,29 @@ impl Stack {
         serde_json::from_slice(&out.stdout).expect("the registry's JSON reply")
     }
 
-    async fn models(&self) -> Value {
+    pub(crate) async fn models(&self) -> Value {
         request_json(&self.client, "ml.registry.models", "").await
     }
 
-    async fn promote(&self, version: u64) {
+    pub(crate) async fn promote(&self, version: u64) {
         let body = format!(r#"{{"version":{version},"reason":"test","actor":"ops"}}"#);
         let reply = request_json(&self.client, "ml.registry.promote", &body).await;
         assert_eq!(reply["to"].as_u64(), Some(version), "{reply}");
     }
 
+    /// The trainer's first version (native), once it is production and
+    /// served (a stack started with a trainer).
+    pub(crate) async fn native_production(&self) -> u64 {
+        let native = wait_for("a native version in production", WAIT, || async {
+            self.models().await["production"].as_u64()
+        })
+        .await;
+        self.served(native).await;
+        native
+    }
+
     /// Waits until the predictor answers with `version`.
-    async fn served(&self, version: u64) {
+    pub(crate) async fn served(&self, version: u64) {
         let body = format!(r#"{{"user_id":"{}"}}"#, self.user_ids[0]);
         wait_for(&format!("version {version} served"), WAIT, || async {
             let m = self
@@ -185,14 +208,14 @@ impl Stack {
 
     /// Single predictions (every 7th user) and one batch of every user
     /// equal onnxruntime's outputs for fixture `name`.
-    async fn assert_serves(&self, name: &str, version: u64) {
-        let expected = self.expected(name);
+    pub(crate) async fn assert_serves(&self, name: &str, version: u64) {
+        let (expected, tol) = (self.expected(name), tolerance(name));
         for (i, id) in self.user_ids.iter().enumerate().step_by(7) {
             let body = format!(r#"{{"user_id":"{id}"}}"#);
             let reply = request_json(&self.client, "ml.predict", &body).await;
             assert_eq!(reply["model_version"].as_u64(), Some(version), "{reply}");
             let label = reply["label"].as_u64().map(|l| l as u8);
-            assert_output(&expected[i], reply["prediction"].as_f64(), label);
+            assert_output(&expected[i], (reply["prediction"].as_f64(), label), tol);
         }
         // Every user, with an unknown id in the middle: one tensor call for
         // the known ones, `null` for the unknown one, in request order.
@@ -209,12 +232,12 @@ impl Stack {
         for (i, p) in predictions.iter().enumerate().filter(|(i, _)| *i != half) {
             let label = reply["labels"][i].as_u64().map(|l| l as u8);
             let row = if i < half { i } else { i - 1 };
-            assert_output(&expected[row], p.as_f64(), label);
+            assert_output(&expected[row], (p.as_f64(), label), tol);
         }
     }
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> T {
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> T {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).expect("fixture JSON")
 }
@@ -241,14 +264,34 @@ fn make_fixtures(data: &Path, out: &Path) {
 /// `|got - want| <= 1e-5 · max(|want|, 1)`: relative for values above 1,
 /// absolute for probabilities.
 fn close(got: f64, want: f64) -> bool {
-    (got - want).abs() <= 1e-5 * want.abs().max(1.0)
+    close_within(got, want, 1e-5)
 }
 
-fn assert_output(expected: &Expected, prediction: Option<f64>, label: Option<u8>) {
+/// `|got - want| <= tolerance · max(|want|, 1)`.
+pub(crate) fn close_within(got: f64, want: f64, tolerance: f64) -> bool {
+    (got - want).abs() <= tolerance * want.abs().max(1.0)
+}
+
+/// How close fixture `name`'s served predictions must be to onnxruntime's:
+/// 1e-6 for a linear model (the same arithmetic in f64), 1e-5 for the
+/// others (f32 inputs, trees, activations).
+pub(crate) fn tolerance(name: &str) -> f64 {
+    if name.starts_with("linear") {
+        1e-6
+    } else {
+        1e-5
+    }
+}
+
+fn assert_output(expected: &Expected, served: (Option<f64>, Option<u8>), tolerance: f64) {
+    let (prediction, label) = served;
     let got = prediction.expect("a prediction");
-    let want = expected.value.or(expected.probability).expect("an output");
-    assert!(close(got, want), "served {got}, onnxruntime {want}");
-    if expected.probability.is_some() && (want - 0.5).abs() > 1e-5 {
+    let want = expected.output();
+    assert!(
+        close_within(got, want, tolerance),
+        "served {got}, onnxruntime {want} (tolerance {tolerance:e})"
+    );
+    if expected.probability.is_some() && (want - 0.5).abs() > tolerance {
         assert_eq!(label, expected.label, "label of probability {want}");
     }
     if expected.value.is_some() {
@@ -258,7 +301,11 @@ fn assert_output(expected: &Expected, prediction: Option<f64>, label: Option<u8>
 
 /// The holdout rows' targets and onnxruntime's predictions on them (the
 /// registry's default rule: seed 42, a fifth of the users).
-fn holdout(data: &Path, user_ids: &[String], expected: &[Expected]) -> (Vec<f64>, Vec<f64>) {
+pub(crate) fn holdout(
+    data: &Path,
+    user_ids: &[String],
+    expected: &[Expected],
+) -> (Vec<f64>, Vec<f64>) {
     let targets: std::collections::HashMap<String, f64> = read_rows(data)
         .into_iter()
         .map(|(id, _, _, t)| (id, t))
@@ -267,18 +314,18 @@ fn holdout(data: &Path, user_ids: &[String], expected: &[Expected]) -> (Vec<f64>
         .iter()
         .zip(expected)
         .filter(|(id, _)| ml_shared::holdout::is_holdout(id, 0.2, 42))
-        .map(|(id, e)| (targets[id], e.value.or(e.probability).unwrap()))
+        .map(|(id, e)| (targets[id], e.output()))
         .unzip()
 }
 
-fn version_of(reply: &Value) -> u64 {
+pub(crate) fn version_of(reply: &Value) -> u64 {
     reply["version"]
         .as_u64()
         .unwrap_or_else(|| panic!("{reply}"))
 }
 
 /// The listing's entry of `version`.
-fn summary(models: &Value, version: u64) -> Value {
+pub(crate) fn summary(models: &Value, version: u64) -> Value {
     models["models"]
         .as_array()
         .unwrap()
@@ -298,6 +345,7 @@ async fn imported_regressors_are_evaluated_promoted_and_served_as_onnxruntime_pr
     for (name, extra) in [
         ("linear", &["--kind", "regressor"][..]),
         ("gbr", &[][..]),
+        ("mlp", &[][..]),
         ("linear_derived", &[][..]),
     ] {
         let reply = stack.import_ok(name, extra);
@@ -334,12 +382,12 @@ async fn imported_regressors_are_evaluated_promoted_and_served_as_onnxruntime_pr
     assert_eq!(first["data_fingerprint"], format!("sha256:{digest}"));
     let runs = request_json(&stack.client, "ml.registry.runs", "").await;
     let rows = runs["runs"].as_array().expect("runs");
-    assert_eq!(rows.len(), 3, "{runs}");
+    assert_eq!(rows.len(), 4, "{runs}");
     assert!(rows.iter().all(|r| r["model"] == "onnx"), "{runs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_imported_classifier_pipeline_serves_onnxruntimes_probability_and_label() {
+async fn imported_classifiers_serve_onnxruntimes_probability_and_label() {
     let Some(stack) = Stack::start(400, Target::Binary, false, &[]).await else {
         return;
     };
@@ -361,6 +409,25 @@ async fn an_imported_classifier_pipeline_serves_onnxruntimes_probability_and_lab
     assert!(close(accuracy, want.accuracy.unwrap()), "{model}");
     stack.served(version).await;
     stack.assert_serves("classifier", version).await;
+    // A random forest, its probabilities behind skl2onnx's default ZipMap.
+    let forest = version_of(&stack.import_ok("random_forest", &[]));
+    let model = summary(&stack.models().await, forest);
+    assert_eq!(model["kind"], "onnx_classifier", "{model}");
+    let (truth, predicted) = holdout(
+        &stack.bed.data,
+        &stack.user_ids,
+        &stack.expected("random_forest"),
+    );
+    let want = ml_shared::evaluation::classification_metrics(&truth, &predicted);
+    // Log-loss: continuous in the probabilities (the forest's many ties
+    // could order differently in the last bit, moving the AUC).
+    let log_loss = model["metrics"]["log_loss"].as_f64().expect("log_loss");
+    assert!(close(log_loss, want.log_loss.unwrap()), "{model}");
+    if stack.models().await["production"].as_u64() != Some(forest) {
+        stack.promote(forest).await;
+    }
+    stack.served(forest).await;
+    stack.assert_serves("random_forest", forest).await;
     // A regressor declared a classifier is refused, locally and by the registry.
     let out = stack.import("classifier", &["--kind", "regressor"]);
     assert!(!out.status.success());
@@ -476,12 +543,7 @@ async fn swaps_native_onnx_native_under_load_fail_no_request() {
         return;
     };
     // The trainer's first run: a native version in production.
-    let native = wait_for("a native version in production", WAIT, || async {
-        let models = stack.models().await;
-        models["production"].as_u64()
-    })
-    .await;
-    stack.served(native).await;
+    let native = stack.native_production().await;
     let reply = stack.import_ok("gbr", &[]);
     let onnx = version_of(&reply);
     // The gate compares an ONNX regressor with a native one on the same rows.

@@ -6,8 +6,9 @@
 //! import (10 quantile bins of each feature, recomputed here, and of its
 //! predictions, here onnxruntime's), so the monitor measures drift for an
 //! ONNX production version and fires the drift alert on shifted traffic
-//! only; and an ONNX version is a 10% canary beside a native production
-//! version, each variant answering with its own model's prediction.
+//! only; an ONNX version is a 10% canary beside a native production
+//! version, each variant answering with its own model's prediction; and an
+//! ONNX shadow never answers, its difference from production reported.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -25,6 +26,8 @@ use serde_json::{json, Value};
 use crate::common::*;
 use crate::monitoring::{drift_fires_on_shifted_traffic_only, drift_monitor};
 use crate::onnx::{close_within, tolerance, version_of, Stack};
+
+const WAIT: Duration = Duration::from_secs(20);
 
 /// A version's artifact as the registry stored it.
 fn stored_artifact(stack: &Stack, version: u64) -> ModelArtifact {
@@ -120,14 +123,10 @@ async fn an_onnx_canary_beside_a_native_production_answers_with_each_models_pred
         json!({"candidates":[{"version":onnx,"percent":10}],"reason":"onnx canary","actor":"ops"});
     let set = request_json(&stack.client, "ml.registry.route", &body.to_string()).await;
     assert_eq!(set["changed"], true, "{set}");
-    ml_tests::wait_for(
-        "the predictor serves the table",
-        Duration::from_secs(20),
-        || async {
-            let (_, v) = replies(&stack, 1).await.pop()?;
-            v["variant"].as_str().map(|_| ())
-        },
-    )
+    ml_tests::wait_for("the predictor serves the table", WAIT, || async {
+        let (_, v) = replies(&stack, 1).await.pop()?;
+        v["variant"].as_str().map(|_| ())
+    })
     .await;
 
     // The native model's own arithmetic, on the feature store's features.
@@ -172,4 +171,77 @@ async fn an_onnx_canary_beside_a_native_production_answers_with_each_models_pred
         answers.len()
     );
     assert!((share - 0.10).abs() <= 0.03, "canary share {share}");
+}
+
+/// An ONNX version as the shadow of a native production version: every
+/// reply is production's own, and the monitor's mean absolute difference
+/// between the two equals the test's, from the native model's arithmetic and
+/// onnxruntime's outputs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_onnx_shadow_beside_a_native_production_never_answers_and_is_compared() {
+    let events = [("EVENTS", "on"), ("EVENT_FLUSH", "50ms")];
+    let Some(stack) = Stack::start(1000, Target::Regression, true, &events).await else {
+        return;
+    };
+    let native = stack.native_production().await;
+    let onnx = version_of(&stack.import_ok("linear", &[]));
+    if stack.models().await["production"].as_u64() != Some(native) {
+        stack.promote(native).await;
+    }
+    let (monitor, _out) = drift_monitor(&stack.bed.url, stack.bed.dir.path());
+    let body = json!({"shadow":{"version":onnx,"percent":50},"reason":"onnx shadow","actor":"ops"});
+    let set = request_json(&stack.client, "ml.registry.route", &body.to_string()).await;
+    assert_eq!(set["changed"], true, "{set}");
+    // The first reply under the table (row 0) may be shadowed too.
+    let first = ml_tests::wait_for("the predictor serves the table", WAIT, || async {
+        let (row, v) = replies(&stack, 1).await.pop()?;
+        v["variant"].is_string().then_some((row, v))
+    })
+    .await;
+    let mut answers = replies(&stack, 2000).await;
+    answers.push(first);
+
+    let artifact = stored_artifact(&stack, native);
+    let plan = FeatureRegistry::default()
+        .plan(&artifact.feature_names)
+        .unwrap();
+    let raw: HashMap<String, [f64; 2]> = read_rows(&stack.bed.data)
+        .into_iter()
+        .map(|(id, f1, f2, _)| (id, [f1, f2]))
+        .collect();
+    let ort = stack.expected("linear");
+    let (mut diff, mut shadowed) = (0.0, 0usize);
+    for (row, reply) in &answers {
+        assert_eq!(reply["variant"], "production", "{reply}");
+        assert_eq!(reply["model_version"].as_u64(), Some(native), "{reply}");
+        let got = reply["prediction"].as_f64().unwrap();
+        let want = artifact.predict(&plan.compute(&raw[&stack.user_ids[*row]]));
+        assert_close(got, want, 1e-12);
+        // Which requests the shadow runs on follows from their request_id.
+        if ml_shared::routing::shadowed(reply["request_id"].as_str().unwrap(), 50) {
+            diff += (got - ort[*row].output()).abs();
+            shadowed += 1;
+        }
+    }
+    let mad = diff / shadowed as f64;
+    let key = onnx.to_string();
+    let stats = ml_tests::wait_for("the monitor counts every shadow run", WAIT, || async {
+        let s = request_json(&stack.client, "ml.monitor.stats", "").await;
+        (s["total"]["shadow"][&key]["count"].as_u64()? == shadowed as u64).then_some(s)
+    })
+    .await;
+    let shadow = &stats["total"]["shadow"][&key];
+    let reported = shadow["mean_abs_diff"].as_f64().unwrap();
+    println!(
+        "native v{native} / ONNX shadow v{onnx}: mean |difference| monitor {reported}, test {mad}"
+    );
+    // onnxruntime and the engine agree to 1e-6 of each prediction.
+    let scale = answers
+        .iter()
+        .map(|(_, r)| r["prediction"].as_f64().unwrap().abs())
+        .fold(1.0, f64::max);
+    assert!((reported - mad).abs() <= 1e-5 * scale, "{shadow}");
+    assert!(mad > 1e-3, "the two models differ: {mad}");
+    assert_eq!(stats["total"]["shadow_dropped"], 0, "{stats}");
+    monitor.stop().await;
 }

@@ -9,6 +9,8 @@
 //! * [`temp_dir`] and [`init_logging`] are small conveniences.
 //! * [`services`] starts the platform's services in-process (through their
 //!   `run`) or as the built binaries.
+//! * [`cluster`] runs N `nats-server`s as one JetStream cluster, with kill and
+//!   restart of one node by index.
 //! * [`prometheus`] runs a real Prometheus server and queries it.
 //!
 //! The `nats-server` binary is taken from the env variable `NATS_SERVER_BIN`,
@@ -17,6 +19,7 @@
 //! The server methods are blocking (they poll the log file with short sleeps,
 //! always bounded); they may be called from async tests.
 
+pub mod cluster;
 pub mod prometheus;
 pub mod services;
 
@@ -127,7 +130,15 @@ impl NatsServer {
     /// If `nats-server` cannot be found, the config is rejected, or the server
     /// does not become ready in time.
     pub fn start_with<S: AsRef<str>>(args: &[S], conf_text: Option<&str>) -> Self {
-        let bin = find_nats_server();
+        Self::start_bin(find_nats_server(), args, conf_text)
+    }
+
+    /// Like [`start_with`](Self::start_with), with the `nats-server` binary `bin`.
+    ///
+    /// # Panics
+    ///
+    /// If the config is rejected or the server does not become ready in time.
+    pub fn start_bin<S: AsRef<str>>(bin: PathBuf, args: &[S], conf_text: Option<&str>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("nats-server-")
             .tempdir()
@@ -346,7 +357,7 @@ impl Drop for NatsServer {
 /// # Panics
 ///
 /// If it is nowhere to be found.
-fn find_nats_server() -> PathBuf {
+pub fn find_nats_server() -> PathBuf {
     const MISSING: &str =
         "nats-server not found: install it with `apt-get install nats-server` or set NATS_SERVER_BIN";
     if let Some(bin) = std::env::var_os(NATS_SERVER_BIN_ENV).filter(|v| !v.is_empty()) {

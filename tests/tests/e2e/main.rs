@@ -8,6 +8,7 @@ mod bounded;
 mod common;
 mod faults;
 mod gateway;
+mod js_state;
 mod load;
 mod model_registry;
 mod monitor_bounds;

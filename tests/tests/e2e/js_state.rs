@@ -8,15 +8,18 @@
 //! write fails with `no_quorum` while reads are still answered.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_nats::Client;
 use bytes::Bytes;
-use ml_shared::lifecycle::{Alias, AliasMove, MoveAction};
+use ml_shared::lifecycle::{Alias, AliasMove, MoveAction, MoveReply};
 use ml_tests::cluster::{cluster_bin, NatsCluster};
 use ml_tests::services::{registry_with, Service};
 use ml_tests::{temp_dir, wait_for, NatsServer};
 use rand::{Rng, SeedableRng};
+use registry::jetstream::{JsError, JsSettings, JsState};
+use registry::store::{Store, StoreError};
 use serde_json::Value;
 
 use crate::common::*;
@@ -73,7 +76,7 @@ fn promote_body(version: u64, actor: &str) -> Bytes {
 }
 
 /// A registry on the JetStream state of `url` (`replicas` replicas).
-fn js_registry(url: &str, holdout: &std::path::Path, replicas: &str) -> Service {
+fn js_registry(url: &str, holdout: &Path, replicas: &str) -> Service {
     let unused = holdout.with_file_name("no-registry-dir");
     registry_with(
         url,
@@ -171,23 +174,27 @@ async fn mover(url: String, seed: u64, versions: Vec<u64>, moves: usize) -> (Vec
     (moved, conflicts)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_registries_on_jetstream_serve_one_linear_history_under_concurrent_moves() {
-    // async-nats 0.51's JetStream buckets need nats-server 2.10 or later.
-    let nats = NatsServer::start_bin(cluster_bin(), &[] as &[&str], None);
+/// A JetStream registry (see [`js_registry`]) once it answers.
+async fn serving_registry(c: &Client, url: &str, holdout: &Path, replicas: &str) -> Service {
+    let service = js_registry(url, holdout, replicas);
+    wait_for("the registry answering", WAIT, || async {
+        call(c, "ml.registry.models", "{}").await.ok()
+    })
+    .await;
+    service
+}
+
+/// A temporary directory with exact data (the registry's holdout) in it.
+fn holdout_dir() -> (tempfile::TempDir, PathBuf) {
     let dir = temp_dir();
     let holdout = dir.path().join("exact.csv");
     write_exact_data(&holdout, 200);
-    let a = js_registry(&nats.url(), &holdout, "1");
-    let b = js_registry(&nats.url(), &holdout, "1");
-    let c = client(&nats.url()).await;
-    wait_for("two registries serving", WAIT, || async {
-        (service_stats(&c, "registry").await.len() == 2).then_some(())
-    })
-    .await;
+    (dir, holdout)
+}
 
-    // Eight submissions at once, through both registries: distinct versions.
-    let submissions = (1..=8u64).map(|i| {
+/// `n` submissions at once, retrying conflicts: their versions.
+async fn submit_at_once(c: &Client, n: u64) -> Vec<u64> {
+    let submissions = (1..=n).map(|i| {
         let c = c.clone();
         tokio::spawn(async move {
             let rmse = 1.0 + i as f64 / 100.0;
@@ -199,6 +206,58 @@ async fn two_registries_on_jetstream_serve_one_linear_history_under_concurrent_m
         let (outcome, _) = s.await.expect("submitter");
         versions.push(outcome.expect("registered")["version"].as_u64().unwrap());
     }
+    versions
+}
+
+/// Every acknowledged move is the history's move of its epoch, and the
+/// history holds no other promotion or rollback.
+fn check_acknowledged(moves: &[AliasMove], moved: &[Value]) {
+    let by_epoch = check_linear(moves);
+    let manual = by_epoch
+        .values()
+        .filter(|m| matches!(m.action, MoveAction::Promote | MoveAction::Rollback))
+        .count();
+    assert_eq!(
+        manual,
+        moved.len(),
+        "one history move per acknowledged move"
+    );
+    for reply in moved {
+        let m = &by_epoch[&reply["epoch"].as_u64().expect("epoch")];
+        assert_eq!(
+            Some(m.to),
+            reply["to"].as_u64(),
+            "the reply's move is in the history"
+        );
+        assert_eq!(m.from, reply["from"].as_u64(), "from as acknowledged");
+    }
+}
+
+/// The requests each running registry has answered.
+async fn requests_per_registry(c: &Client) -> Vec<u64> {
+    let stats = service_stats(c, "registry").await;
+    stats
+        .iter()
+        .map(|s| {
+            let endpoints = s["endpoints"].as_array().expect("endpoints");
+            endpoints
+                .iter()
+                .filter_map(|e| e["num_requests"].as_u64())
+                .sum()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_registries_on_jetstream_serve_one_linear_history_under_concurrent_moves() {
+    // async-nats 0.51's JetStream buckets need nats-server 2.10 or later.
+    let nats = NatsServer::start_bin(cluster_bin(), &[] as &[&str], None);
+    let (_dir, holdout) = holdout_dir();
+    let c = client(&nats.url()).await;
+    let a = serving_registry(&c, &nats.url(), &holdout, "1").await;
+    let b = serving_registry(&c, &nats.url(), &holdout, "1").await;
+
+    let versions = submit_at_once(&c, 8).await;
     let distinct: BTreeSet<u64> = versions.iter().copied().collect();
     assert_eq!(
         distinct.len(),
@@ -222,39 +281,9 @@ async fn two_registries_on_jetstream_serve_one_linear_history_under_concurrent_m
         moved.append(&mut replies);
         conflicts += c;
     }
-
     let moves = history(&c).await;
-    let by_epoch = check_linear(&moves);
-    let manual: Vec<&AliasMove> = by_epoch
-        .values()
-        .filter(|m| matches!(m.action, MoveAction::Promote | MoveAction::Rollback))
-        .collect();
-    assert_eq!(
-        manual.len(),
-        moved.len(),
-        "one history move per acknowledged move"
-    );
-    for reply in &moved {
-        let epoch = reply["epoch"].as_u64().expect("epoch");
-        let m = &by_epoch[&epoch];
-        assert_eq!(
-            Some(m.to),
-            reply["to"].as_u64(),
-            "the reply's move is in the history"
-        );
-        assert_eq!(m.from, reply["from"].as_u64(), "from as acknowledged");
-    }
-    let stats = service_stats(&c, "registry").await;
-    let served: Vec<u64> = stats
-        .iter()
-        .map(|s| {
-            let endpoints = s["endpoints"].as_array().expect("endpoints");
-            endpoints
-                .iter()
-                .filter_map(|e| e["num_requests"].as_u64())
-                .sum()
-        })
-        .collect();
+    check_acknowledged(&moves, &moved);
+    let served = requests_per_registry(&c).await;
     assert!(
         served.len() == 2 && served.iter().all(|&n| n > 0),
         "both registries answered requests: {served:?}"
@@ -296,25 +325,35 @@ async fn wait_leaders(client: &Client) {
 
 const TRANSIENT: [&str; 3] = ["no_quorum", "unavailable", "no_reply"];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn on_a_cluster_acknowledged_state_survives_a_leader_kill_and_a_full_restart() {
-    let mut cluster = NatsCluster::start(3);
-    cluster.wait_jetstream(3, WAIT).await;
-    let url = cluster.url();
-    let dir = temp_dir();
-    let holdout = dir.path().join("exact.csv");
-    write_exact_data(&holdout, 200);
-    let c = resilient_client(&url, Duration::from_secs(15)).await;
-    let first = js_registry(&url, &holdout, "3");
-    wait_for("the registry", WAIT, || async {
-        call(&c, "ml.registry.models", "{}").await.ok()
-    })
-    .await;
+/// A test's cluster, its client and the registry's holdout.
+struct Bench {
+    cluster: NatsCluster,
+    c: Client,
+    url: String,
+    holdout: PathBuf,
+    _dir: tempfile::TempDir,
+}
 
-    let v1 = call(&c, "ml.registry.submit", submit_body(1, 1.0))
+impl Bench {
+    async fn registry(&self) -> Service {
+        serving_registry(&self.c, &self.url, &self.holdout, "3").await
+    }
+
+    async fn promote(&self, version: u64) -> Result<Value, Refusal> {
+        let body = promote_body(version, "op");
+        call_retrying(&self.c, "ml.registry.promote", body, &TRANSIENT, 50)
+            .await
+            .0
+    }
+}
+
+/// v1 (production) and v2 (held by the gate) registered, then v2 promoted.
+async fn register_and_promote(bench: &Bench) {
+    let c = &bench.c;
+    let v1 = call(c, "ml.registry.submit", submit_body(1, 1.0))
         .await
         .expect("v1");
-    let v2 = call(&c, "ml.registry.submit", submit_body(2, 2.0))
+    let v2 = call(c, "ml.registry.submit", submit_body(2, 2.0))
         .await
         .expect("v2");
     assert_eq!(
@@ -325,60 +364,50 @@ async fn on_a_cluster_acknowledged_state_survives_a_leader_kill_and_a_full_resta
         (v2["version"].as_u64(), v2["production"].as_bool()),
         (Some(2), Some(false))
     );
-    let promoted = call(&c, "ml.registry.promote", promote_body(2, "op"))
-        .await
-        .expect("promote");
-    assert_eq!(promoted["to"].as_u64(), Some(2));
+    assert_eq!(
+        bench.promote(2).await.expect("promote")["to"].as_u64(),
+        Some(2)
+    );
+}
 
-    // kill -9 of the history stream's leader.
-    let leader = stream_leader(&c, "ML_REGISTRY_HISTORY")
+/// Kills the history stream's leader; a fresh registry reads v1, v2 and
+/// production v2 from the two nodes left, and promotes v1 through them.
+async fn kill_the_leader(bench: &mut Bench) -> (String, usize) {
+    let leader = stream_leader(&bench.c, "ML_REGISTRY_HISTORY")
         .await
         .expect("a leader");
-    let killed = cluster.index_of(&leader).expect("a node of ours");
-    cluster.kill(killed);
-    first.stop().await;
-    wait_leaders(&c).await;
-    let second = js_registry(&url, &holdout, "3");
-    wait_for("a fresh registry", WAIT, || async {
-        call(&c, "ml.registry.models", "{}").await.ok()
-    })
-    .await;
+    let killed = bench.cluster.index_of(&leader).expect("a node of ours");
+    bench.cluster.kill(killed);
+    wait_leaders(&bench.c).await;
+    let fresh = bench.registry().await;
+    let after = models(&bench.c).await;
     assert_eq!(
-        models(&c).await,
+        after,
         (BTreeSet::from([1, 2]), Some(2)),
-        "after the leader {leader} died"
+        "after {leader} died"
     );
-    // Writes go on with two nodes of three.
-    let (back, _) = call_retrying(
-        &c,
-        "ml.registry.promote",
-        promote_body(1, "op"),
-        &TRANSIENT,
-        50,
-    )
-    .await;
     assert_eq!(
-        back.expect("promote after the kill")["to"].as_u64(),
+        bench.promote(1).await.expect("promote after the kill")["to"].as_u64(),
         Some(1)
     );
+    fresh.stop().await;
+    (leader, killed)
+}
 
-    // The whole cluster restarts from its store directories.
-    second.stop().await;
-    cluster.restart(killed);
-    cluster.restart_all();
-    cluster.wait_jetstream(3, WAIT).await;
-    wait_leaders(&c).await;
-    let third = js_registry(&url, &holdout, "3");
-    wait_for("a registry after the restart", WAIT, || async {
-        call(&c, "ml.registry.models", "{}").await.ok()
-    })
-    .await;
+/// After a restart of the whole cluster, a fresh registry holds both
+/// versions, production v1 and both promotions, and gives out v3.
+async fn restart_everything(bench: &mut Bench, killed: usize) -> Service {
+    bench.cluster.restart(killed);
+    bench.cluster.restart_all();
+    bench.cluster.wait_jetstream(3, WAIT).await;
+    wait_leaders(&bench.c).await;
+    let fresh = bench.registry().await;
     assert_eq!(
-        models(&c).await,
+        models(&bench.c).await,
         (BTreeSet::from([1, 2]), Some(1)),
         "after the restart"
     );
-    let moves = history(&c).await;
+    let moves = history(&bench.c).await;
     check_linear(&moves);
     let promotes: Vec<u64> = moves
         .iter()
@@ -390,48 +419,57 @@ async fn on_a_cluster_acknowledged_state_survives_a_leader_kill_and_a_full_resta
         [2, 1],
         "both acknowledged promotions kept: {moves:?}"
     );
-    let (v3, _) = call_retrying(
-        &c,
-        "ml.registry.submit",
-        submit_body(3, 2.0),
-        &TRANSIENT,
-        50,
-    )
-    .await;
+    let body = submit_body(3, 2.0);
+    let (v3, _) = call_retrying(&bench.c, "ml.registry.submit", body, &TRANSIENT, 50).await;
     assert_eq!(
         v3.expect("v3")["version"].as_u64(),
         Some(3),
         "no version reused"
     );
+    fresh
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_cluster_acknowledged_state_survives_a_leader_kill_and_a_full_restart() {
+    let mut cluster = NatsCluster::start(3);
+    cluster.wait_jetstream(3, WAIT).await;
+    let url = cluster.url();
+    let (_dir, holdout) = holdout_dir();
+    let c = resilient_client(&url, Duration::from_secs(15)).await;
+    let mut bench = Bench {
+        cluster,
+        c,
+        url,
+        holdout,
+        _dir,
+    };
+    let first = bench.registry().await;
+    register_and_promote(&bench).await;
+    first.stop().await;
+    let (leader, killed) = kill_the_leader(&mut bench).await;
+    let last = restart_everything(&mut bench, killed).await;
 
     // No quorum: two nodes of three gone. A write fails with `no_quorum`,
     // a read is answered from what the registry holds.
     let survivor = (killed + 1) % 3;
     for i in (0..3).filter(|&i| i != survivor) {
-        cluster.kill(i);
+        bench.cluster.kill(i);
     }
-    let refused = call_retrying(
-        &c,
-        "ml.registry.promote",
-        promote_body(2, "op"),
-        &["no_reply"],
-        10,
-    )
-    .await
-    .0;
-    let (code, message) = refused.expect_err("no write without a quorum");
+    let body = promote_body(2, "op");
+    let refused = call_retrying(&bench.c, "ml.registry.promote", body, &["no_reply"], 10).await;
+    let (code, message) = refused.0.expect_err("no write without a quorum");
     assert_eq!(code, "no_quorum", "{message}");
     assert_eq!(
-        models(&c).await.1,
+        models(&bench.c).await.1,
         Some(1),
         "reads answered without a quorum"
     );
     eprintln!(
         "js_state cluster: {} (sync_interval always: {}), killed leader {leader}; no-quorum refusal: {message}",
-        cluster.version(),
-        cluster.synced()
+        bench.cluster.version(),
+        bench.cluster.synced()
     );
-    drop(third);
+    drop(last);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -445,4 +483,66 @@ async fn the_cluster_fixture_kills_and_restarts_a_node() {
     cluster.wait_jetstream(3, WAIT).await;
     let ports: BTreeSet<u16> = (0..3).map(|i| cluster.node(i).port()).collect();
     assert_eq!(ports.len(), 3);
+}
+
+/// Two stores on one state, both caught up: the first promotes v2, the
+/// second (behind) tries to, catches up, and promotes v1.
+async fn race_two_stores(url: &str) -> [Result<MoveReply, StoreError>; 3] {
+    let settings = JsSettings {
+        replicas: 1,
+        timeout: Duration::from_secs(2),
+    };
+    let a = JsState::open(client(url).await, settings)
+        .await
+        .expect("state a");
+    let b = JsState::open(client(url).await, settings)
+        .await
+        .expect("state b");
+    tokio::task::spawn_blocking(move || {
+        let mut a = Store::open_jetstream(a, 0.05).expect("store a");
+        let mut b = Store::open_jetstream(b, 0.05).expect("store b");
+        let won = a.promote(2, "first writer", "a");
+        // b has not seen a's commit: its move is refused, nothing applied.
+        let lost = b.promote(2, "second writer", "b");
+        b.refresh().expect("catch up");
+        [won, lost, b.promote(1, "second writer, caught up", "b")]
+    })
+    .await
+    .expect("store task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_behind_the_history_loses_the_compare_and_set_with_a_conflict() {
+    let nats = NatsServer::start_bin(cluster_bin(), &[] as &[&str], None);
+    let (_dir, holdout) = holdout_dir();
+    let c = client(&nats.url()).await;
+    let service = serving_registry(&c, &nats.url(), &holdout, "1").await;
+    for (i, rmse) in [(1, 1.0), (2, 2.0)] {
+        let body = submit_body(i, rmse);
+        call(&c, "ml.registry.submit", body)
+            .await
+            .expect("registered");
+    }
+    service.stop().await;
+
+    let [won, lost, retried] = race_two_stores(&nats.url()).await;
+    let won = won.expect("the first writer wins");
+    assert_eq!((won.from, won.to, won.moved), (Some(1), 2, true));
+    assert!(
+        matches!(lost, Err(StoreError::Js(JsError::Conflict(_)))),
+        "{lost:?}"
+    );
+    let retried = retried.expect("the retry after catching up wins");
+    assert_eq!((retried.from, retried.to), (Some(2), 1));
+
+    let service = serving_registry(&c, &nats.url(), &holdout, "1").await;
+    let moves = history(&c).await;
+    service.stop().await;
+    check_linear(&moves);
+    let manual: Vec<(&str, u64)> = moves
+        .iter()
+        .filter(|m| m.action == MoveAction::Promote)
+        .map(|m| (m.actor.as_str(), m.to))
+        .collect();
+    assert_eq!(manual, [("a", 2), ("b", 1)], "the lost write left no trace");
 }

@@ -22,6 +22,7 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::{find_nats_server, is_executable, NatsServer};
@@ -138,24 +139,69 @@ impl NatsCluster {
     ///
     /// # Panics
     ///
-    /// If that does not happen in time.
+    /// If that does not happen in time, with the last probe error and the
+    /// tail of every node's log.
     pub async fn wait_jetstream(&mut self, replicas: usize, timeout: Duration) {
         let urls: Vec<String> = self
             .nodes
             .iter_mut()
             .filter_map(|node| node.is_running().then(|| node.url()))
             .collect();
-        let what = format!("a {replicas}-replica stream placed through {urls:?}");
-        crate::wait_for(&what, timeout, || probe(&urls, replicas)).await;
+        let last_error = Mutex::new(String::from("no probe finished"));
+        let placed = crate::poll_until(timeout, || async {
+            let outcome = probe(&urls, replicas).await;
+            if let Err(e) = &outcome {
+                *last_error.lock().expect("probe error lock") = e.clone();
+            }
+            outcome.ok()
+        })
+        .await;
+        if placed.is_none() {
+            let last = last_error.into_inner().expect("probe error lock");
+            panic!(
+                "timed out after {timeout:?} waiting for a {replicas}-replica stream placed \
+                 through {urls:?}; last probe error: {last}\n{}",
+                self.diagnostics()
+            );
+        }
+    }
+
+    /// Every node's state and the tail of its log, for panic messages.
+    pub fn diagnostics(&self) -> String {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                let state = node
+                    .pid()
+                    .map_or("not running".to_owned(), |p| format!("pid {p}"));
+                format!(
+                    "--- n{i} ({}, {state}) log tail ---\n{}\n",
+                    node.url(),
+                    node.log_tail(LOG_TAIL)
+                )
+            })
+            .collect()
     }
 }
 
-/// Creates and deletes a probe stream through each of `urls`: `Some` when
-/// every node could.
-async fn probe(urls: &[String], replicas: usize) -> Option<()> {
+/// Lines of each node's log in [`NatsCluster::diagnostics`].
+const LOG_TAIL: usize = 25;
+
+/// The bound on connecting to a node and on each JetStream request of a probe.
+const PROBE_STEP: Duration = Duration::from_secs(10);
+
+/// Creates and deletes a probe stream through each of `urls`; the first
+/// failure, with the node and the step, as the error.
+async fn probe(urls: &[String], replicas: usize) -> Result<(), String> {
     use async_nats::jetstream::{self, stream};
     for url in urls {
-        let client = async_nats::connect(url.as_str()).await.ok()?;
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(PROBE_STEP)
+            .request_timeout(Some(PROBE_STEP))
+            .connect(url.as_str())
+            .await
+            .map_err(|e| format!("{url}: connect: {e}"))?;
         let js = jetstream::new(client);
         let name = format!("PROBE_{}", url.rsplit(':').next().unwrap_or("x"));
         let config = stream::Config {
@@ -164,10 +210,15 @@ async fn probe(urls: &[String], replicas: usize) -> Option<()> {
             num_replicas: replicas,
             ..Default::default()
         };
-        js.get_or_create_stream(config).await.ok()?;
-        js.delete_stream(&name).await.ok()?;
+        let started = std::time::Instant::now();
+        js.get_or_create_stream(config)
+            .await
+            .map_err(|e| format!("{url}: create {name} ({:?}): {e}", started.elapsed()))?;
+        js.delete_stream(&name)
+            .await
+            .map_err(|e| format!("{url}: delete {name}: {e}"))?;
     }
-    Some(())
+    Ok(())
 }
 
 /// Node `i`'s config: its name, its cluster port and routes to the others,

@@ -324,11 +324,16 @@ impl NatsServer {
         );
     }
 
-    /// The binary, the stderr output and the tail of the log, for panic messages.
-    fn diagnostics(&self) -> String {
+    /// The last `n` lines of the server's log.
+    pub fn log_tail(&self, n: usize) -> String {
         let log = self.log();
         let lines: Vec<&str> = log.lines().collect();
-        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// The binary, the stderr output and the tail of the log, for panic messages.
+    fn diagnostics(&self) -> String {
+        let tail = self.log_tail(30);
         format!(
             "binary: {}\n--- stderr ---\n{}\n--- log (tail) ---\n{tail}",
             self.bin.display(),
@@ -434,7 +439,20 @@ pub fn temp_dir() -> TempDir {
 /// # Panics
 ///
 /// With `what` in the message, if `timeout` elapses first.
-pub async fn wait_for<F, Fut, T>(what: &str, timeout: Duration, mut f: F) -> T
+pub async fn wait_for<F, Fut, T>(what: &str, timeout: Duration, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    match poll_until(timeout, f).await {
+        Some(value) => value,
+        None => panic!("timed out after {timeout:?} waiting for {what}"),
+    }
+}
+
+/// Polls `f` every 20 ms until it yields `Some` (that value) or `timeout`
+/// elapses (`None`). Each call of `f` is bounded by what remains of `timeout`.
+pub async fn poll_until<F, Fut, T>(timeout: Duration, mut f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -444,10 +462,10 @@ where
     loop {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if let Ok(Some(value)) = tokio::time::timeout(remaining, f()).await {
-            return value;
+            return Some(value);
         }
         if tokio::time::Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            return None;
         }
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         tokio::time::sleep(POLL.min(remaining)).await;

@@ -99,6 +99,12 @@ pub enum ErrorCode {
     /// Too many requests in flight: this one was refused unread; retry,
     /// preferably after a short pause (another replica may take it).
     Busy,
+    /// Another writer changed the state first (a lost compare-and-set):
+    /// nothing was applied; retry.
+    Conflict,
+    /// The state store (JetStream) has no quorum or does not answer: the
+    /// write failed; retry once it is back.
+    NoQuorum,
 }
 
 impl ErrorCode {
@@ -111,6 +117,8 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::Busy => "busy",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::NoQuorum => "no_quorum",
         }
     }
 
@@ -119,7 +127,10 @@ impl ErrorCode {
         match self {
             ErrorCode::BadRequest => 400,
             ErrorCode::UnknownUser => 404,
-            ErrorCode::NoModel | ErrorCode::Unavailable | ErrorCode::Busy => 503,
+            ErrorCode::NoModel | ErrorCode::Unavailable | ErrorCode::Busy | ErrorCode::NoQuorum => {
+                503
+            }
+            ErrorCode::Conflict => 409,
             ErrorCode::Internal => 500,
         }
     }

@@ -109,7 +109,9 @@ pub async fn connect_with(
     customise: impl FnOnce(ConnectOptions) -> ConnectOptions,
 ) -> anyhow::Result<Client> {
     let options = customise(options(settings, name).await?.retry_on_initial_connect());
-    Ok(options.connect(settings.nats_url.as_str()).await?)
+    // NATS_URL may name several servers (a cluster), comma-separated.
+    let urls: Vec<&str> = settings.nats_url.split(',').map(str::trim).collect();
+    Ok(options.connect(urls).await?)
 }
 
 /// Requests refused since start because their reply subject was missing or

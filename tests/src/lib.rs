@@ -9,6 +9,8 @@
 //! * [`temp_dir`] and [`init_logging`] are small conveniences.
 //! * [`services`] starts the platform's services in-process (through their
 //!   `run`) or as the built binaries.
+//! * [`cluster`] runs N `nats-server`s as one JetStream cluster, with kill and
+//!   restart of one node by index.
 //! * [`prometheus`] runs a real Prometheus server and queries it.
 //!
 //! The `nats-server` binary is taken from the env variable `NATS_SERVER_BIN`,
@@ -17,6 +19,7 @@
 //! The server methods are blocking (they poll the log file with short sleeps,
 //! always bounded); they may be called from async tests.
 
+pub mod cluster;
 pub mod prometheus;
 pub mod services;
 
@@ -127,7 +130,15 @@ impl NatsServer {
     /// If `nats-server` cannot be found, the config is rejected, or the server
     /// does not become ready in time.
     pub fn start_with<S: AsRef<str>>(args: &[S], conf_text: Option<&str>) -> Self {
-        let bin = find_nats_server();
+        Self::start_bin(find_nats_server(), args, conf_text)
+    }
+
+    /// Like [`start_with`](Self::start_with), with the `nats-server` binary `bin`.
+    ///
+    /// # Panics
+    ///
+    /// If the config is rejected or the server does not become ready in time.
+    pub fn start_bin<S: AsRef<str>>(bin: PathBuf, args: &[S], conf_text: Option<&str>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("nats-server-")
             .tempdir()
@@ -313,11 +324,16 @@ impl NatsServer {
         );
     }
 
-    /// The binary, the stderr output and the tail of the log, for panic messages.
-    fn diagnostics(&self) -> String {
+    /// The last `n` lines of the server's log.
+    pub fn log_tail(&self, n: usize) -> String {
         let log = self.log();
         let lines: Vec<&str> = log.lines().collect();
-        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// The binary, the stderr output and the tail of the log, for panic messages.
+    fn diagnostics(&self) -> String {
+        let tail = self.log_tail(30);
         format!(
             "binary: {}\n--- stderr ---\n{}\n--- log (tail) ---\n{tail}",
             self.bin.display(),
@@ -346,7 +362,7 @@ impl Drop for NatsServer {
 /// # Panics
 ///
 /// If it is nowhere to be found.
-fn find_nats_server() -> PathBuf {
+pub fn find_nats_server() -> PathBuf {
     const MISSING: &str =
         "nats-server not found: install it with `apt-get install nats-server` or set NATS_SERVER_BIN";
     if let Some(bin) = std::env::var_os(NATS_SERVER_BIN_ENV).filter(|v| !v.is_empty()) {
@@ -423,7 +439,20 @@ pub fn temp_dir() -> TempDir {
 /// # Panics
 ///
 /// With `what` in the message, if `timeout` elapses first.
-pub async fn wait_for<F, Fut, T>(what: &str, timeout: Duration, mut f: F) -> T
+pub async fn wait_for<F, Fut, T>(what: &str, timeout: Duration, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    match poll_until(timeout, f).await {
+        Some(value) => value,
+        None => panic!("timed out after {timeout:?} waiting for {what}"),
+    }
+}
+
+/// Polls `f` every 20 ms until it yields `Some` (that value) or `timeout`
+/// elapses (`None`). Each call of `f` is bounded by what remains of `timeout`.
+pub async fn poll_until<F, Fut, T>(timeout: Duration, mut f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -433,10 +462,10 @@ where
     loop {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if let Ok(Some(value)) = tokio::time::timeout(remaining, f()).await {
-            return value;
+            return Some(value);
         }
         if tokio::time::Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            return None;
         }
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         tokio::time::sleep(POLL.min(remaining)).await;

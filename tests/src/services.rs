@@ -69,17 +69,21 @@ fn parse<C: Parser>(name: &str, args: &[&str]) -> C {
 /// Starts a registry storing into `dir`, evaluating submissions on the
 /// holdout rows of `data`.
 pub fn registry(url: &str, dir: &Path, data: &Path) -> Service {
-    let config: registry::Config = parse(
-        "registry",
-        &[
-            "--nats-url",
-            url,
-            "--registry-dir",
-            path(dir),
-            "--holdout-path",
-            path(data),
-        ],
-    );
+    registry_with(url, dir, data, &[])
+}
+
+/// Starts a registry with extra flags (e.g. `--state jetstream`).
+pub fn registry_with(url: &str, dir: &Path, data: &Path, extra: &[&str]) -> Service {
+    let mut args = vec![
+        "--nats-url",
+        url,
+        "--registry-dir",
+        path(dir),
+        "--holdout-path",
+        path(data),
+    ];
+    args.extend_from_slice(extra);
+    let config: registry::Config = parse("registry", &args);
     Service::spawn("registry", |s| registry::run(config, s))
 }
 

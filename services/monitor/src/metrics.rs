@@ -61,13 +61,15 @@ use crate::drift::DriftReport;
 use crate::validate::RejectReason;
 
 /// Every error code, to remove an evicted version's error series.
-const ERROR_CODES: [ErrorCode; 6] = [
+const ERROR_CODES: [ErrorCode; 8] = [
     ErrorCode::BadRequest,
     ErrorCode::UnknownUser,
     ErrorCode::NoModel,
     ErrorCode::Unavailable,
     ErrorCode::Internal,
     ErrorCode::Busy,
+    ErrorCode::Conflict,
+    ErrorCode::NoQuorum,
 ];
 
 /// Fails to compile when a code is added without adding it to [`ERROR_CODES`].
@@ -77,7 +79,9 @@ const _: fn(ErrorCode) = |code| match code {
     | ErrorCode::NoModel
     | ErrorCode::Unavailable
     | ErrorCode::Internal
-    | ErrorCode::Busy => {}
+    | ErrorCode::Busy
+    | ErrorCode::Conflict
+    | ErrorCode::NoQuorum => {}
 };
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

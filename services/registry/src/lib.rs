@@ -29,10 +29,16 @@
 //! refused unanswered. A malformed request gets a `bad_request` error reply;
 //! a failed write gets `unavailable` and no acknowledgement; either way the
 //! registry keeps serving. Run one registry per `REGISTRY_DIR`.
+//!
+//! With `REGISTRY_STATE=jetstream` the state lives on NATS JetStream instead
+//! ([`jetstream`]): any number of registries serve it, each write a
+//! compare-and-set (a lost race is a `conflict` error reply, retryable), and
+//! a write without a JetStream quorum fails with `no_quorum`.
 
 pub mod gate;
 pub mod holdout;
 pub mod import;
+pub mod jetstream;
 pub mod journal;
 pub mod legacy;
 pub mod recent;
@@ -61,9 +67,26 @@ pub struct Config {
     #[command(flatten)]
     pub nats: NatsSettings,
 
-    /// Where models, the experiments log and the production pointer live.
+    /// Where models, the experiments log and the production pointer live
+    /// (`REGISTRY_STATE=dir`).
     #[arg(long, env = "REGISTRY_DIR", default_value = "registry-data")]
     pub registry_dir: PathBuf,
+
+    /// Where the state lives: `dir` (`REGISTRY_DIR`, one registry) or
+    /// `jetstream` (buckets and streams of the NATS server, shared by any
+    /// number of registries).
+    #[arg(long, env = "REGISTRY_STATE", value_enum, default_value_t = StateBackend::Dir)]
+    pub state: StateBackend,
+
+    /// Replicas of the JetStream buckets and streams: 1 on one server, 3 on
+    /// a 3-node cluster (applies when they are created).
+    #[arg(long, env = "REGISTRY_REPLICAS", default_value_t = 1)]
+    pub replicas: usize,
+
+    /// How long a JetStream request may wait for its answer: a write
+    /// without a quorum fails after this long.
+    #[arg(long, env = "REGISTRY_JS_TIMEOUT", default_value = "2s", value_parser = ml_shared::settings::parse_duration)]
+    pub js_timeout: std::time::Duration,
 
     /// How much worse than production, relative to production's value, a new
     /// version's gate metric (RMSE, or accuracy for a classifier) may be and
@@ -98,6 +121,15 @@ pub struct Config {
     pub onnx_max_load: std::time::Duration,
 }
 
+/// Where the registry keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateBackend {
+    /// A directory (`REGISTRY_DIR`).
+    Dir,
+    /// NATS JetStream (see [`jetstream`]).
+    Jetstream,
+}
+
 impl Config {
     /// The holdout data file: `REGISTRY_HOLDOUT_PATH`, else `DATA_PATH`,
     /// else the trainer's default.
@@ -116,14 +148,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         "REGISTRY_HOLDOUT_FRACTION must be in (0, 1), not {}",
         config.holdout_fraction
     );
-    let store = Store::open(&config.registry_dir, config.promote_tolerance)
-        .with_context(|| format!("opening the registry in {}", config.registry_dir.display()))?;
+    let client = ml_shared::nats::connect(&config.nats, "registry").await?;
+    let store = open_store(&config, &client).await?;
     let holdout = Holdout::new(
         config.holdout_path(),
         config.holdout_seed,
         config.holdout_fraction,
     );
     tracing::info!(
+        state = ?config.state,
         dir = %config.registry_dir.display(),
         registry_id = %store.id(),
         versions = store.models().models.len(),
@@ -138,7 +171,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // default action kills the process; handled, the write fails with EFBIG
     // instead and the submission gets `unavailable`, like on a full disk.
     let file_size_signal = watch_file_size_signal();
-    let client = ml_shared::nats::connect(&config.nats, "registry").await?;
     let registry = service::Registry::new(client.clone(), config.nats.subjects(), store, holdout)
         .with_onnx_limits(import::OnnxLimits {
             max_bytes: config.onnx_max_bytes,
@@ -151,6 +183,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     client.drain().await.context("draining the NATS client")?;
     served
+}
+
+/// Opens the state `config` names: the directory, or the JetStream buckets
+/// and streams (created with `REGISTRY_REPLICAS` replicas when missing).
+async fn open_store(config: &Config, client: &async_nats::Client) -> anyhow::Result<Store> {
+    let tolerance = config.promote_tolerance;
+    match config.state {
+        StateBackend::Dir => Store::open(&config.registry_dir, tolerance)
+            .with_context(|| format!("opening the registry in {}", config.registry_dir.display())),
+        StateBackend::Jetstream => {
+            let settings = jetstream::JsSettings {
+                replicas: config.replicas,
+                timeout: config.js_timeout,
+            };
+            let js = jetstream::JsState::open(client.clone(), settings)
+                .await
+                .context("opening the registry's JetStream state")?;
+            tokio::task::spawn_blocking(move || Store::open_jetstream(js, tolerance))
+                .await
+                .context("the store task panicked")?
+                .context("reading the registry's JetStream state")
+        }
+    }
 }
 
 fn watch_file_size_signal() -> Option<tokio::task::JoinHandle<()>> {

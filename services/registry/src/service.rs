@@ -33,6 +33,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::holdout::Holdout;
+use crate::jetstream::JsError;
 use crate::store::{Store, StoreError};
 
 /// Micro-service name (`nats micro ls`).
@@ -235,15 +236,24 @@ impl Registry {
         }
     }
 
-    /// Runs `f` on the store off the async threads (it does blocking I/O).
+    /// Runs `f` on the store off the async threads (it does blocking I/O),
+    /// after catching up with what other registries committed (JetStream
+    /// state; when that fails, `f` sees what this registry holds, and a
+    /// write then fails on its compare-and-set or for want of a quorum).
     async fn with_store<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Store) -> T + Send + 'static,
     ) -> T {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&mut store.lock().unwrap_or_else(|p| p.into_inner())))
-            .await
-            .expect("store task panicked")
+        tokio::task::spawn_blocking(move || {
+            let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(error) = store.refresh() {
+                tracing::warn!(%error, "cannot catch up with the JetStream state; answering from what this registry holds");
+            }
+            f(&mut store)
+        })
+        .await
+        .expect("store task panicked")
     }
 
     async fn send(&self, request: &Request, body: Bytes) {
@@ -631,12 +641,19 @@ fn fit<T: Clone, R: Serialize>(items: &mut Vec<T>, reply: impl Fn(Vec<T>) -> R) 
     }
 }
 
-/// The error reply for a store error: the caller's fault, or the disk's.
+/// The error reply for a store error: the caller's fault, the disk's, a
+/// lost compare-and-set (`conflict`) or JetStream without a quorum (`no_quorum`).
 fn store_error(e: &StoreError) -> ErrorReply {
     if let StoreError::Route(route) = e {
         return ErrorReply::route(route);
     }
-    let code = if e.is_bad_request() {
+    let code = if let StoreError::Js(js) = e {
+        match js {
+            JsError::Conflict(_) => ErrorCode::Conflict,
+            JsError::NoQuorum(_) => ErrorCode::NoQuorum,
+            JsError::Other(_) => ErrorCode::Unavailable,
+        }
+    } else if e.is_bad_request() {
         ErrorCode::BadRequest
     } else {
         ErrorCode::Unavailable

@@ -47,6 +47,11 @@
 //! experiments columns, a `production.json` with only `version` and `epoch`,
 //! no history) opens: artifacts are read through [`crate::legacy`], and the
 //! log is rewritten once, atomically, with the current columns.
+//!
+//! The same state can live on NATS JetStream instead ([`Store::open_jetstream`],
+//! see [`crate::jetstream`]): the artifacts in an object store, the history
+//! and the experiments log in streams, every change a compare-and-set, and
+//! [`Store::refresh`] catching up with what other registries committed.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -67,6 +72,7 @@ use ml_shared::routing::{RouteError, RouteProblem, RouteTable};
 use serde::{Deserialize, Serialize};
 
 use crate::gate::{self, Contender};
+use crate::jetstream::{JsError, JsState};
 use crate::journal::{self, io_err, IoError, TMP_SUFFIX};
 use crate::legacy::{StoredModelV1, StoredModelV2, StoredModelV3};
 use crate::recent::RecentIds;
@@ -119,6 +125,9 @@ pub enum StoreError {
     /// A routing table refused (nothing applied).
     #[error(transparent)]
     Route(#[from] RouteError),
+    /// JetStream refused a write (a lost compare-and-set, no quorum…).
+    #[error(transparent)]
+    Js(#[from] JsError),
     /// A log file cannot be parsed.
     #[error("log {path}: {reason}")]
     Log {
@@ -134,7 +143,10 @@ impl StoreError {
     pub fn is_bad_request(&self) -> bool {
         !matches!(
             self,
-            StoreError::Io(_) | StoreError::Log { .. } | StoreError::Unverifiable(_)
+            StoreError::Io(_)
+                | StoreError::Log { .. }
+                | StoreError::Unverifiable(_)
+                | StoreError::Js(_)
         )
     }
 }
@@ -265,6 +277,8 @@ pub struct Store {
     id: String,
     /// Failed runs already logged: a repeated report is logged once.
     failed_runs: RecentIds,
+    /// The JetStream state, when the store lives there rather than in `dir`.
+    js: Option<JsState>,
 }
 
 /// The contents of `registry.json`.
@@ -277,11 +291,7 @@ impl Store {
     /// Opens (creating if needed) the store in `dir` and recovers its state;
     /// the promotion gate uses `tolerance` (see [`crate::gate`]).
     pub fn open(dir: &Path, tolerance: f64) -> Result<Self, StoreError> {
-        if !(tolerance.is_finite() && tolerance >= 0.0) {
-            return Err(StoreError::Invalid(format!(
-                "promotion tolerance {tolerance} is not a number ≥ 0"
-            )));
-        }
+        check_tolerance(tolerance)?;
         let models_dir = dir.join(MODELS_DIR);
         fs::create_dir_all(&models_dir).map_err(io_err("creating", &models_dir))?;
         let mut store = Store {
@@ -293,6 +303,7 @@ impl Store {
             tolerance,
             id: String::new(),
             failed_runs: RecentIds::default(),
+            js: None,
         };
         store.remove_temporaries()?;
         store.id = store.load_identity()?;
@@ -320,6 +331,126 @@ impl Store {
         store.recover_routing()?;
         store.recover_missing_rows(&rows, &history)?;
         Ok(store)
+    }
+
+    /// Opens the store on its JetStream state (see [`crate::jetstream`]) and
+    /// catches up with it. It blocks on the runtime `js` was opened on: call
+    /// it off the async threads.
+    pub fn open_jetstream(js: JsState, tolerance: f64) -> Result<Self, StoreError> {
+        check_tolerance(tolerance)?;
+        let mut store = Store {
+            dir: PathBuf::new(),
+            models: BTreeMap::new(),
+            corrupt: BTreeMap::new(),
+            pointer: Pointer::default(),
+            next_version: 1,
+            tolerance,
+            id: js.id().to_owned(),
+            failed_runs: RecentIds::default(),
+            js: Some(js),
+        };
+        store.refresh()?;
+        Ok(store)
+    }
+
+    /// Catches up with the JetStream state: the commits and experiments
+    /// rows written since the last call, by this registry or another, and
+    /// the artifacts of the versions they register. Does nothing for a
+    /// directory.
+    pub fn refresh(&mut self) -> Result<(), StoreError> {
+        let Some(js) = self.js.as_mut() else {
+            return Ok(());
+        };
+        let fresh = js.catch_up()?;
+        let mut wanted: Vec<u64> = std::mem::take(js.unfetched()).into_iter().collect();
+        for m in &fresh {
+            let new = !self.models.contains_key(&m.to) && !self.corrupt.contains_key(&m.to);
+            if new && m.action == MoveAction::Register {
+                wanted.push(m.to);
+            }
+            self.pointer.apply(m);
+            self.next_version = self.next_version.max(m.to + 1);
+        }
+        for version in wanted {
+            if let Err(error) = self.load_version(version) {
+                tracing::warn!(version, %error, "artifact not fetched yet; retried at the next request");
+                if let Some(js) = self.js.as_mut() {
+                    js.unfetched().insert(version);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a version's artifact into memory, or records why it cannot be
+    /// served; `Err` when JetStream did not answer (nothing recorded).
+    fn load_version(&mut self, version: u64) -> Result<(), StoreError> {
+        match self.read_stored(version)? {
+            Ok(model) if model.version == version => {
+                self.models.insert(version, model);
+            }
+            Ok(model) => {
+                let reason = format!("the object holds version {}", model.version);
+                tracing::error!(version, %reason, "artifact not served");
+                self.corrupt.insert(version, reason);
+            }
+            Err(reason) => {
+                tracing::error!(version, %reason, "corrupt artifact, not served");
+                self.corrupt.insert(version, reason);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and verifies a version's stored artifact, from its file or its
+    /// object: `Ok(Err(reason))` when it is missing or damaged, `Err` when
+    /// JetStream did not answer.
+    fn read_stored(&self, version: u64) -> Result<Result<StoredModel, String>, StoreError> {
+        match &self.js {
+            Some(js) => Ok(js.read_artifact(version)?.and_then(|b| decode_model(&b))),
+            None => Ok(read_model(&self.path(&model_file(version)))),
+        }
+    }
+
+    /// A version number never given out before.
+    fn reserve_version(&mut self) -> Result<u64, StoreError> {
+        match self.js.as_mut() {
+            Some(js) => Ok(js.reserve_version(self.next_version)?),
+            None => Ok(self.next_version),
+        }
+    }
+
+    /// Stores a version's artifact durably: its file, or its immutable object.
+    fn write_artifact(&mut self, version: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        match self.js.as_mut() {
+            Some(js) => Ok(js.put_artifact(version, bytes)?),
+            None => Ok(journal::write_atomically(
+                &self.path(&model_file(version)),
+                bytes,
+            )?),
+        }
+    }
+
+    /// Appends a row to the experiments log.
+    fn append_row(&mut self, row: &ExperimentRow) -> Result<(), StoreError> {
+        match self.js.as_mut() {
+            Some(js) => Ok(js.append_row(row)?),
+            None => Ok(journal::append(
+                &self.path(EXPERIMENTS),
+                Some(&csv_header()),
+                &csv_line(row),
+            )?),
+        }
+    }
+
+    /// Commits moves: the history line(s) then the pointer file, or one
+    /// compare-and-set commit on the history stream.
+    fn persist_moves(&mut self, moves: &[AliasMove], text: &[u8]) -> Result<(), StoreError> {
+        if let Some(js) = self.js.as_mut() {
+            return Ok(js.commit(moves)?);
+        }
+        journal::append(&self.path(HISTORY), None, text)?;
+        Ok(())
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -649,10 +780,12 @@ impl Store {
             text.push(b'\n');
             moves.push(m);
         }
-        journal::append(&self.path(HISTORY), None, &text)?;
+        self.persist_moves(&moves, &text)?;
         // Committed: a crash from here on is replayed from the history.
         self.pointer = next;
-        journal::write_atomically(&self.path(PRODUCTION), &pointer_json(&self.pointer))?;
+        if self.js.is_none() {
+            journal::write_atomically(&self.path(PRODUCTION), &pointer_json(&self.pointer))?;
+        }
         for m in &moves {
             tracing::info!(
                 alias = %m.alias, from = ?m.from, to = m.to, epoch = ?m.epoch,
@@ -691,7 +824,7 @@ impl Store {
         let metric = check_submission(&run, &artifact)?;
         run.metrics = verified_metrics(&run, &artifact, metric, evaluate)?;
         let production_now = self.production_now(evaluate);
-        let version = self.next_version;
+        let version = self.reserve_version()?;
         let model = StoredModel {
             version,
             created_ms: ml_shared::time::now_ms(),
@@ -700,7 +833,7 @@ impl Store {
             artifact,
         };
         let file = model_file(version);
-        journal::write_atomically(&self.path(&file), &codec::encode(&model))?;
+        self.write_artifact(version, &codec::encode(&model))?;
         self.next_version = version + 1;
 
         let contender = Contender {
@@ -725,11 +858,7 @@ impl Store {
         let drafts = registration_drafts(version, &model.run.run_id, &report);
         self.models.insert(version, model);
         self.commit_registration(version, &file, &drafts)?;
-        journal::append(
-            &self.path(EXPERIMENTS),
-            Some(&csv_header()),
-            &csv_line(&row),
-        )?;
+        self.append_row(&row)?;
         Ok(Registered {
             version,
             production: report.promoted,
@@ -769,6 +898,10 @@ impl Store {
         };
         if self.pointer.seq == committed_before {
             self.models.remove(&version);
+            if let Some(js) = self.js.as_mut() {
+                js.remove_artifact(version);
+                return Err(e);
+            }
             let path = self.path(file);
             if let Err(error) = std::fs::remove_file(&path) {
                 tracing::warn!(path = %path.display(), %error, "cannot remove an uncommitted artifact");
@@ -781,7 +914,7 @@ impl Store {
     /// logged recently is acknowledged again without a second line.
     pub fn record_failure(&mut self, run: &FailedRun) -> Result<(), StoreError> {
         check_text("run_id", &run.run_id)?;
-        if self.failed_runs.contains(&run.run_id) {
+        if self.failure_logged(&run.run_id) {
             return Ok(());
         }
         check_text("reason", &run.reason)?;
@@ -813,13 +946,21 @@ impl Store {
             parent: self.pointer.version,
             reason: run.reason.clone(),
         };
-        journal::append(
-            &self.path(EXPERIMENTS),
-            Some(&csv_header()),
-            &csv_line(&row),
-        )?;
+        self.append_row(&row)?;
         self.failed_runs.insert(&run.run_id);
         Ok(())
+    }
+
+    /// Whether a failed run was logged already: recently by this registry,
+    /// or in the JetStream log by any.
+    fn failure_logged(&self, run_id: &str) -> bool {
+        self.failed_runs.contains(run_id)
+            || self.js.as_ref().is_some_and(|js| {
+                js.rows()
+                    .iter()
+                    .rev()
+                    .any(|r| r.status == "failed" && r.run_id == run_id)
+            })
     }
 
     /// Re-reads a version's artifact and checks it against memory, so that a
@@ -834,7 +975,7 @@ impl Store {
         let Some(held) = self.models.get(&version) else {
             return Err(StoreError::UnknownVersion(version));
         };
-        let reason = match read_model(&self.path(&model_file(version))) {
+        let reason = match self.read_stored(version)? {
             Ok(on_disk) if &on_disk == held => return Ok(()),
             Ok(_) => "the file no longer holds the registered model".to_owned(),
             Err(reason) => reason,
@@ -915,13 +1056,18 @@ impl Store {
 
     /// The alias history, oldest first; the last `limit` moves when given.
     pub fn history(&self, limit: Option<usize>) -> Result<Vec<AliasMove>, StoreError> {
-        let path = self.path(HISTORY);
-        let text = match fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(io_err("reading", &path)(e).into()),
+        let mut moves = match &self.js {
+            Some(js) => js.moves().to_vec(),
+            None => {
+                let path = self.path(HISTORY);
+                let text = match fs::read(&path) {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+                    Err(e) => return Err(io_err("reading", &path)(e).into()),
+                };
+                parse_history(&path, &text)?
+            }
         };
-        let mut moves = parse_history(&path, &text)?;
         if let Some(n) = limit {
             moves.drain(..moves.len().saturating_sub(n));
         }
@@ -1199,6 +1345,9 @@ impl Store {
 
     /// The experiments log, oldest first.
     pub fn runs(&self) -> Result<Vec<ExperimentRow>, StoreError> {
+        if let Some(js) = &self.js {
+            return Ok(js.rows().to_vec());
+        }
         let path = self.path(EXPERIMENTS);
         match fs::read(&path) {
             Ok(text) => parse_log(&path, &text),
@@ -1288,6 +1437,16 @@ fn registration_drafts(version: u64, run_id: &str, report: &GateReport) -> Vec<D
     drafts
 }
 
+fn check_tolerance(tolerance: f64) -> Result<(), StoreError> {
+    if tolerance.is_finite() && tolerance >= 0.0 {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "promotion tolerance {tolerance} is not a number ≥ 0"
+        )))
+    }
+}
+
 fn check_text(what: &str, text: &str) -> Result<(), StoreError> {
     if text.trim().is_empty() {
         return Err(StoreError::Invalid(format!("{what} must not be empty")));
@@ -1319,8 +1478,12 @@ fn version_of(path: &Path) -> Option<u64> {
 
 /// Reads and verifies one artifact file (any codec format since the first).
 pub fn read_model(path: &Path) -> Result<StoredModel, String> {
-    let bytes = fs::read(path).map_err(|e| e.to_string())?;
-    let model: StoredModel = codec::decode_or_legacy(&bytes, |old| match old.version() {
+    decode_model(&fs::read(path).map_err(|e| e.to_string())?)
+}
+
+/// Decodes and verifies one stored artifact (any codec format since the first).
+pub fn decode_model(bytes: &[u8]) -> Result<StoredModel, String> {
+    let model: StoredModel = codec::decode_or_legacy(bytes, |old| match old.version() {
         1 => old.decode::<StoredModelV1>().map(Into::into),
         2 => old.decode::<StoredModelV2>().map(Into::into),
         3 => old.decode::<StoredModelV3>().map(Into::into),

@@ -241,25 +241,35 @@ pub async fn resilient_client(url: &str, timeout: Duration) -> Client {
 /// micro-service instance id, gathered from `$SRV.STATS.predictor` for
 /// 300 ms.
 pub async fn predictor_request_counts(client: &Client) -> std::collections::BTreeMap<String, u64> {
+    service_stats(client, "predictor")
+        .await
+        .into_iter()
+        .map(|v| {
+            let id = v["id"].as_str().expect("id").to_owned();
+            (id, v["endpoints"][0]["num_requests"].as_u64().unwrap_or(0))
+        })
+        .collect()
+}
+
+/// The `$SRV.STATS.<service>` reply of every running instance of a micro
+/// service, gathered for 300 ms.
+pub async fn service_stats(client: &Client, service: &str) -> Vec<Value> {
     use futures::StreamExt;
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(inbox.clone()).await.expect("subscribe");
     client
-        .publish_with_reply("$SRV.STATS.predictor", inbox, "".into())
+        .publish_with_reply(format!("$SRV.STATS.{service}"), inbox, "".into())
         .await
         .expect("publish");
-    let mut counts = std::collections::BTreeMap::new();
+    let mut stats = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
     while let Ok(Some(m)) = tokio::time::timeout_at(deadline, replies.next()).await {
-        // A status message (no responders: no predictor yet) is not a reply.
-        let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else {
-            continue;
-        };
-        let id = v["id"].as_str().expect("id").to_owned();
-        let n = v["endpoints"][0]["num_requests"].as_u64().unwrap_or(0);
-        counts.insert(id, n);
+        // A status message (no responders: no instance yet) is not a reply.
+        if let Ok(v) = serde_json::from_slice::<Value>(&m.payload) {
+            stats.push(v);
+        }
     }
-    counts
+    stats
 }
 
 /// A request for user `row` of the data file.

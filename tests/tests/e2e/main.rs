@@ -9,6 +9,7 @@ mod common;
 mod faults;
 mod feedback;
 mod gateway;
+mod js_state;
 mod load;
 mod model_registry;
 mod monitor_bounds;

@@ -90,6 +90,20 @@ async fn an_imported_version_is_profiled_at_import_and_checked_for_drift() {
     monitor.stop().await;
 }
 
+/// Native version `version`'s own arithmetic on row `k`'s features from the
+/// data file (not through the predictor).
+fn native_arithmetic(stack: &Stack, version: u64) -> impl Fn(usize) -> f64 + '_ {
+    let artifact = stored_artifact(stack, version);
+    let plan = FeatureRegistry::default()
+        .plan(&artifact.feature_names)
+        .unwrap();
+    let raw: HashMap<String, [f64; 2]> = read_rows(&stack.bed.data)
+        .into_iter()
+        .map(|(id, f1, f2, _)| (id, [f1, f2]))
+        .collect();
+    move |k| artifact.predict(&plan.compute(&raw[&stack.user_ids[k]]))
+}
+
 /// Sends `n` single requests, one user each (row `k % users`), 16 at a
 /// time; returns each row with its reply.
 async fn replies(stack: &Stack, n: usize) -> Vec<(usize, Value)> {
@@ -129,15 +143,7 @@ async fn an_onnx_canary_beside_a_native_production_answers_with_each_models_pred
     })
     .await;
 
-    // The native model's own arithmetic, on the feature store's features.
-    let artifact = stored_artifact(&stack, native);
-    let plan = FeatureRegistry::default()
-        .plan(&artifact.feature_names)
-        .unwrap();
-    let raw: HashMap<String, [f64; 2]> = read_rows(&stack.bed.data)
-        .into_iter()
-        .map(|(id, f1, f2, _)| (id, [f1, f2]))
-        .collect();
+    let native_predicts = native_arithmetic(&stack, native);
     let ort = stack.expected("linear");
     let answers = replies(&stack, 4000).await;
     let mut canary = 0;
@@ -149,7 +155,7 @@ async fn an_onnx_canary_beside_a_native_production_answers_with_each_models_pred
         match reply["variant"].as_str() {
             Some("production") => {
                 assert_eq!(version, Some(native), "{reply}");
-                let want = artifact.predict(&plan.compute(&raw[&stack.user_ids[*row]]));
+                let want = native_predicts(*row);
                 assert_close(got, want, 1e-12);
             }
             Some("candidate") => {
@@ -201,21 +207,14 @@ async fn an_onnx_shadow_beside_a_native_production_never_answers_and_is_compared
     let mut answers = replies(&stack, 2000).await;
     answers.push(first);
 
-    let artifact = stored_artifact(&stack, native);
-    let plan = FeatureRegistry::default()
-        .plan(&artifact.feature_names)
-        .unwrap();
-    let raw: HashMap<String, [f64; 2]> = read_rows(&stack.bed.data)
-        .into_iter()
-        .map(|(id, f1, f2, _)| (id, [f1, f2]))
-        .collect();
+    let native_predicts = native_arithmetic(&stack, native);
     let ort = stack.expected("linear");
     let (mut diff, mut shadowed) = (0.0, 0usize);
     for (row, reply) in &answers {
         assert_eq!(reply["variant"], "production", "{reply}");
         assert_eq!(reply["model_version"].as_u64(), Some(native), "{reply}");
         let got = reply["prediction"].as_f64().unwrap();
-        let want = artifact.predict(&plan.compute(&raw[&stack.user_ids[*row]]));
+        let want = native_predicts(*row);
         assert_close(got, want, 1e-12);
         // Which requests the shadow runs on follows from their request_id.
         if ml_shared::routing::shadowed(reply["request_id"].as_str().unwrap(), 50) {
